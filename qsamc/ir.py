@@ -1,0 +1,237 @@
+"""The graph IR: the supernet traced into a networkx DiGraph, one node per meaningful operation.
+
+`trace(supernet)` runs `torch.export` (non-strict) on the supernet at its maximum subnet and groups the
+ATen nodes by the module that produced them: one IR node per quantizable layer (`conv`, `linear`), per
+attention core (`attention`: the q@k, rel-pos, softmax and @v of one `Attention`), per norm (`norm`),
+per activation (`act`) and per group of elementwise or layout operations (`elementwise`: window
+partition, residual adds, positional-embedding interpolation). Every node keeps the module path it acts
+on, so passes can reach the real module (`ir.module_of(node)`).
+
+Node attributes, by the pass that adds them:
+- trace:                      kind, module, ops (ATen op names), shape (traced output shape)
+- AnnotateStructurePass:      stage, block, elastic (subset of tokens/hidden/depth), and per kind the
+                              static geometry the cost formulas need (features, channels, heads, window)
+- AnnotatePrecisionPass:      quantizable, candidate_bits {"w": [...], "a": [...]}, bits [w, a] | None
+- CountBitopsPass:            macs, bitops (and the graph attribute "cost")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import networkx as nx
+import torch
+from torch import nn
+
+from qsamc.layers import QuantConv2d, QuantLinear
+from qsamc.sam import Attention, LayerNorm2d
+
+KINDS = ("input", "output", "conv", "linear", "attention", "norm", "act", "elementwise")
+IR_FORMAT = "qsamc.ir"
+IR_VERSION = 1
+
+_ANCHORS: tuple[tuple[type, str], ...] = (
+    (QuantConv2d, "conv"),
+    (QuantLinear, "linear"),
+    (nn.LayerNorm, "norm"),
+    (LayerNorm2d, "norm"),
+    (nn.GELU, "act"),
+)
+# ATen ops that only carry metadata; they do not become part of any node.
+_IGNORED_OPS = {"_assert_tensor_metadata"}
+
+
+class IRVerificationError(RuntimeError):
+    """The IR broke an invariant: an internal error, with the pass that broke it."""
+
+
+@dataclass
+class IR:
+    """A traced supernet: `graph` plus the model name and (when bound) the traced module."""
+
+    graph: nx.DiGraph
+    model: str
+    root: nn.Module | None = field(default=None, repr=False)
+
+    def nodes(self, kind: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(name, attributes) in topological order, optionally of one kind."""
+        for name in nx.topological_sort(self.graph):
+            attrs = self.graph.nodes[name]
+            if kind is None or attrs["kind"] == kind:
+                yield name, attrs
+
+    def quantizable(self) -> list[str]:
+        return [n for n, a in self.nodes() if a.get("quantizable")]
+
+    def module_of(self, node: str) -> nn.Module:
+        if self.root is None:
+            raise RuntimeError("this IR is not bound to a module (it was read from JSON)")
+        return self.root.get_submodule(self.graph.nodes[node]["module"])
+
+    def to_json(self) -> dict[str, Any]:
+        data = nx.node_link_data(self.graph, edges="edges")
+        return {"format": IR_FORMAT, "version": IR_VERSION, "model": self.model, "graph": data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> IR:
+        return cls(nx.node_link_graph(data["graph"], edges="edges"), data["model"])
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1, default=_jsonable) + "\n")
+
+    def to_dot(self) -> str:
+        """Graphviz DOT, one box per node, coloured by kind, labelled with module, bits and MACs."""
+        colours = {"conv": "lightblue", "linear": "lightblue", "attention": "khaki", "norm": "lightgrey",
+                   "act": "palegreen", "elementwise": "white", "input": "pink", "output": "pink"}
+        lines = ["digraph qsamc {", "  rankdir=TB;", '  node [shape=box, style=filled, fontname="monospace"];']
+        for name, attrs in self.nodes():
+            label = [name, attrs["kind"]]
+            if attrs.get("bits"):
+                label.append("W{}A{}".format(*attrs["bits"]))
+            if "macs" in attrs:
+                label.append(f"{attrs['macs'] / 1e6:.2f} MMAC")
+            text = "\\n".join(label)
+            lines.append(f'  "{name}" [label="{text}", fillcolor={colours[attrs["kind"]]}];')
+        lines += [f'  "{u}" -> "{v}";' for u, v in self.graph.edges]
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _anchor(stack: list[tuple[str, type]]) -> tuple[str, str] | None:
+    """The innermost module of the stack that is an IR node of its own, with its kind."""
+    for path, cls in reversed(stack):
+        for anchor_cls, kind in _ANCHORS:
+            if isinstance(cls, type) and issubclass(cls, anchor_cls):
+                return path, kind
+    for path, cls in reversed(stack):
+        if isinstance(cls, type) and issubclass(cls, Attention):
+            return path, "attention"
+    return None
+
+
+def _module_stack(node: torch.fx.Node, types_by_path: dict[str, type]) -> list[tuple[str, type]]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(path, types_by_path.get(path, object)) for path, _ in stack.values()]
+
+
+def trace(supernet: nn.Module, model: str) -> IR:
+    """Trace `supernet` at its current subnet (normally the maximum) into an IR."""
+    resolution = supernet.subnet.resolution
+    example = torch.zeros(1, 3, resolution, resolution, device=supernet.pos_embed.device)
+    program = torch.export.export(supernet, (example,), strict=False)
+    types_by_path = {name: type(m) for name, m in supernet.named_modules()}
+    graph = program.graph
+
+    group: dict[torch.fx.Node, str] = {}
+    attrs: dict[str, dict[str, Any]] = {}
+    # Elementwise nodes merge with an elementwise producer in the same module, except two-input
+    # arithmetic (residual and positional adds): those are nodes of their own, which keeps the
+    # grouped graph acyclic (a block's first residual add feeds both norm2 and the second add).
+    counters: dict[tuple[str, str], int] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.name in program.graph_signature.user_inputs:
+                group[node] = "input"
+                attrs["input"] = {"kind": "input", "module": "", "ops": [], "shape": list(example.shape)}
+            continue
+        if node.op == "output":
+            continue
+        op = getattr(node.target, "_opname", getattr(node.target, "__name__", str(node.target)))
+        if op in _IGNORED_OPS:
+            continue
+        stack = _module_stack(node, types_by_path)
+        anchor = _anchor(stack)
+        if anchor is not None:
+            path, kind = anchor
+            name = f"{path}.core" if kind == "attention" else path
+        else:
+            kind, path = "elementwise", stack[-1][0] if stack else ""
+            producers = [p for p in node.all_input_nodes if p in group and attrs[group[p]]["kind"] == "elementwise"
+                         and attrs[group[p]]["module"] == path]
+            tensor_inputs = [p for p in node.all_input_nodes if p in group or p.op != "placeholder"]
+            if producers and not (op in ("add", "sub", "mul") and len(tensor_inputs) == 2):
+                name = group[producers[0]]
+            else:
+                index = counters.get((path, op), 0)
+                counters[path, op] = index + 1
+                name = f"{path + '.' if path else ''}{op}{'' if index == 0 else f'_{index}'}"
+        group[node] = name
+        entry = attrs.setdefault(name, {"kind": kind, "module": path, "ops": [], "shape": None})
+        entry["ops"].append(op)
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            entry["shape"] = list(value.shape)
+
+    g = nx.DiGraph()
+    for name, a in attrs.items():
+        g.add_node(name, **a)
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    g.add_node("output", kind="output", module="", ops=[], shape=None)
+    for node, name in group.items():
+        for producer in node.all_input_nodes:
+            if producer in group and group[producer] != name:
+                g.add_edge(group[producer], name)
+    for result in out_node.all_input_nodes:
+        g.add_edge(group[result], "output")
+        g.nodes["output"]["shape"] = g.nodes[group[result]]["shape"]
+    ir = IR(g, model, supernet)
+    verify_ir(ir, after="trace")
+    return ir
+
+
+_GEOMETRY = {
+    "linear": ("in_features", "out_features", "token_layout", "window"),
+    "conv": ("in_channels", "out_channels", "kernel", "stride", "padding"),
+    "attention": ("heads", "head_dim", "window", "rel_pos"),
+}
+
+
+def verify_ir(ir: IR, after: str = "") -> None:
+    """Check the IR's invariants; raise IRVerificationError naming the pass that ran last."""
+
+    def fail(message: str) -> None:
+        raise IRVerificationError(f"IR invalid{' after ' + after if after else ''}: {message}")
+
+    g = ir.graph
+    if not nx.is_directed_acyclic_graph(g):
+        fail(f"graph has a cycle: {nx.find_cycle(g)}")
+    for kind in ("input", "output"):
+        count = sum(1 for _, a in g.nodes(data=True) if a.get("kind") == kind)
+        if count != 1:
+            fail(f"expected one {kind} node, found {count}")
+    structured = any("stage" in a for _, a in g.nodes(data=True))
+    precise = any("quantizable" in a for _, a in g.nodes(data=True))
+    for name, a in g.nodes(data=True):
+        if a.get("kind") not in KINDS:
+            fail(f"node {name} has unknown kind {a.get('kind')!r}")
+        if not isinstance(a.get("module"), str):
+            fail(f"node {name} has no module path")
+        if ir.root is not None:
+            try:
+                ir.root.get_submodule(a["module"])
+            except AttributeError:
+                fail(f"node {name} names module '{a['module']}', which the model does not have")
+        if a["kind"] not in ("input", "output") and g.in_degree(name) == 0 and a["kind"] != "elementwise":
+            fail(f"node {name} has no producer")
+        if structured:
+            for key in ("stage", "block", "elastic", *_GEOMETRY.get(a["kind"], ())):
+                if key not in a:
+                    fail(f"node {name} lacks the structure annotation '{key}'")
+        if precise:
+            if a.get("quantizable") != (a["kind"] in ("conv", "linear")):
+                fail(f"node {name} of kind {a['kind']} has quantizable={a.get('quantizable')}")
+            if a.get("quantizable"):
+                cands, bits = a.get("candidate_bits"), a.get("bits")
+                if bits is not None and (bits[0] not in cands["w"] or bits[1] not in cands["a"]):
+                    fail(f"node {name} has bits {bits} outside its candidates {cands}")
+        if "macs" in a and (not isinstance(a["macs"], int) or a["macs"] < 0):
+            fail(f"node {name} has invalid macs {a['macs']!r}")

@@ -1,0 +1,111 @@
+"""Quantized, elastic replacements for the encoder's `nn.Linear` and `nn.Conv2d` layers.
+
+They subclass the torch layers and share their parameters, so the supernet keeps segment-anything's
+state-dict keys (`blocks.3.attn.qkv.weight`) and official checkpoints load unchanged. Each layer carries
+its chosen (weight, activation) bits; its quantizer banks are inserted by `InsertQuantizersPass` and its
+LoRA adapters by `AttachLoraPass`. Elastic MLP slicing keeps the first `active_out` rows / `active_in`
+columns of the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuantMixin:
+    """Precision state and the fake-quantized forward shared by `QuantLinear` and `QuantConv2d`."""
+
+    w_bits: int
+    a_bits: int
+    weight_quantizer: nn.Module | None
+    act_quantizer: nn.Module | None
+    lora: nn.Module | None
+
+    def _init_quant(self) -> None:
+        self.w_bits = 32
+        self.a_bits = 32
+        self.weight_quantizer = None  # QuantizerBank, keyed by bits
+        self.act_quantizer = None
+        self.lora = None  # a LoRA adapter whose delta(W-slice shape) is added before quantization
+
+    def set_bits(self, w: int, a: int) -> None:
+        for bits, bank, what in ((w, self.weight_quantizer, "weight"), (a, self.act_quantizer, "activation")):
+            if bits != 32 and (bank is None or bits not in bank):
+                raise RuntimeError(
+                    f"{type(self).__name__} has no {bits}-bit {what} quantizer; run InsertQuantizersPass "
+                    "with a space that contains this bit-width first"
+                )
+        self.w_bits, self.a_bits = w, a
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_bits == 32:
+            return x
+        return self.act_quantizer(x, self.a_bits)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W0 + BA for the active slice, before quantization (paper Alg. 1: quantize the merged weight)."""
+        if self.lora is None:
+            return weight
+        return weight + self.lora.delta(weight.shape, self.w_bits, self.a_bits)
+
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = self.merged_weight(weight)
+        if self.w_bits == 32:
+            return weight
+        return self.weight_quantizer(weight, self.w_bits)
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    """`nn.Linear` with elastic width (first rows/columns) and fake-quantized weight and input."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_quant()
+        self.active_in = in_features
+        self.active_out = out_features
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear) -> QuantLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = layer.in_features, layer.out_features
+        new.weight, new.bias = layer.weight, layer.bias
+        new._init_quant()
+        new.active_in, new.active_out = layer.in_features, layer.out_features
+        return new
+
+    def active_weight(self) -> torch.Tensor:
+        w = self.weight
+        if self.active_out != self.out_features or self.active_in != self.in_features:
+            w = w[: self.active_out, : self.active_in]
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias[: self.active_out] if self.bias is not None else None
+        return F.linear(self.quantize_input(x), self.quantize_weight(self.active_weight()), bias)
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    """`nn.Conv2d` with fake-quantized weight and input (patch embedding and neck; not elastic)."""
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d) -> QuantConv2d:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "groups", "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(new, attr, getattr(layer, attr))
+        new.weight, new.bias = layer.weight, layer.bias
+        new._init_quant()
+        return new
+
+    def active_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.quantize_weight(self.weight), self.bias)
+
+
+QUANT_LAYER_TYPES = (QuantLinear, QuantConv2d)

@@ -1,0 +1,279 @@
+"""LSQ+ fake quantizers for the mixed-precision quantized supernet.
+
+Where this sits: the quantizer-insertion pass puts one `QuantizerBank` per quantized operand (the weight
+and the input activation of every quantized layer); supernet training switches each bank to the bit-width
+the sampled subnet asks for and learns the step sizes (and activation offsets) by back-propagation; export
+folds the trained weight quantizers into integer weights plus scales with `LsqWeightQuantizer.integer`.
+
+Formulas (LSQ, Esser et al. 2020; LSQ+, Bhalgat et al. 2020; the paper's Sec. 3.3, Eqs. 3-5):
+
+    v     = (x - beta) / s                       (beta = 0 for weights)
+    x_hat = round(clamp(v, n, p)) * s + beta
+    weights:      [n, p] = [-2**(b-1), 2**(b-1) - 1]  symmetric signed, learnable s only
+    activations:  [n, p] = [0, 2**b - 1]              asymmetric unsigned, learnable s and beta
+
+Gradients (straight-through estimator for round):
+
+    dx_hat/dx    = 1 if n <= v <= p else 0
+    dx_hat/ds    = round(v) - v inside,   n below,   p above
+    dx_hat/dbeta = 0 inside,              1 outside
+    the gradients of s and beta are multiplied by g = 1 / sqrt(N * max(Qp, 1)), where Qp = p and N is the
+    number of elements sharing one s: the whole weight (layer-wise), one row (per-channel), or one
+    sample's activation (x.numel() / x.shape[0]).
+
+`round` is torch.round (half to even), the same rounding integer kernels use when they requantize.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+# Scales are divided by, and deployment formats require them positive. The forward pass uses
+# max(s, _MIN_SCALE) but hands the gradient to the raw parameter unchanged, so an optimizer step that
+# overshoots below zero is pulled back instead of being stuck where a clamp would block the gradient.
+_MIN_SCALE = 1e-8
+
+# The integer grids must fit int8 (weights) / uint8 (activations) containers at export.
+_MAX_BITS = 8
+
+FULL_PRECISION = 32
+
+
+def weight_range(bits: int) -> tuple[int, int]:
+    """Symmetric signed grid (n, p) = (-2**(b-1), 2**(b-1) - 1); e.g. 2 -> (-2, 1), 8 -> (-128, 127)."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def act_range(bits: int) -> tuple[int, int]:
+    """Unsigned grid (n, p) = (0, 2**b - 1); e.g. 2 -> (0, 3), 8 -> (0, 255)."""
+    return 0, 2**bits - 1
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= _MAX_BITS:
+        raise ValueError(f"a quantizer needs 1..{_MAX_BITS} bits, got {bits} (32 bits means no quantizer)")
+
+
+def _grid_coords(x: Tensor, s: Tensor, beta: Tensor | None) -> Tensor:
+    """v = (x - beta) / max(s, eps), in the promoted dtype so half inputs round on a float32 grid."""
+    s = s.clamp_min(_MIN_SCALE)
+    return (x if beta is None else x - beta) / s
+
+
+def _grid(x: Tensor, s: Tensor, beta: Tensor | None, n: int, p: int) -> Tensor:
+    """The integer grid values round(clamp(v, n, p)), still in a float dtype."""
+    return _grid_coords(x, s, beta).clamp(n, p).round()
+
+
+class _LsqFunction(torch.autograd.Function):
+    """x_hat = round(clamp(v, n, p)) * s + beta with the LSQ/LSQ+ gradients of the module docstring.
+
+    Saves only the inputs (x, s, beta) and recomputes v and the clip masks in backward, so no full-size
+    mask or intermediate stays alive between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, beta: Tensor | None, n: int, p: int, g: float) -> Tensor:
+        ctx.save_for_backward(x, s, beta)
+        ctx.n, ctx.p, ctx.g = n, p, g
+        out = _grid(x, s, beta, n, p) * s.clamp_min(_MIN_SCALE)
+        return (out if beta is None else out + beta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, s, beta = ctx.saved_tensors
+        n, p, g = ctx.n, ctx.p, ctx.g
+        v = _grid_coords(x, s, beta)
+        below, above = v < n, v > p
+        grad_x = grad_s = grad_beta = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad * ~(below | above)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            ds = torch.where(below, float(n), torch.where(above, float(p), v.round() - v))
+            # sum_to_size reduces over the elements that share one step size (all, or one row).
+            grad_s = ((grad * ds).float().sum_to_size(s.shape) * g).to(s.dtype)
+        if beta is not None and ctx.needs_input_grad[2]:
+            grad_beta = ((grad * (below | above)).float().sum() * g).to(beta.dtype)
+        return grad_x, grad_s, grad_beta, None, None, None
+
+
+class LsqWeightQuantizer(nn.Module):
+    """Symmetric signed LSQ weight quantizer for ONE bit-width; learnable step size only.
+
+    channels=None gives one layer-wise scale (the paper's default: per-channel scales cost extra memory
+    in hardware); channels=N gives a per-output-channel scale of shape (N,). Elastic MLP widths keep the
+    first k output rows, so a weight with k <= N rows uses scale[:k].
+    """
+
+    def __init__(self, bits: int, channels: int | None = None):
+        super().__init__()
+        _check_bits(bits)
+        self.bits = bits
+        self.channels = channels
+        self.n, self.p = weight_range(bits)
+        self.scale = nn.Parameter(torch.ones(()) if channels is None else torch.ones(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channels={self.channels}"
+
+    @torch.no_grad()
+    def initialize(self, w: Tensor) -> None:
+        """LSQ+ init s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2**(b-1), per row when per-channel.
+
+        sigma is the population std (a one-element row gives 0, not NaN). Rows beyond w.shape[0] (a
+        sliced first use) get the value computed over all of w, so every row starts sensible; the
+        insertion pass should pass the full weight.
+        """
+        w = w.detach().float()
+        if self.channels is None:
+            self.scale.copy_(self._lsq_plus_scale(w.reshape(1, -1))[0])
+        else:
+            self._check_rows(w)
+            self.scale.copy_(self._lsq_plus_scale(w.reshape(1, -1)).expand(self.channels))
+            self.scale[: w.shape[0]] = self._lsq_plus_scale(w.reshape(w.shape[0], -1))
+        self.initialized.fill_(True)
+
+    def _lsq_plus_scale(self, rows: Tensor) -> Tensor:
+        mu, sigma = rows.mean(dim=1), rows.std(dim=1, correction=0)
+        return torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs()) / 2 ** (self.bits - 1)
+
+    def _check_rows(self, w: Tensor) -> None:
+        if w.shape[0] > self.channels:
+            raise ValueError(f"weight has {w.shape[0]} output rows but the quantizer has {self.channels} scales")
+
+    def _step(self, w: Tensor) -> Tensor:
+        """The scale broadcast against w: () layer-wise, (k, 1, ..., 1) per-channel."""
+        if not bool(self.initialized):
+            self.initialize(w)
+        if self.channels is None:
+            return self.scale
+        self._check_rows(w)
+        return self.scale[: w.shape[0]].reshape(-1, *[1] * (w.dim() - 1))
+
+    def forward(self, w: Tensor) -> Tensor:
+        s = self._step(w)
+        per_scale = w.numel() // (w.shape[0] if self.channels is not None else 1)
+        g = 1.0 / math.sqrt(per_scale * max(self.p, 1))
+        return _LsqFunction.apply(w, s, None, self.n, self.p, g)
+
+    @torch.no_grad()
+    def integer(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """(int8 grid values, scale) with `q * scale == forward(w)` exactly (for float32 w).
+
+        The scale is () layer-wise and (k, 1, ..., 1) per-channel, so `q * scale` broadcasts; exporters
+        wanting ONNX's 1-D per-channel scale flatten it.
+        """
+        s = self._step(w).detach()
+        return _grid(w, s, None, self.n, self.p).to(torch.int8), s.clamp_min(_MIN_SCALE)
+
+
+class LsqActQuantizer(nn.Module):
+    """Asymmetric unsigned LSQ+ activation quantizer for ONE bit-width; learnable s and beta.
+
+    x_hat = round(clamp((x - beta)/s, 0, 2**b - 1)) * s + beta. beta plays the role of the paper's
+    zero-point (beta = -z s) but stays continuous, as in LSQ+, so it can be learned.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        _check_bits(bits)
+        self.bits = bits
+        self.n, self.p = act_range(bits)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.offset = nn.Parameter(torch.zeros(()))
+        self.register_buffer("initialized", torch.tensor(False))
+        # Running range over calibration batches; +-inf means nothing observed yet.
+        self.register_buffer("observed_min", torch.tensor(math.inf))
+        self.register_buffer("observed_max", torch.tensor(-math.inf))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Calibration: widen the running min/max with this batch."""
+        x = x.detach()
+        self.observed_min.copy_(torch.minimum(self.observed_min, x.min().float()))
+        self.observed_max.copy_(torch.maximum(self.observed_max, x.max().float()))
+
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """Min/max init s = (max - min) / (p - n), beta = min - n s (= min, since n = 0).
+
+        A degenerate range (max == min, e.g. a constant input) would give s = 0; it is widened to 1 so s
+        stays positive, and beta = min still reproduces the constant exactly.
+        """
+        lo, hi = self.observed_min, self.observed_max
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise RuntimeError("LsqActQuantizer.initialize() needs observe() on at least one finite batch first")
+        span = hi - lo if hi > lo else torch.ones_like(hi)
+        self.scale.copy_(span / (self.p - self.n))
+        self.offset.copy_(lo - self.n * self.scale)
+        self.initialized.fill_(True)
+
+    def _ensure_initialized(self, x: Tensor) -> None:
+        # The batch is folded into the running range, so an earlier calibration is not thrown away.
+        if not bool(self.initialized):
+            self.observe(x)
+            self.initialize()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._ensure_initialized(x)
+        per_sample = x.numel() // x.shape[0] if x.dim() > 0 else 1
+        g = 1.0 / math.sqrt(per_sample * max(self.p, 1))
+        return _LsqFunction.apply(x, self.scale, self.offset, self.n, self.p, g)
+
+    @torch.no_grad()
+    def integer(self, x: Tensor) -> Tensor:
+        """The uint grid values round(clamp((x - beta)/s, 0, p)) as a float tensor."""
+        self._ensure_initialized(x)
+        return _grid(x, self.scale, self.offset, self.n, self.p)
+
+
+class QuantizerBank(nn.Module):
+    """One quantizer per candidate bit-width of a layer (as QFA): switching bits switches parameters.
+
+    Quantizers are keyed by str(bits). 32 bits means full precision: forward returns the input and no
+    module (hence no parameter) exists for it, so `32 in bank` is False and `bank[32]` raises KeyError;
+    `bank.bit_choices` still lists 32 when it is a choice.
+    """
+
+    def __init__(self, kind: Literal["weight", "act"], bit_choices: Sequence[int], channels: int | None = None):
+        super().__init__()
+        if kind not in ("weight", "act"):
+            raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
+        if kind == "act" and channels is not None:
+            raise ValueError("activation quantizers are per-tensor; channels applies to weights only")
+        self.kind = kind
+        self._bit_choices = tuple(dict.fromkeys(int(b) for b in bit_choices))
+        if not self._bit_choices:
+            raise ValueError("a QuantizerBank needs at least one bit-width")
+        make = (lambda b: LsqWeightQuantizer(b, channels)) if kind == "weight" else LsqActQuantizer
+        self.quantizers = nn.ModuleDict(
+            {str(b): make(b) for b in self._bit_choices if b != FULL_PRECISION}
+        )
+
+    @property
+    def bit_choices(self) -> tuple[int, ...]:
+        return self._bit_choices
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, bit_choices={self._bit_choices}"
+
+    def forward(self, x: Tensor, bits: int) -> Tensor:
+        if bits not in self._bit_choices:
+            raise KeyError(f"{bits} bits is not a choice of this {self.kind} bank {self._bit_choices}")
+        return x if bits == FULL_PRECISION else self.quantizers[str(bits)](x)
+
+    def __getitem__(self, bits: int) -> LsqWeightQuantizer | LsqActQuantizer:
+        if bits not in self:
+            raise KeyError(f"no {self.kind} quantizer for {bits} bits (choices {self._bit_choices}; 32 has none)")
+        return self.quantizers[str(bits)]
+
+    def __contains__(self, bits: object) -> bool:
+        return str(bits) in self.quantizers

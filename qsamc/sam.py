@@ -1,0 +1,171 @@
+"""SAM image encoders: the model zoo, the torchvision-free import, and checkpoint loading.
+
+This is the first step of every pipeline: build segment-anything's `ImageEncoderViT` for a named
+config and load its weights. The supernet (`qsamc.supernet`) is built by transforming this encoder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import sys
+import types
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qsamc.errors import CheckpointError, ConfigError
+
+
+def _import_sam_modeling() -> types.ModuleType:
+    """Import `segment_anything.modeling` without running `segment_anything/__init__.py`.
+
+    The package `__init__` imports the predictor, which imports torchvision; torchvision cannot load
+    against CPU-only torch builds, and the encoder modules never need it. We register a bare package
+    object for `segment_anything` (its real `__path__`, none of its `__init__`) so that submodules import
+    normally. A user who already imported the full package keeps it.
+    """
+    if "segment_anything" not in sys.modules:
+        spec = importlib.util.find_spec("segment_anything")
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError("segment-anything is not installed: pip install segment-anything")
+        package = types.ModuleType("segment_anything")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        package.__file__ = spec.origin
+        sys.modules["segment_anything"] = package
+    return importlib.import_module("segment_anything.modeling")
+
+
+sam_modeling = _import_sam_modeling()
+ImageEncoderViT = sam_modeling.ImageEncoderViT
+Block = sam_modeling.image_encoder.Block
+Attention = sam_modeling.image_encoder.Attention
+LayerNorm2d = sam_modeling.common.LayerNorm2d
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The architecture of one SAM image encoder, as `segment_anything.build_sam` builds it."""
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    img_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    out_chans: int = 256
+    mlp_ratio: float = 4.0
+
+    @property
+    def stages(self) -> tuple[tuple[int, ...], ...]:
+        """Block indices of each stage: the runs of blocks ending at a global-attention block."""
+        stages, start = [], 0
+        for g in self.global_attn_indexes:
+            stages.append(tuple(range(start, g + 1)))
+            start = g + 1
+        return tuple(stages)
+
+    def build(self) -> nn.Module:
+        """A freshly initialised `ImageEncoderViT` with exactly segment-anything's hyper-parameters."""
+        return ImageEncoderViT(
+            depth=self.depth,
+            embed_dim=self.embed_dim,
+            img_size=self.img_size,
+            mlp_ratio=self.mlp_ratio,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=self.num_heads,
+            patch_size=self.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=self.global_attn_indexes,
+            window_size=self.window_size,
+            out_chans=self.out_chans,
+        )
+
+
+MODEL_ZOO: dict[str, EncoderConfig] = {
+    # segment_anything/build_sam.py: build_sam_vit_{b,l,h}.
+    "vit_b": EncoderConfig("vit_b", 768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": EncoderConfig("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": EncoderConfig("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
+    # Same structure as vit_b (4 stages of 3, windowed + global attention, rel-pos, neck), scaled down
+    # so that a forward pass takes milliseconds on a CPU: the embedded default and the test model.
+    # Window 4 on a 16x16 token grid tiles exactly at 256 and pads at the smaller resolutions.
+    "vit_t": EncoderConfig(
+        "vit_t", 64, 12, 2, (2, 5, 8, 11), img_size=256, window_size=4, out_chans=32
+    ),
+}
+
+
+def get_config(name: str) -> EncoderConfig:
+    try:
+        return MODEL_ZOO[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown model '{name}'; known models are {', '.join(sorted(MODEL_ZOO))}"
+        ) from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from an untrusted file (`weights_only=True`): a whole SAM or a bare encoder.
+
+    An official `sam_vit_*.pth` holds the whole SAM; its `image_encoder.*` keys are the encoder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch state dict (truncated, corrupt or "
+            f"holding code): {reason}"
+        ) from None
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is not a state dict: entry '{bad}' is not a tensor")
+    if any(k.startswith("image_encoder.") for k in obj):
+        prefix = len("image_encoder.")
+        obj = {k[prefix:]: v for k, v in obj.items() if k.startswith("image_encoder.")}
+    return obj
+
+
+def check_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, model_name: str
+) -> None:
+    """Raise one sentence naming the first key or shape of `state` that does not fit `model`."""
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise CheckpointError(f"checkpoint {source} does not fit {model_name}: key '{key}' is missing")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"checkpoint {source} does not fit {model_name}: '{key}' has shape "
+                f"{tuple(state[key].shape)} in the checkpoint but {tuple(value.shape)} in the model"
+            )
+    extra = next((k for k in state if k not in expected), None)
+    if extra is not None:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {model_name}: unexpected key '{extra}'"
+        )
+
+
+def build_encoder(name: str, checkpoint: str | Path | None = None) -> nn.Module:
+    """The named SAM image encoder, with weights from `checkpoint` when given."""
+    config = get_config(name)
+    encoder = config.build()
+    if checkpoint is not None:
+        state = read_state_dict(checkpoint)
+        check_state_dict(encoder, state, str(checkpoint), name)
+        encoder.load_state_dict(state)
+    return encoder.eval()
