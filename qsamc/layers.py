@@ -88,7 +88,11 @@ class QuantLinear(QuantMixin, nn.Linear):
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
-    """`nn.Conv2d` with fake-quantized weight and input (patch embedding and neck; not elastic)."""
+    """`nn.Conv2d` with fake-quantized weight and input (patch embedding, neck, task head; not elastic)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_quant()
 
     @classmethod
     def from_float(cls, layer: nn.Conv2d) -> QuantConv2d:

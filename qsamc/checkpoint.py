@@ -1,0 +1,131 @@
+"""Trained-supernet runs on disk: what `qsamc train` writes and `qsamc search` / `qsamc export` load.
+
+A run folder holds:
+  supernet.json   what to rebuild: model, search space, LoRA config, classes, quantizer options
+  supernet.pt     the weights of encoder + quantizers + LoRA + head (a plain state dict)
+  checkpoints/    resumable training state (see `qsamc.train`)
+Every file is written atomically (temporary file, then rename), so a crash never leaves half a file, and
+state dicts are read with `weights_only=True`: a checkpoint is untrusted input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qsamc.errors import CheckpointError
+from qsamc.head import SegmentationModel
+from qsamc.lora import LoraConfig
+from qsamc.sam import check_state_dict, read_state_dict
+from qsamc.space import SearchSpace
+
+RUN_FORMAT = "qsamc.supernet"
+RUN_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call `write(temporary_path)`, then rename over `path`: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _atomic_write(path, write)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class SupernetSpec:
+    """Everything needed to rebuild a trained supernet's modules before loading its weights."""
+
+    space: SearchSpace
+    num_classes: int
+    lora: LoraConfig | None
+    per_channel: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": RUN_FORMAT, "version": RUN_VERSION,
+            "space": self.space.to_json(), "num_classes": self.num_classes,
+            "lora": None if self.lora is None else {**dataclasses.asdict(self.lora), "modules": list(self.lora.modules)},
+            "per_channel": self.per_channel,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SupernetSpec:
+        lora = data.get("lora")
+        return cls(
+            space=SearchSpace.from_json(data["space"]),
+            num_classes=int(data["num_classes"]),
+            lora=None if lora is None else LoraConfig(**{**lora, "modules": tuple(lora["modules"])}),
+            per_channel=bool(data.get("per_channel", False)),
+        )
+
+
+def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_seed: int = 0):
+    """Supernet + quantizers (+ LoRA) + head, as training builds them; returns (model, ir)."""
+    from qsamc.passes import AttachLoraPass, InsertQuantizersPass
+    from qsamc.pipeline import build_ir
+    from qsamc.supernet import Supernet
+
+    supernet = Supernet.build(spec.space.model, checkpoint, spec.space)
+    ir = build_ir(supernet)
+    InsertQuantizersPass(spec.space, spec.per_channel)(ir)
+    if spec.lora is not None:
+        AttachLoraPass(spec.lora, seed=lora_seed)(ir)
+    return SegmentationModel(supernet, spec.num_classes), ir
+
+
+def save_supernet(run: Path, spec: SupernetSpec, model: SegmentationModel) -> None:
+    atomic_torch_save(model.state_dict(), run / "supernet.pt")
+    atomic_write_json(run / "supernet.json", spec.to_json())
+
+
+def load_supernet(run: str | Path):
+    """Rebuild a trained supernet from its run folder; returns (model, ir, spec)."""
+    run = Path(run)
+    meta = run / "supernet.json"
+    if not meta.is_file():
+        raise CheckpointError(f"{run} is not a qsamc training run: {meta.name} is missing")
+    try:
+        data = json.loads(meta.read_text())
+        if data.get("format") != RUN_FORMAT:
+            raise CheckpointError(f"{meta} is not a qsamc supernet description")
+        spec = SupernetSpec.from_json(data)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta} is malformed: {exc}") from None
+    model, ir = build_model(spec)
+    state = read_state_dict(run / "supernet.pt")
+    check_state_dict(model, state, str(run / "supernet.pt"), f"the supernet described by {meta.name}")
+    model.load_state_dict(state)
+    return model.eval(), ir, spec
