@@ -1,0 +1,89 @@
+"""Deployment formats: which integer and float types a runtime really executes, and how a searched
+(weight bits, activation bits) pair of one layer is carried in them.
+
+Search trains and ranks b-bit grids for b in {2, 3, 4, 8, 32}; no runtime has 2- or 3-bit kernels.
+A format maps each pair to the containers it runs in (a 3-bit activation grid is carried exactly in an
+INT8 container: same accuracy, INT8 speed). Targets (`qsamc.targets`) pick a format; lowering and the
+latency tables read the same `Deployment`, so the cost that search optimises is the cost export builds.
+
+Facts (../shared/reference/deployment-facts.md): TensorRT 10 explicit quantization takes symmetric
+Q/DQ only (zero-point 0), INT8 weights and activations, INT4 weight-only GEMMs (block-quantized, opset
+21), FP8 on Hopper, FP16 otherwise; ONNX Runtime's CPU provider fuses S8S8 INT8 Q/DQ (QLinearMatMul,
+MatMulIntegerToFloat, QLinearConv) and INT4 block-quantized weights into MatMulNBits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Container = Literal["int4", "int8", "fp8", "fp16", "fp32"]
+LayerKind = Literal["linear", "conv"]
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How one quantized layer runs: weight and activation containers, and the compute precision."""
+
+    weight: Container
+    act: Container
+    compute: Container
+    weight_bits: int  # the searched grid carried in the weight container (32 = float)
+    act_bits: int
+
+    @property
+    def kernel(self) -> str:
+        """A short name for latency tables and reports, e.g. 'int8xint8', 'int4xfp16'."""
+        return f"{self.weight}x{self.act}"
+
+
+@dataclass(frozen=True)
+class DeploymentFormat:
+    """A runtime's rules. `float_type` is what un-quantized layers and all float ops run in."""
+
+    name: str
+    float_type: Container
+    int4_weight_only: bool  # INT4 weight-only GEMMs (never for convolutions)
+    int8_weight_only: bool  # INT8 weights with float activations run a real kernel
+    fp8: bool
+    symmetric_only: bool
+    min_opset: int
+    max_opset: int
+
+    def deploy(self, w_bits: int, a_bits: int, kind: LayerKind = "linear") -> Deployment:
+        """The containers of a layer searched at (w_bits, a_bits).
+
+        1. Both quantized (<= 8 bits): INT8 x INT8 compute; sub-8-bit grids ride in INT8 containers.
+        2. Weight quantized, activation float: weight-only kernels where the runtime has them (INT4 for
+           grids <= 4 bits on GEMMs, else INT8); otherwise the weight is dequantized to the float type
+           at build time (same accuracy, float speed).
+        3. Activation quantized, weight float: no integer kernel takes a float weight, so the
+           activation grid is kept by a Q/DQ pair and the layer computes in the float type.
+        4. Both float: the float type.
+        """
+        f = self.float_type
+        if w_bits <= 8 and a_bits <= 8:
+            return Deployment("int8", "int8", "int8", w_bits, a_bits)
+        if w_bits <= 8:
+            if kind == "linear" and w_bits <= 4 and self.int4_weight_only:
+                return Deployment("int4", f, f, w_bits, a_bits)
+            if kind == "linear" and self.int8_weight_only:
+                return Deployment("int8", f, f, w_bits, a_bits)
+            return Deployment(f, f, f, w_bits, a_bits)
+        if a_bits <= 8:
+            return Deployment(f, "int8", f, w_bits, a_bits)
+        return Deployment(f, f, f, w_bits, a_bits)
+
+
+TENSORRT = DeploymentFormat(
+    "tensorrt", float_type="fp16", int4_weight_only=True, int8_weight_only=True, fp8=False,
+    symmetric_only=True, min_opset=9, max_opset=24,
+)
+TENSORRT_HOPPER = DeploymentFormat(
+    "tensorrt", float_type="fp16", int4_weight_only=True, int8_weight_only=True, fp8=True,
+    symmetric_only=True, min_opset=9, max_opset=24,
+)
+ONNXRUNTIME_CPU = DeploymentFormat(
+    "onnxruntime-cpu", float_type="fp32", int4_weight_only=True, int8_weight_only=False, fp8=False,
+    symmetric_only=False, min_opset=13, max_opset=21,
+)

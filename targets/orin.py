@@ -1,0 +1,16 @@
+"""NVIDIA Jetson AGX Orin 64GB (GPU) with TensorRT: INT8 and FP16; memory bandwidth is the bottleneck."""
+
+from qsamc.formats import TENSORRT
+from qsamc.targets import Peaks, Target, register
+
+ORIN = register(Target(
+    name="orin",
+    description="NVIDIA Jetson AGX Orin 64GB GPU, TensorRT 10 (INT8 / INT4 weight-only / FP16)",
+    formats=("onnx", "trt"),
+    deployment=TENSORRT,
+    # Jetson AGX Orin 64GB datasheet: ~85 dense INT8 TOPS on the GPU (170 sparse), 204.8 GB/s.
+    peaks=Peaks(int8_tops=85, memory_gbps=204.8),
+    latency_backend="tensorrt",
+    deployable_weight_bits=(4, 8, 32),
+    deployable_act_bits=(8, 32),
+))

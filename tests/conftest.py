@@ -1,0 +1,62 @@
+"""Shared fixtures: seeded random weights, the vit_t space and IR, and a tiny encoder at 1024 input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qsamc import sam
+from qsamc.ir import IR
+from qsamc.pipeline import build_ir
+from qsamc.space import default_space
+from qsamc.supernet import Supernet
+
+# Same structure as the vit_* configs at the native 1024 input (64x64 tokens, window 14, so windowed
+# blocks pad 64 -> 70), but 32 wide and 4 deep: two stages of (windowed, global).
+TINY_1024 = sam.EncoderConfig(
+    "vit_tiny1024", embed_dim=32, depth=4, num_heads=2, global_attn_indexes=(1, 3),
+    img_size=1024, window_size=14, out_chans=16,
+)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter (pos_embed and rel-pos tables included, which SAM initialises to 0)
+    seeded, non-zero random values, so that no part of the forward pass can hide behind a zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+            if p.dim() == 1 and name.endswith("weight"):  # norm gains around 1
+                p.add_(1.0)
+    return module
+
+
+def encoder_and_supernet(model: str, seed: int = 0):
+    """(untouched copy of a random encoder, supernet transformed from the encoder)."""
+    encoder = randomize_(sam.build_encoder(model), seed)
+    reference = copy.deepcopy(encoder)
+    return reference.eval(), Supernet(encoder, default_space(model)).eval()
+
+
+@pytest.fixture
+def tiny1024(monkeypatch):
+    monkeypatch.setitem(sam.MODEL_ZOO, TINY_1024.name, TINY_1024)
+    return TINY_1024.name
+
+
+@pytest.fixture(scope="session")
+def vit_t_space():
+    return default_space("vit_t")
+
+
+@pytest.fixture(scope="session")
+def vit_t_ir_session():
+    return build_ir(Supernet.build("vit_t"), verify=True)
+
+
+@pytest.fixture
+def vit_t_ir(vit_t_ir_session):
+    """A private copy of the annotated vit_t IR (bound to its supernet): tests may mutate it."""
+    return IR(copy.deepcopy(vit_t_ir_session.graph), vit_t_ir_session.model, vit_t_ir_session.root)
