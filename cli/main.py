@@ -14,6 +14,7 @@ from rich.table import Table
 
 from qsamc.errors import QsamcError
 from qsamc.sam import MODEL_ZOO
+from qsamc.train_config import describe_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="qsamc: compile SAM image encoders into mixed-precision quantized subnets.")
@@ -107,6 +108,22 @@ def ir(model: str = typer.Option("vit_b", help=MODEL_HELP),
     paths = write_ir(model, out, subnet)
     for path in paths:
         console.print(f"wrote {path}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog="Every config field is also a flag (defaults shown):\n\n" + describe_fields().replace("\n", "\n\n"))
+def train(ctx: typer.Context,
+          config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML run config."),
+          resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+          quiet: bool = typer.Option(False, help="No progress bar.")):
+    """Fine-tune a SAM encoder once into a mixed-precision quantized supernet."""
+    from qsamc.train import train as run_training
+    from qsamc.train_config import resolve_train_config
+
+    result = run_training(resolve_train_config(config, ctx.args, resume), resume=resume, show_progress=not quiet)
+    console.print(f"supernet written to {result.run}/supernet.pt ({result.iterations} iterations)")
+    for name, ev in (("max subnet", result.max_subnet), ("min subnet", result.min_subnet)):
+        console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}, pixel accuracy {ev.pixel_accuracy:.4f}")
 
 
 def main() -> None:

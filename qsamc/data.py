@@ -193,10 +193,14 @@ class SegmentationDataset(Dataset[Sample], abc.ABC):
         """The sample at `index` before augmentation."""
 
     def __getitem__(self, index: int) -> Sample:
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int) -> Sample:
+        """The sample at `index` as augmented in `epoch`: a pure function of (seed, epoch, index)."""
         sample = self.read(index)
         if self.augmentation is None:
             return sample
-        return augment(sample, self.augmentation, np.random.default_rng([self.seed, self.epoch, index]))
+        return augment(sample, self.augmentation, np.random.default_rng([self.seed, epoch, index]))
 
 
 def load_image(path: Path) -> np.ndarray:

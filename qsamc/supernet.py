@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qsamc.layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
 from qsamc.sam import build_encoder
@@ -32,6 +33,8 @@ class Supernet(nn.Module):
                 setattr(parent, name, QuantLinear.from_float(getattr(parent, name)))
         for index in (0, 2):
             self.neck[index] = QuantConv2d.from_float(self.neck[index])
+        # Recompute each block's activations in backward instead of storing them (trades time for memory).
+        self.activation_checkpointing = False
         self.subnet: Subnet | None = None
         self.active_blocks: tuple[int, ...] = ()
         self.set_subnet(space.max_subnet())
@@ -75,7 +78,10 @@ class Supernet(nn.Module):
         x = self.patch_embed(x)
         x = x + self.position_embedding((x.shape[1], x.shape[2]))
         for index in self.active_blocks:
-            x = self.blocks[index](x)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(self.blocks[index], x, use_reentrant=False)
+            else:
+                x = self.blocks[index](x)
         return self.neck(x.permute(0, 3, 1, 2))
 
 

@@ -1,0 +1,278 @@
+"""`qsamc train`: fine-tune a SAM encoder once into a mixed-precision quantized supernet (paper Sec. 3.3).
+
+The pipeline, top to bottom (`train`):
+  build the supernet from the checkpoint -> trace and annotate the IR -> insert LSQ+ quantizers ->
+  calibrate activations -> for each iteration: sample a subnet (Eq. 1; the sandwich rule optionally),
+  one optimizer step on a batch at its resolution -> at the progressive boundary attach LoRA, freeze the
+  pre-trained weights and lift the resolution cap -> validate the max and min subnets -> write the run.
+
+Every source of randomness is a pure function of (seed, iteration): the batch indices, their
+augmentation and the sampled subnets. A checkpoint therefore only needs the weights, the optimizer and
+the scheduler, and a run killed at any point and resumed ends with the same weights as one that was not.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from qsamc.checkpoint import (SupernetSpec, atomic_torch_save, atomic_write_json, build_model,
+                              save_supernet)
+from qsamc.data import build_dataset, make_batch
+from qsamc.errors import CheckpointError, QsamcError
+from qsamc.evaluate import Evaluation, ValidationSet, evaluate_subnet
+from qsamc.head import SegmentationModel
+from qsamc.passes import AttachLoraPass, CalibrateActivationsPass
+from qsamc.progress import progress_bar
+from qsamc.space import SearchSpace, Subnet, default_space
+from qsamc.train_config import TrainConfig, default_phase1_resolution
+
+
+class TrainingDiverged(QsamcError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run: Path
+    iterations: int
+    max_subnet: Evaluation
+    min_subnet: Evaluation
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return F.cross_entropy(logits, masks, ignore_index=ignore_index)
+
+
+def sample_subnets(config: TrainConfig, space: SearchSpace, iteration: int) -> list[Subnet]:
+    """The subnets trained at `iteration`: one uniform sample (Eq. 1), or max, min and one (sandwich)."""
+    rng = random.Random(config.seed * 1_000_003 + iteration)
+    lora_from = config.lora_from()
+    if config.schedule == "progressive" and iteration < lora_from:
+        cap = default_phase1_resolution(config)
+        space = space.restrict(resolutions=tuple(r for r in space.resolutions if r <= cap) or (min(space.resolutions),))
+    if config.sampling == "sandwich":
+        return [space.max_subnet(), space.min_subnet(), space.sample(rng)]
+    return [space.sample(rng)]
+
+
+def batch_indices(config: TrainConfig, size: int, iteration: int, rank: int, world: int) -> tuple[int, list[int]]:
+    """(epoch, indices) of this rank's batch at `iteration`: epochs are seeded permutations."""
+    per_step = config.batch_size * world
+    steps = max(size // per_step, 1)
+    epoch, step = divmod(iteration, steps)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(config.seed * 7919 + epoch)).tolist()
+    order = (order * math.ceil(per_step / size))[: max(size, per_step)]  # tiny datasets: wrap around
+    start = step * per_step + rank * config.batch_size
+    return epoch, order[start : start + config.batch_size]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _trainable(model: SegmentationModel, lora_phase: bool) -> list[nn.Parameter]:
+    """Phase 1 (and QFA*) trains everything; the LoRA phase freezes the pre-trained encoder weights."""
+    for name, param in model.named_parameters():
+        frozen = lora_phase and name.startswith("supernet.") and ".lora." not in name and "quantizer." not in name
+        param.requires_grad_(not frozen)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _optimizer(config: TrainConfig, model: SegmentationModel, lora_phase: bool, steps: int):
+    params = _trainable(model, lora_phase)
+    lr = config.lora_lr if lora_phase else config.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(1.0 - step / max(steps, 1), 0.0) ** config.poly_power)
+    return optimizer, scheduler
+
+
+class _Logger:
+    """metrics.csv (and TensorBoard when installed), written by rank 0 only."""
+
+    FIELDS = ("iteration", "phase", "loss", "lr", "resolution", "depths", "iter_per_s", "memory_mb")
+
+    def __init__(self, run: Path, resume_from: int | None) -> None:
+        self.path = run / "metrics.csv"
+        kept = []
+        if resume_from is not None and self.path.exists():
+            # Rows logged after the checkpoint we resume from belong to iterations that run again.
+            with open(self.path, newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= resume_from]
+        self.handle = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.handle, fieldnames=self.FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(run / "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+
+    def log(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.handle.flush()
+        if self.tensorboard is not None:
+            for key in ("loss", "lr", "iter_per_s", "memory_mb"):
+                self.tensorboard.add_scalar(f"train/{key}", row[key], row["iteration"])
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world) under torchrun; (0, 1) otherwise. CPU ranks use gloo, GPU ranks NCCL."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _checkpoint_path(run: Path) -> Path:
+    return run / "checkpoints" / "last.pt"
+
+
+def _load_checkpoint(run: Path) -> dict:
+    path = _checkpoint_path(run)
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(exc).__name__})") from None
+
+
+def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    rank, world = _distributed()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    run = Path(config.out)
+    torch.manual_seed(config.seed)
+
+    # 1. Data, space, model with quantizers.
+    train_set = build_dataset(config.dataset, config.data_root, "train", augment=True, seed=config.seed)
+    val_set = build_dataset(config.dataset, config.data_root, "val", seed=config.seed)
+    space = default_space(config.model, config.granularity)  # type: ignore[arg-type]
+    spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel)
+    model, ir = build_model(SupernetSpec(space, train_set.num_classes, None, config.per_channel), config.checkpoint)
+    model.supernet.activation_checkpointing = config.activation_checkpointing
+    model.to(device)
+
+    lora_from = config.lora_from()
+    state = _load_checkpoint(run) if resume else None
+    start = state["iteration"] if state else 0
+    if state is None:
+        # 2. LSQ+ activation initialisation from calibration batches at the (phase-capped) max subnet.
+        cap = default_phase1_resolution(config) if config.schedule == "progressive" else max(space.resolutions)
+        resolution = max((r for r in space.resolutions if r <= cap), default=min(space.resolutions))
+        calibration = [
+            make_batch([train_set.sample(i, 0) for i in batch_indices(config, len(train_set), k, 0, 1)[1]], resolution)[0]
+            for k in range(config.calibration_batches)
+        ]
+        calibration_subnet = replace(space.max_subnet(), resolution=resolution)
+        CalibrateActivationsPass(model, [b.to(device) for b in calibration], calibration_subnet)(ir)
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run / "config.json", config.to_json())
+    lora_attached = lora_from is not None and start >= lora_from
+    if lora_attached:
+        AttachLoraPass(config.lora, seed=config.seed + 1)(ir)
+        model.to(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+
+    def phase_steps(lora_phase: bool) -> int:
+        if lora_from is None:
+            return config.iterations
+        return config.iterations - lora_from if lora_phase else lora_from
+
+    optimizer, scheduler = _optimizer(config, model, lora_attached, phase_steps(lora_attached))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    wrapped: nn.Module = model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    logger = _Logger(run, start if resume else None) if rank == 0 else None
+    bar = progress_bar(config.iterations, "training supernet", enabled=show_progress and rank == 0,
+                       fields={"loss": "-", "lr": "-", "mem": "-"})
+    tick = time.perf_counter()
+    try:
+        with bar:
+            bar.advance(start)
+            for iteration in range(start, config.iterations):
+                # 3. Progressive boundary: attach LoRA, freeze W0, new optimizer over LoRA + quantizers.
+                if lora_from is not None and iteration == lora_from and not lora_attached:
+                    AttachLoraPass(config.lora, seed=config.seed + 1)(ir)
+                    model.to(device)
+                    lora_attached = True
+                    optimizer, scheduler = _optimizer(config, model, True, phase_steps(True))
+                    if world > 1:
+                        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+                # 4. One step: the iteration's subnets, each on the iteration's batch at its resolution.
+                epoch, indices = batch_indices(config, len(train_set), iteration, rank, world)
+                samples = [train_set.sample(i, epoch) for i in indices]
+                subnets = sample_subnets(config, space, iteration)
+                total = 0.0
+                for subnet in subnets:
+                    model.supernet.set_subnet(subnet)
+                    images, masks = make_batch(samples, subnet.resolution)
+                    loss = segmentation_loss(wrapped(images.to(device)), masks.to(device), train_set.ignore_index)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"the loss became {loss.item()} at iteration {iteration}; training stopped and the last "
+                            f"good checkpoint in {_checkpoint_path(run)} was kept (lower the learning rate)")
+                    (loss / len(subnets)).backward()
+                    total += loss.item() / len(subnets)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = iteration + 1
+                if rank == 0:
+                    now = time.perf_counter()
+                    lr = optimizer.param_groups[0]["lr"]
+                    memory = peak_memory_mb()
+                    logger.log({"iteration": done, "phase": 2 if lora_attached else 1, "loss": f"{total:.5f}",
+                                "lr": f"{lr:.3e}", "resolution": subnets[-1].resolution,
+                                "depths": "-".join(map(str, subnets[-1].depths)),
+                                "iter_per_s": f"{1.0 / max(now - tick, 1e-9):.3f}", "memory_mb": f"{memory:.0f}"})
+                    tick = now
+                    bar.update(advance=1, loss=f"{total:.4f}", lr=f"{lr:.2e}", mem=f"{memory:.0f}MB")
+                    # 5. Atomic checkpoints: a kill at any moment leaves the previous one intact.
+                    if done % config.checkpoint_every == 0 or done == config.iterations:
+                        atomic_torch_save({"iteration": done, "model": model.state_dict(),
+                                           "optimizer": optimizer.state_dict(),
+                                           "scheduler": scheduler.state_dict()}, _checkpoint_path(run))
+    finally:
+        if logger is not None:
+            logger.close()
+
+    # 6. Validate the extremes of the space and write the supernet that search and export load.
+    validation = ValidationSet(val_set, limit=config.val_limit)
+    max_eval = evaluate_subnet(model, space.max_subnet(), validation)
+    min_eval = evaluate_subnet(model, space.min_subnet(), validation)
+    if rank == 0:
+        save_supernet(run, spec, model)
+        atomic_write_json(run / "validation.json", {
+            "max_subnet": max_eval.__dict__, "min_subnet": min_eval.__dict__, "val_images": len(validation.samples)})
+    if world > 1:
+        dist.barrier()
+    return TrainResult(run, config.iterations, max_eval, min_eval)
+

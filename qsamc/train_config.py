@@ -1,0 +1,209 @@
+"""The training run's config: one frozen dataclass, read from YAML or TOML, every field also a flag.
+
+Defaults < config file < `--field value` flags. The resolved config is written next to the results
+(`config.json`) and is what `--resume` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qsamc.errors import ConfigError
+from qsamc.lora import LORA_VARIANTS, LoraConfig
+from qsamc.sam import get_config
+from qsamc.space import GRANULARITIES
+
+SCHEDULES = ("progressive", "lora", "full")
+SAMPLINGS = ("uniform", "sandwich")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A supernet fine-tuning run (paper Sec. 3.3 and its baselines).
+
+    schedule: `progressive` (phase 1 trains all weights and quantizers without LoRA at resolutions up
+    to `phase1_max_resolution`, phase 2 attaches LoRA, freezes the pre-trained weights and trains LoRA
+    and quantizers at the full resolution range), `lora` (LoRA from the start), `full` (QFA*: all
+    weights, no LoRA). `lora_variant` picks regular / selective / multiplex.
+    """
+
+    model: str = "vit_t"
+    checkpoint: str | None = None
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    out: str = "runs/qsamc"
+    granularity: str = "layer"
+    schedule: str = "progressive"
+    lora_variant: str = "multiplex"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_modules: tuple[str, ...] = ("attn.qkv", "mlp.lin1", "mlp.lin2")
+    multiplex_modules: int = 5
+    lora_switch: str = "weight"
+    lora_detach: bool = False
+    per_channel: bool = False
+    iterations: int = 200
+    phase1_iterations: int = 100
+    phase1_max_resolution: int | None = None  # None: 3/4 of the native input (768 for vit_*)
+    sampling: str = "uniform"
+    batch_size: int = 4
+    lr: float = 1e-4
+    lora_lr: float = 1e-3
+    weight_decay: float = 0.01
+    poly_power: float = 0.9
+    seed: int = 0
+    calibration_batches: int = 2
+    checkpoint_every: int = 50
+    val_limit: int = 32
+    num_workers: int = 0
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        get_config(self.model)
+        checks = [
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'"),
+            (self.lora_variant in LORA_VARIANTS, f"lora_variant must be one of {', '.join(LORA_VARIANTS)}, got '{self.lora_variant}'"),
+            (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}, got '{self.sampling}'"),
+            (self.granularity in GRANULARITIES, f"granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'"),
+            (self.iterations >= 1, f"iterations must be at least 1, got {self.iterations}"),
+            (self.schedule != "progressive" or 0 < self.phase1_iterations < self.iterations,
+             f"progressive training needs 0 < phase1_iterations < iterations, got {self.phase1_iterations} of {self.iterations}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {self.checkpoint_every}"),
+            (self.multiplex_modules in (3, 4, 5), f"multiplex_modules must be 3, 4 or 5, got {self.multiplex_modules}"),
+            (self.lora_switch in ("weight", "act"), f"lora_switch must be 'weight' or 'act', got '{self.lora_switch}'"),
+            (self.lora_rank >= 1, f"lora_rank must be at least 1, got {self.lora_rank}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        if self.schedule == "full":
+            return None
+        return LoraConfig(self.lora_variant, self.lora_rank, self.lora_alpha, tuple(self.lora_modules),
+                          self.multiplex_modules, self.lora_switch, self.lora_detach)  # type: ignore[arg-type]
+
+    def lora_from(self) -> int | None:
+        """The first iteration that trains with LoRA (None: never)."""
+        return {"progressive": self.phase1_iterations, "lora": 0, "full": None}[self.schedule]
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["lora_modules"] = list(self.lora_modules)
+        return data
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """Convert a file or flag value to the field's type, with one sentence when it cannot be."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    try:
+        if typing.get_origin(base) is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(i).strip() for i in items)
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field '{name}' expects {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field names to values")
+    return data
+
+
+def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML/TOML/JSON file, then `overrides` (flag values as strings or values)."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for source in (_read_file(Path(path)) if path else {}, overrides or {}):
+        for key, value in source.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown config field '{key}'; known fields are {', '.join(known)}")
+            values[name] = _coerce(name, known[name].type, value)
+    return TrainConfig(**values)
+
+
+def parse_flags(args: list[str]) -> dict[str, str]:
+    """`--lora-rank 16 --per-channel` -> {"lora_rank": "16", "per_channel": "true"}."""
+    known = {f.name for f in fields(TrainConfig)}
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}'; fields are given as --name value")
+        name, _, inline = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        if key not in known:
+            raise ConfigError(f"unknown option '{arg}'; see `qsamc train --help` for the fields")
+        if inline:
+            out[key], i = inline, i + 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[key], i = args[i + 1], i + 2
+        else:
+            out[key], i = "true", i + 1  # a bare flag switches a boolean on
+    return out
+
+
+def describe_fields() -> str:
+    """One line per field with its default, for `qsamc train --help`."""
+    defaults = TrainConfig()
+    return "\n".join(f"--{f.name.replace('_', '-')} (default {getattr(defaults, f.name)!r})" for f in fields(TrainConfig))
+
+
+def default_phase1_resolution(config: TrainConfig) -> int:
+    native = get_config(config.model).img_size
+    return config.phase1_max_resolution or native * 3 // 4
+
+
+
+def resolve_train_config(path: str | Path | None, flags: list[str], resume: bool) -> TrainConfig:
+    """What `qsamc train` runs: file + flags; with `resume`, the config saved in the run folder."""
+    config = load_train_config(path, parse_flags(flags))
+    if not resume:
+        return config
+    saved = Path(config.out) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"cannot resume: {saved} does not exist (pass the run's --out or its --config)")
+    return load_train_config(saved)
