@@ -110,6 +110,7 @@ class CountBitopsPass(Pass):
             a["present"] = block is None or block in active
             hidden = space.hidden_units(subnet.mlp_ratios[block]) if block is not None else None
             a["macs"] = node_macs(a, grid, hidden) if a["present"] else 0
+            counted_bits = None  # the bits this count used: the subnet's, whatever the IR's `bits` say
             if a["kind"] == "attention":
                 a["bitops"] = a["macs"] * self.float_bits
                 float_macs += a["macs"]
@@ -117,6 +118,7 @@ class CountBitopsPass(Pass):
             elif a["quantizable"]:
                 w, x = subnet.bits_of(a["module"])[1:]
                 a["bitops"] = a["macs"] * w * x
+                counted_bits = [w, x]
             else:
                 a["bitops"] = 0
             macs += a["macs"]
@@ -126,7 +128,7 @@ class CountBitopsPass(Pass):
                 row = per_part.setdefault(part, {"macs": 0, "bitops": 0})
                 row["macs"] += a["macs"]
                 row["bitops"] += a["bitops"]
-                per_layer.append({"node": name, "kind": a["kind"], "bits": a.get("bits") or None,
+                per_layer.append({"node": name, "kind": a["kind"], "bits": counted_bits,
                                   "macs": a["macs"], "bitops": a["bitops"]})
         report = BitopsReport(macs, bitops, float_macs, float_bitops, self.convention, per_part, per_layer)
         ir.graph.graph["cost"] = report.to_json()

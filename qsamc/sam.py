@@ -123,8 +123,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # weights_only refusals are a multi-paragraph message with ANSI codes; keep the sentence that
+        # names what was refused. (A text file fails the legacy unpickler with a KeyError.)
+        if "WeightsUnpickler error:" in str(exc):
+            detail = str(exc).split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+            reason = detail.split(". ")[0].rstrip(".")
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch state dict (truncated, corrupt or "
             f"holding code): {reason}"

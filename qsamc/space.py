@@ -250,9 +250,18 @@ class SearchSpace:
         active = set(self.active_blocks(subnet.depths))
         ratios = tuple(r if i in active else max(self.mlp_ratios) for i, r in enumerate(subnet.mlp_ratios))
         top = (max(self.weight_bits), max(self.act_bits))
+
+        def live(layer: str) -> bool:
+            return not layer.startswith("blocks.") or int(layer.split(".")[1]) in active
+
+        # A dropped layer whose bit group still has a live layer (stage or model granularity) keeps the
+        # group's bits, so the canonical subnet still honours the tie; a wholly dropped group gets `top`.
+        group_bits: dict[str, tuple[int, int]] = {}
+        for b in subnet.bits:
+            if live(b.layer):
+                group_bits.setdefault(self.bit_group(b.layer), (b.w, b.a))
         bits = tuple(
-            b if not b.layer.startswith("blocks.") or int(b.layer.split(".")[1]) in active
-            else LayerBits(b.layer, *top)
+            b if live(b.layer) else LayerBits(b.layer, *group_bits.get(self.bit_group(b.layer), top))
             for b in subnet.bits
         )
         return replace(subnet, mlp_ratios=ratios, bits=bits)

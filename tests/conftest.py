@@ -60,3 +60,11 @@ def vit_t_ir_session():
 def vit_t_ir(vit_t_ir_session):
     """A private copy of the annotated vit_t IR (bound to its supernet): tests may mutate it."""
     return IR(copy.deepcopy(vit_t_ir_session.graph), vit_t_ir_session.model, vit_t_ir_session.root)
+
+
+@pytest.fixture(scope="session")
+def vit_b_ir():
+    """The annotated IR of vit_b, traced on the meta device (no weights). Do not mutate."""
+    from qsamc.pipeline import analysis_ir
+
+    return analysis_ir(default_space("vit_b"))

@@ -93,11 +93,16 @@ def test_vit_t_is_small_and_fast():
     import time
 
     encoder = sam.build_encoder("vit_t")
-    assert sum(p.numel() for p in encoder.parameters()) < 2_000_000
-    start = time.perf_counter()
+    assert sum(p.numel() for p in encoder.parameters()) < 1_000_000
+    x = torch.zeros(1, 3, 256, 256)
+    times = []
     with torch.no_grad():
-        encoder(torch.zeros(1, 3, 256, 256))
-    assert time.perf_counter() - start < 1.0
+        encoder(x)  # the first call pays for one-time kernel setup
+        for _ in range(3):
+            start = time.perf_counter()
+            encoder(x)
+            times.append(time.perf_counter() - start)
+    assert min(times) < 0.5
 
 
 def test_unknown_model():
@@ -210,6 +215,17 @@ def test_checkpoint_pickling_an_arbitrary_class_is_refused(tmp_path):
         torch.load(path, weights_only=True)
     with pytest.raises(CheckpointError) as info:
         sam.build_encoder("vit_t", path)
+    assert str(info.value) == (
+        f"checkpoint {path} is not a readable PyTorch state dict (truncated, corrupt or holding code): "
+        f"Unsupported global: GLOBAL {__name__}.Payload was not an allowed global by default")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint but a text file\n", b"\x80\x02garbage"])
+def test_checkpoint_that_is_not_a_torch_file(tmp_path, content):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        sam.read_state_dict(path)
     assert one_sentence(str(info.value))
     assert str(info.value).startswith(f"checkpoint {path} is not a readable PyTorch state dict")
 
