@@ -57,6 +57,50 @@ class QuantMixin:
         return self.weight_quantizer(weight, self.w_bits)
 
 
+class _RecomputingQuantLinear(torch.autograd.Function):
+    """y = x_q @ W_q^T + b that saves only the layer input and leaf parameters for backward.
+
+    The quantized input x_q, the merged weight W0 + delta and its quantized copy W_q are recomputed
+    in backward (elementwise work and one rank-r matmul) instead of being stored: per layer that is
+    two weight-sized tensors and one activation-sized tensor less at the training peak. Gradients of
+    the recomputed parts come from autograd itself, so LSQ+, LoRA routing and STE stay in one place.
+    """
+
+    @staticmethod
+    def forward(ctx, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None, *params: torch.Tensor):
+        with torch.no_grad():
+            y = F.linear(layer.quantize_input(x), layer.quantize_weight(layer.active_weight()), bias)
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        ctx.save_for_backward(x, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, *params = ctx.saved_tensors
+        layer = ctx.layer
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[1])
+            x_q = layer.quantize_input(x_leaf)
+            w_q = layer.quantize_weight(layer.active_weight())
+        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_xq = grad_y @ w_q.detach()
+        grad_w = flat_grad.t() @ x_q.detach().reshape(-1, x_q.shape[-1])
+        wanted = [(x_leaf, x_q, grad_xq)] if ctx.needs_input_grad[1] else []
+        inputs = [x_leaf] if wanted else []
+        inputs += [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+        outputs, grads = [w_q], [grad_w]
+        if wanted or x_q.requires_grad:
+            outputs.append(x_q)
+            grads.append(grad_xq)
+        found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True) if inputs else ()
+        found = list(found)
+        grad_x = found.pop(0) if wanted else None
+        grad_params = iter(found)
+        param_grads = [next(grad_params) if need else None for need in ctx.needs_input_grad[3:]]
+        grad_bias = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (None, grad_x, grad_bias, *param_grads)
+
+
 class QuantLinear(QuantMixin, nn.Linear):
     """`nn.Linear` with elastic width (first rows/columns) and fake-quantized weight and input."""
 
@@ -84,6 +128,9 @@ class QuantLinear(QuantMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias[: self.active_out] if self.bias is not None else None
+        if self.training and torch.is_grad_enabled():
+            params = [p for p in self.parameters() if p.requires_grad and p is not self.bias]
+            return _RecomputingQuantLinear.apply(self, x, bias, *params)
         return F.linear(self.quantize_input(x), self.quantize_weight(self.active_weight()), bias)
 
 
