@@ -85,18 +85,14 @@ class _RecomputingQuantLinear(torch.autograd.Function):
         flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
         grad_xq = grad_y @ w_q.detach()
         grad_w = flat_grad.t() @ x_q.detach().reshape(-1, x_q.shape[-1])
-        wanted = [(x_leaf, x_q, grad_xq)] if ctx.needs_input_grad[1] else []
-        inputs = [x_leaf] if wanted else []
-        inputs += [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
-        outputs, grads = [w_q], [grad_w]
-        if wanted or x_q.requires_grad:
-            outputs.append(x_q)
-            grads.append(grad_xq)
-        found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True) if inputs else ()
-        found = list(found)
-        grad_x = found.pop(0) if wanted else None
-        grad_params = iter(found)
-        param_grads = [next(grad_params) if need else None for need in ctx.needs_input_grad[3:]]
+        # Back-propagate through whichever recomputed parts depend on something that wants a gradient.
+        pairs = [(o, g) for o, g in ((w_q, grad_w), (x_q, grad_xq)) if o.requires_grad]
+        wants = [need for need in ctx.needs_input_grad[3:]]
+        inputs = ([x_leaf] if ctx.needs_input_grad[1] else []) + [p for p, need in zip(params, wants) if need]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+                     if pairs and inputs else [None] * len(inputs))
+        grad_x = next(found) if ctx.needs_input_grad[1] else None
+        param_grads = [next(found) if need else None for need in wants]
         grad_bias = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (None, grad_x, grad_bias, *param_grads)
 

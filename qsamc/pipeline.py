@@ -2,6 +2,7 @@
 
 analysis (`qsamc space`, `qsamc bitops`, `qsamc ir`): build the supernet on the meta device (no
 weights are needed to count) -> trace -> annotate structure and precision -> count BitOPs.
+search (`qsamc search`) and latency tables (`qsamc profile`): at the end of this file.
 """
 
 from __future__ import annotations
@@ -10,24 +11,36 @@ from pathlib import Path
 
 import torch
 
-from qsamc.errors import ConfigError
+from qsamc.checkpoint import load_supernet
+from qsamc.cost import BitopsCost, CostModel, RooflineLatency, parse_budget
+from qsamc.data import build_dataset
+from qsamc.errors import BudgetError, ConfigError
+from qsamc.evaluate import ValidationSet
 from qsamc.ir import IR, trace
+from qsamc.latency import (
+    LatencyTable, ProfileSettings, TableLatency, Validation, build_table, default_table_path, validate_table,
+)
+from qsamc.pareto import write_search
 from qsamc.pass_manager import PassManager
 from qsamc.passes import AnnotatePrecisionPass, AnnotateStructurePass, BitopsModel, BitopsReport, CountBitopsPass
 from qsamc.passes.count_bitops import FloatMacs
 from qsamc.space import SearchSpace, Subnet, default_space, load_subnet
+from qsamc.search import EvolutionConfig, SearchResult, SubnetFitness, default_ladder, init_distributed, search
 from qsamc.supernet import Supernet
+from qsamc.targets import Target, get_target
 
 
 def build_ir(supernet: Supernet, subnet: Subnet | None = None, verify: bool | None = None) -> IR:
     """Trace a supernet at its maximum subnet and annotate it (structure; precision of `subnet`)."""
     space = supernet.space
-    chosen = supernet.subnet
+    chosen, training = supernet.subnet, supernet.training
     supernet.set_subnet(space.uniform_bits(space.max_subnet(), 32, 32))
+    supernet.eval()  # trace the inference path, not the training-time recomputing autograd functions
     try:
         ir = trace(supernet, space.model)
     finally:
         supernet.set_subnet(chosen)
+        supernet.train(training)
     passes = [AnnotateStructurePass(space), AnnotatePrecisionPass(space, subnet)]
     return PassManager(passes, verify=verify)(ir).ir
 
@@ -97,3 +110,134 @@ def write_ir(model: str, out: Path, subnet_file: Path | None = None) -> list[Pat
     ir.save_json(out / "ir.json")
     (out / "ir.dot").write_text(ir.to_dot())
     return [out / "ir.json", out / "ir.dot"]
+
+
+# --- search (`qsamc search`) and latency tables (`qsamc profile`) ---------------------------------
+# search: load the trained supernet -> target (restricted space) -> cost models -> budgets (or a default
+# ladder) -> evolutionary search with validation loss as fitness -> best subnets, pareto.json, plot.
+
+
+def latency_cost(ir: IR, space: SearchSpace, target: Target, table: Path | None, estimate: bool) -> CostModel:
+    """The measured table for `target` (given, or at its default path), else the roofline estimate if asked."""
+    path = table or default_table_path(target, space.model)
+    if path.is_file():
+        return TableLatency(LatencyTable.load(path), space, target, source=f"latency table {path}")
+    if table is not None:
+        raise ConfigError(f"latency table {table} does not exist")
+    if estimate:
+        return RooflineLatency(ir, space, target)
+    hint = "" if target.peaks.memory_gbps is None else ", or pass --estimate for a roofline estimate from datasheet peaks"
+    raise ConfigError(f"no latency table for {space.model} on {target.name} at {path}; build one with "
+                      f"`qsamc profile --target {target.name} --model {space.model}`{hint}")
+
+
+def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool, budgets: list[str], out: Path,
+               *, restrict: bool = False, estimate: bool = False, table: Path | None = None,
+               dataset: str = "synthetic", data_root: Path | None = None, val_limit: int | None = 64,
+               batch_size: int = 8, config: EvolutionConfig = EvolutionConfig(),
+               on_generation=None) -> tuple[SearchResult, list[Path]]:
+    """What `qsamc search` does; returns the result and the files written (none on ranks > 0)."""
+    target = get_target(target_name)
+    parsed = [parse_budget(b) for b in budgets]
+    metrics = {"bitops": use_bitops, "latency": use_latency}
+    if not any(metrics.values()):
+        if not parsed:
+            raise ConfigError("choose what to constrain: --bitops, --latency or both")
+        metrics = {m: any(b.metric == m for b in parsed) for m in metrics}
+    wrong = next((b for b in parsed if not metrics[b.metric]), None)
+    if wrong is not None:
+        raise BudgetError(f"the budget {wrong} is a {wrong.metric} budget; add --{wrong.metric} to search under it")
+    rank = init_distributed()
+    model, ir, spec = load_supernet(run)
+    space = target.restrict_space(spec.space) if restrict else spec.space
+    costs: list[CostModel] = []
+    if metrics["bitops"]:
+        costs.append(BitopsCost(ir, space))
+    if metrics["latency"]:
+        costs.append(latency_cost(ir, space, target, table, estimate))
+    parsed = parsed or default_ladder(space, costs[0])
+    data = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit, batch_size)
+    result = search(space, costs, SubnetFitness(model, data), parsed, config, on_generation=on_generation)
+    written = write_search(result, space, target, costs, out) if rank == 0 else []
+    return result, written
+
+
+def profile_target(target_name: str, model: str, out: Path | None, settings: ProfileSettings,
+                   calibration: int = 6, validate: int = 0, restrict: bool = False,
+                   progress=None) -> tuple[LatencyTable, Path, list[Validation]]:
+    """What `qsamc profile` does: build (and optionally validate) the latency table of a target."""
+    target = get_target(target_name)
+    space = default_space(model)
+    space = target.restrict_space(space) if restrict else space
+    table = build_table(space, target, settings, calibration, progress)
+    path = out or default_table_path(target, model)
+    table.save(path)
+    checks = validate_table(table, space, target, validate, settings=settings) if validate else []
+    return table, path, checks
+
+
+def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2):
+    """What `qsamc export` does: check every input -> extract the static subnet -> lower it to the
+    target's integer formats -> emit ONNX -> verify (TensorRT lint, ONNX Runtime fidelity) -> write
+    model, report and precision map -> build the TensorRT engine (`trt`). Nothing is written until all
+    checks pass. Returns the `ExportReport`; `report.engine["missing"]` says why no engine was built."""
+    import copy
+
+    import onnx
+
+    from qsamc.checkpoint import atomic_write_bytes, atomic_write_json
+    from qsamc.emit import emit_onnx
+    from qsamc.errors import TargetError
+    from qsamc.export_report import ExportReport, layer_precisions, plot_precision_map
+    from qsamc.passes import (ExtractSubnetPass, FoldOffsetIntoNormPass, FoldWeightQuantizersPass,
+                              LowerActivationOffsetsPass, QuantizeBiasPass, fuses_int32_bias)
+    from qsamc import tensorrt_engine
+    from qsamc.verify import check_export, lint_tensorrt, measure_fidelity, ort_latency
+
+    target = get_target(target_name)
+    if fmt not in target.formats:
+        raise TargetError(f"target {target.name} has no '{fmt}' format; it exports {', '.join(target.formats)}")
+    subnet = load_subnet(subnet_file)
+    model, ir, spec = load_supernet(run)
+    subnet = spec.space.validate(subnet)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the model and its report")
+
+    static = ExtractSubnetPass(subnet)(ir).ir
+    reference = copy.deepcopy(static.root)  # the fake-quantized subnet the ONNX model must reproduce
+    lowering = [FoldWeightQuantizersPass(target.deployment), LowerActivationOffsetsPass(), FoldOffsetIntoNormPass()]
+    if fuses_int32_bias(target.deployment):
+        lowering.append(QuantizeBiasPass())
+    PassManager([*lowering, CountBitopsPass(spec.space, subnet)], verify=True)(static)
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(1, 3, subnet.resolution, subnet.resolution, generator=generator) for _ in range(samples)]
+    model_proto = emit_onnx(static.root, images[0], target.deployment, "image", "image_embeddings")
+    lint = lint_tensorrt(model_proto)
+    fidelity = measure_fidelity(model_proto, reference, images, min(b.a for b in subnet.bits))
+    check_export(lint, fidelity, for_tensorrt="trt" in target.formats)
+
+    layers = layer_precisions(static, target.deployment)
+    data = model_proto.SerializeToString()
+    report = ExportReport(
+        subnet=subnet.to_json(), target=target.name, format=fmt,
+        opset=next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")),
+        ir_version=model_proto.ir_version, cost=static.graph.graph["cost"], layers=layers,
+        sizes={"onnx_bytes": len(data), "fp32_bytes": 4 * sum(t.numel() for t in reference.state_dict().values()
+                                                             if t.is_floating_point())},
+        latency={"onnxruntime_cpu": ort_latency(model_proto, images[0])},
+        fidelity=fidelity.to_json(), lint=lint)
+    paths = {"onnx": out / "encoder.onnx", "report": out / "report.json", "precision_map": out / "precision.png"}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(paths["onnx"], data)
+    plot_precision_map(layers, paths["precision_map"], f"{subnet.model} @ {subnet.resolution}px on {target.name}")
+    if fmt == "trt":
+        engine, cache = out / "encoder.plan", out / "timing.cache"
+        report.engine = {"trtexec": tensorrt_engine.trtexec_command(paths["onnx"], engine, cache),
+                         "missing": tensorrt_engine.missing()}
+        if report.engine["missing"] is None:
+            tensorrt_engine.build_engine(paths["onnx"], engine, cache)
+            paths["engine"] = engine
+    report.files = {k: str(v) for k, v in paths.items()}
+    atomic_write_json(paths["report"], report.to_json())
+    return report

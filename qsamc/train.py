@@ -190,7 +190,8 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run / "config.json", config.to_json())
-    lora_attached = lora_from is not None and start >= lora_from
+    # A checkpoint written at the progressive boundary predates the LoRA: the loop attaches it, as it did.
+    lora_attached = lora_from is not None and (start > lora_from if state else start >= lora_from)
     if lora_attached:
         AttachLoraPass(config.lora, seed=config.seed + 1)(ir)
         model.to(device)
@@ -237,7 +238,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                     loss = segmentation_loss(wrapped(images.to(device)), masks.to(device), train_set.ignore_index)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
-                            f"the loss became {loss.item()} at iteration {iteration}; training stopped and the last "
+                            f"the loss became {loss.item()} at iteration {iteration + 1}; training stopped and the last "
                             f"good checkpoint in {_checkpoint_path(run)} was kept (lower the learning rate)")
                     (loss / len(subnets)).backward()
                     total += loss.item() / len(subnets)
