@@ -27,7 +27,7 @@ class CalibrateActivationsPass(Pass):
     def call(self, ir: IR) -> PassResult:
         supernet, space = ir.root, ir.root.space
         previous = supernet.subnet
-        supernet.set_subnet(space.uniform_bits(self.subnet or space.max_subnet(), 32, 32))
+        supernet.configure(space.uniform_bits(self.subnet or space.max_subnet(), 32, 32))
         banks = {name: ir.module_of(name).act_quantizer for name in ir.quantizable()}
 
         def observe(bank):
@@ -51,5 +51,5 @@ class CalibrateActivationsPass(Pass):
         finally:
             for handle in handles:
                 handle.remove()
-            supernet.set_subnet(previous)
+            supernet.configure(previous)
         return PassResult(ir, modified=bool(seen))

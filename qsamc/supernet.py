@@ -37,7 +37,9 @@ class Supernet(nn.Module):
         self.activation_checkpointing = False
         self.subnet: Subnet | None = None
         self.active_blocks: tuple[int, ...] = ()
-        self.set_subnet(space.max_subnet())
+        # Quantizers arrive with InsertQuantizersPass; until then the largest network runs in float,
+        # whether or not 32 bits is a choice of the space.
+        self.configure(space.uniform_bits(space.max_subnet(), 32, 32))
 
     @classmethod
     def build(cls, model: str, checkpoint: str | None = None, space: SearchSpace | None = None) -> Supernet:
@@ -50,7 +52,10 @@ class Supernet(nn.Module):
 
     def set_subnet(self, subnet: Subnet) -> None:
         """Make the forward pass compute `subnet` (validated against the space first)."""
-        self.space.validate(subnet)
+        self.configure(self.space.validate(subnet))
+
+    def configure(self, subnet: Subnet) -> None:
+        """Apply `subnet` without validating it: for full-precision runs outside the space's bits."""
         self.active_blocks = self.space.active_blocks(subnet.depths)
         for block, ratio in zip(self.blocks, subnet.mlp_ratios):
             hidden = self.space.hidden_units(ratio)

@@ -89,20 +89,17 @@ def test_stages(name, stages, size):
     assert sum(cfg.stages, ()) == tuple(range(cfg.depth))
 
 
-def test_vit_t_is_small_and_fast():
-    import time
+def test_vit_t_is_small():
+    """The embedded config stays tiny: under 1M parameters and 0.2 GMAC per 256px image (counted, not
+    timed; the CPU forward time is a benchmark's business)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
     encoder = sam.build_encoder("vit_t")
     assert sum(p.numel() for p in encoder.parameters()) < 1_000_000
-    x = torch.zeros(1, 3, 256, 256)
-    times = []
-    with torch.no_grad():
-        encoder(x)  # the first call pays for one-time kernel setup
-        for _ in range(3):
-            start = time.perf_counter()
-            encoder(x)
-            times.append(time.perf_counter() - start)
-    assert min(times) < 0.5
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = encoder(torch.zeros(1, 3, 256, 256))
+    assert out.shape == (1, 32, 16, 16)
+    assert counter.get_total_flops() // 2 < 200_000_000
 
 
 def test_unknown_model():
