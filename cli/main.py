@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qsamc.errors import QsamcError
+from qsamc.errors import QsamcError, TargetError
 from qsamc.sam import MODEL_ZOO
 from qsamc.train_config import describe_fields
 
@@ -124,6 +124,171 @@ def train(ctx: typer.Context,
     console.print(f"supernet written to {result.run}/supernet.pt ({result.iterations} iterations)")
     for name, ev in (("max subnet", result.max_subnet), ("min subnet", result.min_subnet)):
         console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}, pixel accuracy {ev.pixel_accuracy:.4f}")
+
+
+class Objective(str, Enum):
+    loss = "loss"
+    miou = "miou"
+
+
+class Clock(str, Enum):
+    cpu = "cpu"
+    wall = "wall"
+
+
+@app.command()
+def search(supernet: Path = typer.Option(..., help="A training run folder (supernet.json + supernet.pt)."),
+           target: str = typer.Option(..., help="Hardware target: a100, h100, orin, cpu."),
+           bitops: bool = typer.Option(False, "--bitops", help="Constrain BitOPs."),
+           latency: bool = typer.Option(False, "--latency", help="Constrain latency on the target (measured table)."),
+           budget: Optional[list[str]] = typer.Option(None, help="A budget, e.g. 150T or 40ms; repeat for a Pareto front. "
+                                                      "Default: a ladder between the smallest and largest subnet."),
+           out: Path = typer.Option(Path("search"), help="Output folder."),
+           restrict: bool = typer.Option(False, help="Search only the bit-widths the target deploys well."),
+           estimate: bool = typer.Option(False, help="Without a latency table, use a roofline estimate from datasheet peaks."),
+           latency_table: Optional[Path] = typer.Option(None, help="Latency table (default: where `qsamc profile` writes it)."),
+           dataset: str = typer.Option("synthetic", help="Validation dataset format: synthetic, ade20k, camvid."),
+           data_root: Optional[Path] = typer.Option(None, help="Dataset folder (not for synthetic)."),
+           val_limit: int = typer.Option(64, help="Validation images per evaluation."),
+           batch_size: int = typer.Option(8, help="Validation batch size."),
+           population: int = typer.Option(50), top_k: int = typer.Option(10), mutations: int = typer.Option(25),
+           crossovers: int = typer.Option(25), mutation_prob: float = typer.Option(0.2),
+           generations: int = typer.Option(5), objective: Objective = typer.Option(Objective.loss, help="Fitness: validation loss (the paper) or mIoU."),
+           seed: int = typer.Option(0)):
+    """Evolutionary search for the best subnet under BitOPs and/or latency budgets on a target."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from qsamc.cost import format_cost
+    from qsamc.pipeline import run_search
+    from qsamc.search import EvolutionConfig
+
+    config = EvolutionConfig(population, top_k, mutations, crossovers, mutation_prob, generations, objective.value, seed)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} generations"),
+                  TextColumn("best {task.fields[best]}"), console=console) as progress:
+        tasks: dict[int, int] = {}
+
+        def on_generation(index: int, generation: int, best: float) -> None:
+            if index not in tasks:
+                tasks[index] = progress.add_task(f"budget set {index + 1}", total=generations, best="-")
+            shown = f"{objective.value} {best if objective.value == 'loss' else -best:.4f}"
+            progress.update(tasks[index], completed=generation + 1, best=shown)
+
+        result, written = run_search(supernet, target, bitops, latency, budget or [], out, restrict=restrict,
+                                     estimate=estimate, table=latency_table, dataset=dataset, data_root=data_root,
+                                     val_limit=val_limit, batch_size=batch_size, config=config,
+                                     on_generation=on_generation)
+    if not written:
+        return
+    table = Table(title=f"best subnets on {target} ({result.evaluations} subnets evaluated)")
+    for column in ("budget", *result.results[0].best.costs, "loss", "mIoU"):
+        table.add_column(column)
+    for r in result.results:
+        costs = [format_cost(m, v) for m, v in r.best.costs.items()]  # type: ignore[arg-type]
+        table.add_row(", ".join(map(str, r.budgets)), *costs, f"{r.best.evaluation.loss:.4f}", f"{r.best.evaluation.miou:.4f}")
+    console.print(table)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def profile(target: str = typer.Option(..., help="Hardware target whose latency backend runs the table."),
+            model: str = typer.Option("vit_t", help=MODEL_HELP),
+            out: Optional[Path] = typer.Option(None, help="Table path (default: where `qsamc search` looks)."),
+            restrict: bool = typer.Option(False, help="Only the bit-widths the target deploys well."),
+            threads: int = typer.Option(1, help="ONNX Runtime intra-op threads."),
+            clock: Clock = typer.Option(Clock.cpu, help="cpu: the timing thread's CPU time (robust on shared machines, "
+                                        "one thread); wall: wall time (quiet machines)."),
+            warmup: int = typer.Option(10), repeats: int = typer.Option(30, help="Timed runs per entry (median)."),
+            calibration: int = typer.Option(10, help="Whole subnets timed to fit the context scale."),
+            validate: int = typer.Option(0, help="Also measure N random whole subnets against the table.")):
+    """Build the measured latency table of a target: one entry per fused part of the encoder."""
+    import statistics
+
+    from rich.progress import Progress
+
+    from qsamc.latency import ProfileSettings
+    from qsamc.pipeline import profile_target
+
+    settings = ProfileSettings(threads, warmup, repeats, clock.value)
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"timing {model} parts on {target}", total=None)
+        table, path, checks = profile_target(target, model, out, settings, calibration, validate, restrict,
+                                             lambda done, total: progress.update(task, completed=done, total=total))
+    console.print(f"wrote {path}: {len(table.entries)} entries, context scale {table.context_scale:.3f} "
+                  f"({table.backend}, {table.machine.get('cpu')}, {settings.threads} thread(s), {settings.clock} clock)")
+    if checks:
+        rows = Table(title=f"predicted vs measured latency of {len(checks)} random {model} subnets")
+        for column in ("resolution", "depths", "predicted", "measured", "error"):
+            rows.add_column(column, justify="right")
+        for c in checks:
+            rows.add_row(str(c.subnet.resolution), str(list(c.subnet.depths)), f"{c.predicted * 1e3:.3f} ms",
+                         f"{c.measured * 1e3:.3f} ms", f"{c.error:+.1%}")
+        console.print(rows)
+        errors = [abs(c.error) for c in checks]
+        console.print(f"median absolute error {statistics.median(errors):.1%}, max {max(errors):.1%}")
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    trt = "trt"
+
+
+@app.command()
+def export(supernet: Path = typer.Option(..., help="A training run folder (supernet.json + supernet.pt)."),
+           subnet: Path = typer.Option(..., help="The subnet JSON to export (e.g. from `qsamc search`)."),
+           target: str = typer.Option(..., help="Hardware target: its deployment rules pick the containers."),
+           format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="onnx (Q/DQ model) or trt (TensorRT engine)."),
+           out: Path = typer.Option(Path("export"), help="Output folder for encoder.onnx, report.json, precision.png.")):
+    """Lower one subnet to the target's integer formats, emit and verify ONNX (and a TensorRT engine)."""
+    from qsamc.pipeline import export_subnet
+
+    report = export_subnet(supernet, subnet, target, format.value, out)
+    layers = Table(title=f"deployed precision on {report.target}")
+    for column in ("layer", "searched", "weight", "activation", "compute"):
+        layers.add_column(column)
+    for row in report.layers:
+        searched = "W{}A{}".format(row.w_bits if row.w_bits < 32 else "F", row.a_bits if row.a_bits < 32 else "F")
+        layers.add_row(row.layer, searched, row.weight, row.act, row.compute)
+    console.print(layers)
+    fidelity, cost = report.fidelity, report.cost
+    summary = Table(title="export report", show_header=False)
+    summary.add_row("BitOPs / MACs", f"{human(cost['bitops'])} / {human(cost['macs'])} (attention matmuls at 32x32 bits)")
+    summary.add_row("model size", f"{human(report.sizes['onnx_bytes'], 'B')} (FP32 {human(report.sizes['fp32_bytes'], 'B')})")
+    summary.add_row("ONNX Runtime latency", f"{report.latency['onnxruntime_cpu']['median_ms']:.1f} ms "
+                    f"({report.latency['onnxruntime_cpu']['threads']} threads, this machine)")
+    summary.add_row("fidelity vs fake-quant", f"max {fidelity['max_rel']:.2e}, mean {fidelity['mean_rel']:.2e} of the output scale "
+                    f"(tolerance {fidelity['max_rel_tolerance']:.1e} / {fidelity['mean_rel_tolerance']:.1e})")
+    summary.add_row("opset / IR version", f"{report.opset} / {report.ir_version}")
+    summary.add_row("TensorRT lint", "clean" if not report.lint else f"{len(report.lint)} problems, e.g. {report.lint[0]}")
+    console.print(summary)
+    for name, path in report.files.items():
+        console.print(f"wrote {name}: {path}", soft_wrap=True)
+    if report.engine.get("missing"):
+        console.print(f"build the engine where TensorRT and a GPU exist:\n  {report.engine['trtexec']}", soft_wrap=True)
+        raise TargetError(f"no TensorRT engine was built: {report.engine['missing']}")
+
+
+@app.command()
+def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Output folder for the three stages."),
+               quiet: bool = typer.Option(False, help="No progress bars.")):
+    """train -> search -> export on the embedded default (vit_t on generated shapes), in a few minutes."""
+    from qsamc.pipeline import quickstart as run_quickstart
+
+    console.rule("1/3 qsamc train: vit_t supernet on generated shapes")
+    result = run_quickstart(out, show_progress=not quiet)
+    trained, searched, report = result["trained"], result["searched"], result["export"]
+    for name, ev in (("max subnet", trained.max_subnet), ("min subnet", trained.min_subnet)):
+        console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}")
+    console.rule("2/3 qsamc search --target cpu --bitops (default budget ladder)")
+    for r in searched.results:
+        console.print(f"budget {', '.join(map(str, r.budgets))}: loss {r.best.evaluation.loss:.4f}, "
+                      f"mIoU {r.best.evaluation.miou:.4f}")
+    console.rule(f"3/3 qsamc export --target cpu --format onnx (the subnet found under {result['budget'][0]})")
+    fidelity = report.fidelity
+    console.print(f"BitOPs {human(report.cost['bitops'])}, ONNX Runtime {report.latency['onnxruntime_cpu']['median_ms']:.2f} ms, "
+                  f"fidelity max {fidelity['max_rel']:.2e} / mean {fidelity['mean_rel']:.2e} of the output scale: verified")
+    for path in (*result["search_files"], *report.files.values()):
+        console.print(f"wrote {path}")
 
 
 def main() -> None:

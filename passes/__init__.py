@@ -5,7 +5,12 @@ from qsamc.passes.annotate_structure import AnnotateStructurePass
 from qsamc.passes.attach_lora import AttachLoraPass
 from qsamc.passes.calibrate_activations import CalibrateActivationsPass
 from qsamc.passes.count_bitops import BitopsModel, BitopsReport, CountBitopsPass, node_macs
+from qsamc.passes.extract_subnet import ExtractSubnetPass
+from qsamc.passes.fold_offset_into_norm import FoldOffsetIntoNormPass
+from qsamc.passes.fold_weight_quantizers import FoldWeightQuantizersPass
 from qsamc.passes.insert_quantizers import InsertQuantizersPass
+from qsamc.passes.lower_activation_offsets import LowerActivationOffsetsPass
+from qsamc.passes.quantize_bias import QuantizeBiasPass, fuses_int32_bias
 
 __all__ = [
     "AnnotatePrecisionPass",
@@ -15,6 +20,12 @@ __all__ = [
     "BitopsReport",
     "CalibrateActivationsPass",
     "CountBitopsPass",
+    "ExtractSubnetPass",
+    "FoldOffsetIntoNormPass",
+    "FoldWeightQuantizersPass",
     "InsertQuantizersPass",
+    "LowerActivationOffsetsPass",
+    "QuantizeBiasPass",
+    "fuses_int32_bias",
     "node_macs",
 ]

@@ -34,12 +34,12 @@ def build_ir(supernet: Supernet, subnet: Subnet | None = None, verify: bool | No
     """Trace a supernet at its maximum subnet and annotate it (structure; precision of `subnet`)."""
     space = supernet.space
     chosen, training = supernet.subnet, supernet.training
-    supernet.set_subnet(space.uniform_bits(space.max_subnet(), 32, 32))
+    supernet.configure(space.uniform_bits(space.max_subnet(), 32, 32))
     supernet.eval()  # trace the inference path, not the training-time recomputing autograd functions
     try:
         ir = trace(supernet, space.model)
     finally:
-        supernet.set_subnet(chosen)
+        supernet.configure(chosen)
         supernet.train(training)
     passes = [AnnotateStructurePass(space), AnnotatePrecisionPass(space, subnet)]
     return PassManager(passes, verify=verify)(ir).ir
@@ -157,13 +157,14 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
         costs.append(latency_cost(ir, space, target, table, estimate))
     parsed = parsed or default_ladder(space, costs[0])
     data = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit, batch_size)
-    result = search(space, costs, SubnetFitness(model, data), parsed, config, on_generation=on_generation)
+    result = search(space, costs, SubnetFitness(model, data), parsed, config,
+                    on_generation=on_generation if rank == 0 else None)
     written = write_search(result, space, target, costs, out) if rank == 0 else []
     return result, written
 
 
 def profile_target(target_name: str, model: str, out: Path | None, settings: ProfileSettings,
-                   calibration: int = 6, validate: int = 0, restrict: bool = False,
+                   calibration: int = 10, validate: int = 0, restrict: bool = False,
                    progress=None) -> tuple[LatencyTable, Path, list[Validation]]:
     """What `qsamc profile` does: build (and optionally validate) the latency table of a target."""
     target = get_target(target_name)
@@ -192,7 +193,7 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     from qsamc.passes import (ExtractSubnetPass, FoldOffsetIntoNormPass, FoldWeightQuantizersPass,
                               LowerActivationOffsetsPass, QuantizeBiasPass, fuses_int32_bias)
     from qsamc import tensorrt_engine
-    from qsamc.verify import check_export, lint_tensorrt, measure_fidelity, ort_latency
+    from qsamc.verify import check_export, lint_tensorrt, measure_fidelity, ort_latency, ort_session
 
     target = get_target(target_name)
     if fmt not in target.formats:
@@ -214,7 +215,8 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     images = [torch.randn(1, 3, subnet.resolution, subnet.resolution, generator=generator) for _ in range(samples)]
     model_proto = emit_onnx(static.root, images[0], target.deployment, "image", "image_embeddings")
     lint = lint_tensorrt(model_proto)
-    fidelity = measure_fidelity(model_proto, reference, images, min(b.a for b in subnet.bits))
+    session = ort_session(model_proto)
+    fidelity = measure_fidelity(session, reference, images, min(b.a for b in subnet.bits))
     check_export(lint, fidelity, for_tensorrt="trt" in target.formats)
 
     layers = layer_precisions(static, target.deployment)
@@ -225,7 +227,7 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
         ir_version=model_proto.ir_version, cost=static.graph.graph["cost"], layers=layers,
         sizes={"onnx_bytes": len(data), "fp32_bytes": 4 * sum(t.numel() for t in reference.state_dict().values()
                                                              if t.is_floating_point())},
-        latency={"onnxruntime_cpu": ort_latency(model_proto, images[0])},
+        latency={"onnxruntime_cpu": ort_latency(session, images[0])},
         fidelity=fidelity.to_json(), lint=lint)
     paths = {"onnx": out / "encoder.onnx", "report": out / "report.json", "precision_map": out / "precision.png"}
     out.mkdir(parents=True, exist_ok=True)
@@ -241,3 +243,28 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     report.files = {k: str(v) for k, v in paths.items()}
     atomic_write_json(paths["report"], report.to_json())
     return report
+
+
+# The embedded default: a vit_t supernet trained from scratch on generated shapes, which only needs a
+# higher learning rate and a few hundred iterations where fine-tuning real SAM weights takes 160k.
+QUICKSTART_TRAINING = {"iterations": 300, "phase1_iterations": 200, "lr": 1e-3, "lora_lr": 2e-3,
+                       "checkpoint_every": 100, "val_limit": 32}
+QUICKSTART_SEARCH = EvolutionConfig(population=20, top_k=5, mutations=10, crossovers=10, generations=3)
+
+
+def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> dict:
+    """What `qsamc quickstart` does: train -> search (BitOPs ladder, cpu target) -> export the best subnet
+    of the middle budget to a verified Q/DQ ONNX model. Returns what each stage produced."""
+    from qsamc.train import train
+    from qsamc.train_config import load_train_config
+
+    run = out / "supernet"
+    trained = train(load_train_config(None, {"out": str(run), **QUICKSTART_TRAINING}), show_progress=show_progress)
+    searched, written = run_search(run, "cpu", True, False, [], out / "search", val_limit=32,
+                                   config=QUICKSTART_SEARCH, on_generation=on_generation)
+    middle = searched.results[len(searched.results) // 2]
+    chosen = out / "search" / "quickstart-subnet.json"
+    middle.best.subnet.save(chosen)
+    report = export_subnet(run, chosen, "cpu", "onnx", out / "export")
+    return {"trained": trained, "searched": searched, "search_files": written, "chosen": chosen,
+            "budget": middle.budgets, "export": report}

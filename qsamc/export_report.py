@@ -1,0 +1,85 @@
+"""The export report: what `qsamc export` writes next to the model (report.json, precision.png) and prints.
+
+BitOPs come from the static subnet's IR (`CountBitopsPass`), deployed precisions from the target's
+deployment rules (`DeploymentFormat.deploy`), fidelity and latency from `qsamc.verify`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qsamc.formats import DeploymentFormat
+from qsamc.ir import IR
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """One quantized layer: the searched grid and the containers the target runs it in."""
+
+    layer: str
+    kind: str
+    w_bits: int
+    a_bits: int
+    weight: str
+    act: str
+    compute: str
+
+
+def layer_precisions(ir: IR, deployment: DeploymentFormat) -> list[LayerPrecision]:
+    rows = []
+    for _, a in ir.nodes():
+        if a.get("quantizable"):
+            w, x = a["bits"]
+            d = deployment.deploy(w, x, a["kind"])
+            rows.append(LayerPrecision(a["module"], a["kind"], w, x, d.weight, d.act, d.compute))
+    return rows
+
+
+def plot_precision_map(layers: list[LayerPrecision], path: Path, title: str) -> None:
+    """Per-layer searched bits (cell text) coloured by the deployed container, weights over activations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    containers = ["int4", "int8", "fp8", "fp16", "fp32"]
+    colours = ["#2c7bb6", "#abd9e9", "#ffffbf", "#fdae61", "#d7191c"]
+    grid = [[containers.index(row.weight) for row in layers], [containers.index(row.act) for row in layers]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(layers)), 2.6))
+    ax.imshow(grid, cmap=ListedColormap(colours), vmin=0, vmax=len(containers) - 1, aspect="auto")
+    for x, row in enumerate(layers):
+        for y, bits in enumerate((row.w_bits, row.a_bits)):
+            ax.text(x, y, "F" if bits == 32 else str(bits), ha="center", va="center", fontsize=6)
+    ax.set_yticks([0, 1], ["weight", "activation"])
+    ax.set_xticks(range(len(layers)), [row.layer.replace("blocks.", "b") for row in layers], rotation=90, fontsize=5)
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in zip(containers, colours)], ncol=5, fontsize=6,
+              loc="upper center", bbox_to_anchor=(0.5, -0.55))
+    ax.set_title(title, fontsize=8)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+@dataclass
+class ExportReport:
+    subnet: dict[str, Any]
+    target: str
+    format: str
+    opset: int
+    ir_version: int
+    cost: dict[str, Any]
+    layers: list[LayerPrecision]
+    sizes: dict[str, int]
+    latency: dict[str, Any]
+    fidelity: dict[str, Any]
+    lint: list[str]
+    files: dict[str, str] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = [asdict(row) for row in self.layers]
+        return data

@@ -1,0 +1,217 @@
+"""Verification of an emitted ONNX model, run on every export: TensorRT lint, fidelity, ONNX Runtime latency.
+
+- `lint_tensorrt(model)`: what TensorRT 10's ONNX parser and explicit quantization accept, checked
+  without TensorRT (../shared/reference/deployment-facts.md): opset 9..24, known operators only, no
+  integer-arithmetic ops (QLinearMatMul, MatMulInteger, ConvInteger: Q/DQ only), zero-points all 0,
+  positive constant scales, INT8 / FP8 / INT4-weight types, per-tensor activations, per-channel or
+  blocked (INT4) weights.
+- `measure_fidelity(session, reference, inputs)`: runs the model in a real ONNX Runtime session and
+  compares it with the PyTorch fake-quantized subnet.
+- `ort_latency(session)`: median latency on this machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, numpy_helper
+
+from qsamc.errors import QsamcError
+
+TENSORRT_OPSETS = (9, 24)
+# TensorRT 10's ONNX operator support matrix (onnx-tensorrt docs/operators.md), the part that an
+# exported encoder can reach.
+TENSORRT_OPS = frozenset("""
+Abs Add And ArgMax ArgMin AveragePool BatchNormalization Cast Ceil Clip Concat Constant ConstantOfShape
+Conv ConvTranspose Cos CumSum DepthToSpace DequantizeLinear Div Einsum Elu Equal Erf Exp Expand Flatten
+Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool Greater GreaterOrEqual GridSample
+HardSigmoid Identity InstanceNormalization LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
+MatMul Max MaxPool Mean Min Mod Mul Neg Not Or Pad Pow PRelu QuantizeLinear Range Reciprocal ReduceL2
+ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum Relu Reshape Resize ScatterElements ScatterND Shape
+Sigmoid Sign Sin Size Slice Softmax Softplus SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh Tile TopK
+Transpose Trilu Unsqueeze Where Xor
+""".split())
+INTEGER_OPS = frozenset({"QLinearMatMul", "MatMulInteger", "ConvInteger", "QLinearConv", "QGemm",
+                         "MatMulIntegerToFloat", "DynamicQuantizeLinear"})
+QUANT_TYPES = {TensorProto.INT8: "int8", TensorProto.FLOAT8E4M3FN: "fp8", TensorProto.INT4: "int4"}
+
+
+class ExportError(QsamcError):
+    """An export that does not verify: the ONNX model disagrees with the subnet or TensorRT rejects it."""
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            types[node.output[0]] = node.attribute[0].t.data_type
+    return types
+
+
+def lint_tensorrt(model: onnx.ModelProto) -> list[str]:
+    """Every reason TensorRT 10 would reject `model` or run it other than exported (empty: none)."""
+    problems = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    lo, hi = TENSORRT_OPSETS
+    if opset is None or not lo <= opset <= hi:
+        problems.append(f"opset {opset} is outside TensorRT 10's range {lo}..{hi}")
+    constants, types = _constants(model), _elem_types(model)
+    for node in model.graph.node:
+        where = f"{node.op_type} node '{node.name}'"
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"{where} is in domain '{node.domain}', which TensorRT does not parse")
+        elif node.op_type in INTEGER_OPS:
+            problems.append(f"{where} does integer arithmetic; TensorRT takes Q/DQ only")
+        elif node.op_type not in TENSORRT_OPS:
+            problems.append(f"{where} is not a TensorRT 10 operator")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            problems += _lint_qdq(node, where, constants, types)
+    return problems
+
+
+def _lint_qdq(node: onnx.NodeProto, where: str, constants: dict[str, np.ndarray], types: dict[str, int]) -> list[str]:
+    problems = []
+    scale = constants.get(node.input[1])
+    attrs = {a.name: a.i for a in node.attribute}
+    if scale is None:
+        problems.append(f"{where} has a non-constant scale")
+    elif not np.all(scale > 0):
+        problems.append(f"{where} has a non-positive scale")
+    zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if zero is not None:
+        if zero not in constants:
+            problems.append(f"{where} has a non-constant zero-point")
+        elif np.any(constants[zero].astype(np.float64) != 0):
+            problems.append(f"{where} has a non-zero zero-point; TensorRT supports symmetric quantization only")
+    # The quantized type: the zero-point's type, or the DQ input's when it is a constant.
+    qtype = types.get(zero) if zero else types.get(node.input[0] if node.op_type == "DequantizeLinear" else "")
+    if qtype is None and node.op_type == "QuantizeLinear":
+        qtype = TensorProto.UINT8  # ONNX's default output type without a zero-point
+    if qtype is not None and qtype not in QUANT_TYPES:
+        problems.append(f"{where} quantizes to {TensorProto.DataType.Name(qtype)}; TensorRT takes INT8, FP8 or INT4")
+    weight = node.op_type == "DequantizeLinear" and node.input[0] in constants
+    if qtype == TensorProto.INT4 and not weight:
+        problems.append(f"{where} is INT4 on an activation; TensorRT's INT4 is weight-only")
+    if scale is not None and scale.ndim > 0:
+        if not weight:
+            problems.append(f"{where} quantizes an activation per channel; TensorRT needs per-tensor scales there")
+        elif "block_size" in attrs and attrs["block_size"] and qtype != TensorProto.INT4:
+            problems.append(f"{where} block-quantizes a non-INT4 weight")
+        elif scale.ndim > 1 and not attrs.get("block_size"):
+            problems.append(f"{where} has a {scale.ndim}-D scale without block_size")
+    return problems
+
+
+def ort_session(model: onnx.ModelProto, threads: int = 2, profile: bool = False) -> ort.InferenceSession:
+    """A CPU session with the benchmark settings. INT4 MatMulNBits computes with float activations
+    (accuracy level 1): its default (4) quantizes them to INT8 on the fly, which the subnet never did."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_profiling = profile
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """ONNX Runtime vs the PyTorch fake-quantized subnet, absolute and relative to the output's peak.
+
+    `noise_*` is the subnet's own float-rounding noise floor: how far the fake-quantized subnet moves
+    when its input moves by 1e-4 of its spread (see `fidelity_tolerance`).
+    """
+
+    max_abs: float
+    mean_abs: float
+    output_scale: float
+    max_rel: float
+    mean_rel: float
+    noise_max_rel: float
+    noise_mean_rel: float
+    max_rel_tolerance: float
+    mean_rel_tolerance: float
+    samples: int
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel <= self.max_rel_tolerance and self.mean_rel <= self.mean_rel_tolerance
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def fidelity_tolerance(min_act_bits: int, noise_max: float, noise_mean: float) -> tuple[float, float]:
+    """(max, mean) relative tolerance: one quantization step of the coarsest activation grid.
+
+    ONNX Runtime and PyTorch round floats differently (a fused integer GEMM sums exactly, Q multiplies
+    by 1/s), so a value on a rounding boundary can land one step apart: one step, 2^-(b-1) of the
+    output range for a b-bit grid, bounds the max; such flips are rare, so the mean must stay far below
+    (1/64 step). In a deep stack of low-bit grids one flip can move later ones too; the subnet does that
+    by itself under a 1e-4 input change (its noise floor), and the ONNX model is only
+    required to stay within 4x that floor where the floor exceeds the step bound.
+    """
+    step = 2.0 ** -(min(min_act_bits, 8) - 1)
+    return max(step, 4 * noise_max), max(step / 64, 4 * noise_mean)
+
+
+@torch.no_grad()
+def measure_fidelity(session: ort.InferenceSession, reference: torch.nn.Module, inputs: list[torch.Tensor],
+                     min_act_bits: int) -> Fidelity:
+    name = session.get_inputs()[0].name
+    generator = torch.Generator().manual_seed(0)
+    diffs, noises, peak = [], [], 0.0
+    for x in inputs:
+        expected = reference(x).float()
+        actual = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        nudged = reference(x + 1e-4 * x.std() * torch.randn(x.shape, generator=generator)).float()
+        diffs.append((actual - expected).abs())
+        noises.append((nudged - expected).abs())
+        peak = max(peak, float(expected.abs().max()))
+    scale = peak or 1.0
+    diff, noise = torch.cat([d.flatten() for d in diffs]), torch.cat([n.flatten() for n in noises])
+    max_abs, mean_abs = float(diff.max()), float(diff.mean())
+    noise_max, noise_mean = float(noise.max()) / scale, float(noise.mean()) / scale
+    max_tol, mean_tol = fidelity_tolerance(min_act_bits, noise_max, noise_mean)
+    return Fidelity(max_abs, mean_abs, peak, max_abs / scale, mean_abs / scale, noise_max, noise_mean,
+                    max_tol, mean_tol, len(inputs))
+
+
+def ort_latency(session: ort.InferenceSession, example: torch.Tensor, runs: int = 10) -> dict:
+    """Median and best wall time of one inference (after one warm-up run), in milliseconds."""
+    feed = {session.get_inputs()[0].name: example.numpy()}
+    session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    threads = session.get_session_options().intra_op_num_threads
+    return {"median_ms": float(np.median(times)), "best_ms": float(min(times)), "threads": threads, "runs": runs}
+
+
+def check_export(lint: list[str], fidelity: Fidelity, for_tensorrt: bool) -> None:
+    """Raise one sentence when the export does not verify (lint problems count for TensorRT targets)."""
+    if lint and for_tensorrt:
+        raise ExportError(f"the ONNX model is not TensorRT-compatible: {lint[0]}")
+    if not fidelity.ok or not math.isfinite(fidelity.max_rel):
+        raise ExportError(
+            f"the ONNX model differs from the fake-quantized subnet by {fidelity.max_rel:.2e} (max) / "
+            f"{fidelity.mean_rel:.2e} (mean) of the output scale, above the tolerance of one quantization "
+            f"step ({fidelity.max_rel_tolerance:.2e} / {fidelity.mean_rel_tolerance:.2e})")
