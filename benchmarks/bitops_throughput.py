@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from qsamc.passes import BitopsModel, CountBitopsPass
-from qsamc.pipeline import analysis_ir
+from qsamc.analysis import analysis_ir
 from qsamc.space import default_space
 from qsamc.supernet import Supernet
 

@@ -23,7 +23,7 @@ from qsamc.cost import BitopsCost
 from qsamc.latency import (
     LatencyTable, ProfileSettings, build_table, validate_table,
 )
-from qsamc.pipeline import analysis_ir
+from qsamc.analysis import analysis_ir
 from qsamc.space import default_space
 from qsamc.targets import get_target
 

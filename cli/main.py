@@ -238,11 +238,16 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
            subnet: Path = typer.Option(..., help="The subnet JSON to export (e.g. from `qsamc search`)."),
            target: str = typer.Option(..., help="Hardware target: its deployment rules pick the containers."),
            format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="onnx (Q/DQ model) or trt (TensorRT engine)."),
-           out: Path = typer.Option(Path("export"), help="Output folder for encoder.onnx, report.json, precision.png.")):
+           out: Path = typer.Option(Path("export"), help="Output folder for encoder.onnx, report.json, precision.png."),
+           promptable: bool = typer.Option(False, "--promptable", help="Also write SAM's prompt encoder + mask decoder "
+                                           "as decoder.onnx (segment-anything's ONNX export), verified in ONNX Runtime."),
+           sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="A whole SAM checkpoint "
+                                                         "(sam_vit_*.pth) for the decoder's weights; freshly initialised without.")):
     """Lower one subnet to the target's integer formats, emit and verify ONNX (and a TensorRT engine)."""
     from qsamc.pipeline import export_subnet
 
-    report = export_subnet(supernet, subnet, target, format.value, out)
+    report = export_subnet(supernet, subnet, target, format.value, out, promptable=promptable,
+                           sam_checkpoint=sam_checkpoint)
     layers = Table(title=f"deployed precision on {report.target}")
     for column in ("layer", "searched", "weight", "activation", "compute"):
         layers.add_column(column)
@@ -260,6 +265,10 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
                     f"(tolerance {fidelity['max_rel_tolerance']:.1e} / {fidelity['mean_rel_tolerance']:.1e})")
     summary.add_row("opset / IR version", f"{report.opset} / {report.ir_version}")
     summary.add_row("TensorRT lint", "clean" if not report.lint else f"{len(report.lint)} problems, e.g. {report.lint[0]}")
+    if report.decoder:
+        d = report.decoder
+        summary.add_row("decoder.onnx", f"embeddings {'x'.join(map(str, d['image_embeddings'][1:]))}, max abs diff "
+                        f"{d['max_abs_diff']:.2e} vs SamOnnxModel, weights {d['weights']}")
     console.print(summary)
     for name, path in report.files.items():
         console.print(f"wrote {name}: {path}", soft_wrap=True)
@@ -275,7 +284,12 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Output fo
     from qsamc.pipeline import quickstart as run_quickstart
 
     console.rule("1/3 qsamc train: vit_t supernet on generated shapes")
-    result = run_quickstart(out, show_progress=not quiet)
+
+    def on_generation(index: int, generation: int, best: float) -> None:
+        if not quiet:
+            console.print(f"search, budget set {index + 1}: generation {generation + 1} done, best loss {best:.4f}")
+
+    result = run_quickstart(out, show_progress=not quiet, on_generation=on_generation)
     trained, searched, report = result["trained"], result["searched"], result["export"]
     for name, ev in (("max subnet", trained.max_subnet), ("min subnet", trained.min_subnet)):
         console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}")

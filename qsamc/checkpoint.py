@@ -95,7 +95,7 @@ class SupernetSpec:
 def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_seed: int = 0):
     """Supernet + quantizers (+ LoRA) + head, as training builds them; returns (model, ir)."""
     from qsamc.passes import AttachLoraPass, InsertQuantizersPass
-    from qsamc.pipeline import build_ir
+    from qsamc.analysis import build_ir
     from qsamc.supernet import Supernet
 
     supernet = Supernet.build(spec.space.model, checkpoint, spec.space)

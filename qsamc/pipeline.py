@@ -1,7 +1,7 @@
 """The pipelines behind the CLI commands, each one short linear function a newcomer reads top to bottom.
 
-analysis (`qsamc space`, `qsamc bitops`, `qsamc ir`): build the supernet on the meta device (no
-weights are needed to count) -> trace -> annotate structure and precision -> count BitOPs.
+analysis (`qsamc space`, `qsamc bitops`, `qsamc ir`): `qsamc.analysis` builds the supernet on the meta
+device (no weights are needed to count) -> trace -> annotate structure and precision -> count BitOPs.
 search (`qsamc search`) and latency tables (`qsamc profile`): at the end of this file.
 """
 
@@ -16,51 +16,18 @@ from qsamc.cost import BitopsCost, CostModel, RooflineLatency, parse_budget
 from qsamc.data import build_dataset
 from qsamc.errors import BudgetError, ConfigError
 from qsamc.evaluate import ValidationSet
-from qsamc.ir import IR, trace
+from qsamc.analysis import analysis_ir, count_bitops
+from qsamc.ir import IR
 from qsamc.latency import (
     LatencyTable, ProfileSettings, TableLatency, Validation, build_table, default_table_path, validate_table,
 )
 from qsamc.pareto import write_search
 from qsamc.pass_manager import PassManager
-from qsamc.passes import AnnotatePrecisionPass, AnnotateStructurePass, BitopsModel, BitopsReport, CountBitopsPass
+from qsamc.passes import BitopsModel, BitopsReport, CountBitopsPass
 from qsamc.passes.count_bitops import FloatMacs
 from qsamc.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.search import EvolutionConfig, SearchResult, SubnetFitness, default_ladder, init_distributed, search
-from qsamc.supernet import Supernet
 from qsamc.targets import Target, get_target
-
-
-def build_ir(supernet: Supernet, subnet: Subnet | None = None, verify: bool | None = None) -> IR:
-    """Trace a supernet at its maximum subnet and annotate it (structure; precision of `subnet`)."""
-    space = supernet.space
-    chosen, training = supernet.subnet, supernet.training
-    supernet.configure(space.uniform_bits(space.max_subnet(), 32, 32))
-    supernet.eval()  # trace the inference path, not the training-time recomputing autograd functions
-    try:
-        ir = trace(supernet, space.model)
-    finally:
-        supernet.configure(chosen)
-        supernet.train(training)
-    passes = [AnnotateStructurePass(space), AnnotatePrecisionPass(space, subnet)]
-    return PassManager(passes, verify=verify)(ir).ir
-
-
-def analysis_ir(space: SearchSpace, subnet: Subnet | None = None) -> IR:
-    """The annotated IR of a model without its weights: the supernet is built on the meta device."""
-    with torch.device("meta"):
-        supernet = Supernet.build(space.model, space=space)
-    return build_ir(supernet, subnet)
-
-
-def count_bitops(space: SearchSpace, subnet: Subnet, float_macs: FloatMacs = "fp32") -> tuple[IR, BitopsReport]:
-    """MACs and BitOPs of `subnet` with per-part and per-layer breakdowns."""
-    ir = analysis_ir(space, subnet)
-    CountBitopsPass(space, subnet, float_macs)(ir)
-    cost = ir.graph.graph["cost"]
-    report = BitopsReport(cost["macs"], cost["bitops"], cost["float_macs"], cost["float_bitops"],
-                          cost["float_macs_convention"], cost["per_part"], cost["per_layer"])
-    return ir, report
-
 
 
 def describe_space(model: str, granularity: str = "layer") -> dict:
@@ -177,14 +144,17 @@ def profile_target(target_name: str, model: str, out: Path | None, settings: Pro
     return table, path, checks
 
 
-def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2):
+def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2,
+                  promptable: bool = False, sam_checkpoint: Path | None = None):
     """What `qsamc export` does: check every input -> extract the static subnet -> lower it to the
     target's integer formats -> emit ONNX -> verify (TensorRT lint, ONNX Runtime fidelity) -> write
     model, report and precision map -> build the TensorRT engine (`trt`). Nothing is written until all
-    checks pass. Returns the `ExportReport`; `report.engine["missing"]` says why no engine was built."""
+    checks pass. Returns the `ExportReport`; `report.engine["missing"]` says why no engine was built.
+    `promptable`: also SAM's prompt encoder + mask decoder as `decoder.onnx` (`qsamc.promptable`), with
+    weights from the whole SAM checkpoint `sam_checkpoint` or freshly initialised, verified in ONNX Runtime
+    on the encoder's own embeddings of the sample images (report["decoder"])."""
     import copy
 
-    import onnx
 
     from qsamc.checkpoint import atomic_write_bytes, atomic_write_json
     from qsamc.emit import emit_onnx
@@ -195,6 +165,8 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     from qsamc import tensorrt_engine
     from qsamc.verify import check_export, lint_tensorrt, measure_fidelity, ort_latency, ort_session
 
+    if sam_checkpoint is not None and not promptable:
+        raise ConfigError("--sam-checkpoint is for the prompt encoder and mask decoder: add --promptable")
     target = get_target(target_name)
     if fmt not in target.formats:
         raise TargetError(f"target {target.name} has no '{fmt}' format; it exports {', '.join(target.formats)}")
@@ -203,6 +175,11 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     subnet = spec.space.validate(subnet)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the model and its report")
+
+    if promptable:  # read the SAM checkpoint before the slow part: its errors come first
+        from qsamc.promptable import DecoderSpec, build_promptable, export_decoder
+        decoder_spec = DecoderSpec.for_subnet(subnet.model, subnet.resolution)
+        decoder_model, decoder_weights = build_promptable(decoder_spec, sam_checkpoint)
 
     static = ExtractSubnetPass(subnet)(ir).ir
     reference = copy.deepcopy(static.root)  # the fake-quantized subnet the ONNX model must reproduce
@@ -218,6 +195,9 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     session = ort_session(model_proto)
     fidelity = measure_fidelity(session, reference, images, min(b.a for b in subnet.bits))
     check_export(lint, fidelity, for_tensorrt="trt" in target.formats)
+    if promptable:
+        embeddings = [torch.from_numpy(session.run(None, {"image": x.numpy()})[0]) for x in images]
+        decoder_proto, decoder_report = export_decoder(decoder_spec, decoder_model, decoder_weights, embeddings)
 
     layers = layer_precisions(static, target.deployment)
     data = model_proto.SerializeToString()
@@ -232,6 +212,10 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     paths = {"onnx": out / "encoder.onnx", "report": out / "report.json", "precision_map": out / "precision.png"}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(paths["onnx"], data)
+    if promptable:
+        paths["decoder"] = out / "decoder.onnx"
+        atomic_write_bytes(paths["decoder"], decoder_proto.SerializeToString())
+        report.decoder = decoder_report
     plot_precision_map(layers, paths["precision_map"], f"{subnet.model} @ {subnet.resolution}px on {target.name}")
     if fmt == "trt":
         engine, cache = out / "encoder.plan", out / "timing.cache"
@@ -249,7 +233,7 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
 # higher learning rate and a few hundred iterations where fine-tuning real SAM weights takes 160k.
 QUICKSTART_TRAINING = {"iterations": 300, "phase1_iterations": 200, "lr": 1e-3, "lora_lr": 2e-3,
                        "checkpoint_every": 100, "val_limit": 32}
-QUICKSTART_SEARCH = EvolutionConfig(population=20, top_k=5, mutations=10, crossovers=10, generations=3)
+QUICKSTART_SEARCH = EvolutionConfig(population=16, top_k=4, mutations=8, crossovers=8, generations=3)
 
 
 def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> dict:
@@ -260,7 +244,7 @@ def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> dic
 
     run = out / "supernet"
     trained = train(load_train_config(None, {"out": str(run), **QUICKSTART_TRAINING}), show_progress=show_progress)
-    searched, written = run_search(run, "cpu", True, False, [], out / "search", val_limit=32,
+    searched, written = run_search(run, "cpu", True, False, [], out / "search", val_limit=16,
                                    config=QUICKSTART_SEARCH, on_generation=on_generation)
     middle = searched.results[len(searched.results) // 2]
     chosen = out / "search" / "quickstart-subnet.json"

@@ -9,7 +9,7 @@ import torch
 
 from qsamc import sam
 from qsamc.ir import IR
-from qsamc.pipeline import build_ir
+from qsamc.analysis import build_ir
 from qsamc.space import default_space
 from qsamc.supernet import Supernet
 
@@ -65,6 +65,6 @@ def vit_t_ir(vit_t_ir_session):
 @pytest.fixture(scope="session")
 def vit_b_ir():
     """The annotated IR of vit_b, traced on the meta device (no weights). Do not mutate."""
-    from qsamc.pipeline import analysis_ir
+    from qsamc.analysis import analysis_ir
 
     return analysis_ir(default_space("vit_b"))

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qsamc.ir import IR
 from qsamc.passes import BitopsModel, CountBitopsPass
-from qsamc.pipeline import analysis_ir
+from qsamc.analysis import analysis_ir
 from qsamc.space import LayerBits, default_space
 from qsamc.supernet import Supernet
 

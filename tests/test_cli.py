@@ -13,7 +13,7 @@ from rich.console import Console
 from qsamc.cli import main as cli
 from qsamc.ir import IR
 from qsamc.passes import BitopsModel, CountBitopsPass
-from qsamc.pipeline import analysis_ir
+from qsamc.analysis import analysis_ir
 from qsamc.space import default_space
 
 

@@ -5,7 +5,7 @@ import pytest
 from qsamc.cost import Budget, BitopsCost, RooflineLatency, cheapest, format_cost, parse_budget
 from qsamc.errors import BudgetError, TargetError
 from qsamc.passes import BitopsModel
-from qsamc.pipeline import analysis_ir
+from qsamc.analysis import analysis_ir
 from qsamc.space import default_space
 from qsamc.targets import get_target
 

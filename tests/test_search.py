@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from qsamc.cost import BitopsCost, Budget, cheapest
 from qsamc.errors import BudgetError, ConfigError
 from qsamc.evaluate import Evaluation
-from qsamc.pipeline import analysis_ir
+from qsamc.analysis import analysis_ir
 from qsamc.search import EvolutionConfig, Searcher, budget_sets, default_ladder, evaluate_population, search
 from qsamc.space import default_space
 from qsamc.targets import get_target

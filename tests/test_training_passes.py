@@ -13,7 +13,7 @@ from qsamc.ir import IR
 from qsamc.layers import QUANT_LAYER_TYPES
 from qsamc.lora import Lora, LoraConfig
 from qsamc.passes import AttachLoraPass, CalibrateActivationsPass, InsertQuantizersPass
-from qsamc.pipeline import build_ir
+from qsamc.analysis import build_ir
 from qsamc.quant import QuantizerBank
 from qsamc.supernet import Supernet
 
