@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import sys
+
 import pytest
 import torch
 
@@ -68,3 +70,22 @@ def vit_b_ir():
     from qsamc.analysis import analysis_ir
 
     return analysis_ir(default_space("vit_b"))
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `qsamc ARGS` in process through the console-script entry point; (exit code, stdout, stderr)."""
+    from rich.console import Console
+
+    from qsamc.cli import main as cli
+
+    monkeypatch.setattr(cli, "console", Console(width=160))  # no wrapping in captured tables
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["qsamc", *args])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        out, err = capsys.readouterr()
+        return info.value.code, out, err
+
+    return invoke

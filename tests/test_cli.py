@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from qsamc.cli import main as cli
 from qsamc.ir import IR
@@ -18,18 +17,8 @@ from qsamc.space import default_space
 
 
 @pytest.fixture
-def run(monkeypatch, capsys):
-    """Run `qsamc ARGS` in process through the console-script entry point; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(cli, "console", Console(width=160))  # no wrapping in captured tables
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["qsamc", *args])
-        with pytest.raises(SystemExit) as info:
-            cli.main()
-        out, err = capsys.readouterr()
-        return info.value.code, out, err
-
-    return invoke
+def run(run_cli):
+    return run_cli
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
 """Search on a real (tiny, calibrated, untrained) vit_t supernet, through the library and `qsamc search`."""
 
 import json
-import sys
 
 import pytest
 import torch
-from rich.console import Console
 
 from qsamc.checkpoint import SupernetSpec, build_model, load_supernet, save_supernet
-from qsamc.cli import main as cli
 from qsamc.cost import BitopsCost, Budget
 from qsamc.data import SyntheticConfig, build_dataset
 from qsamc.evaluate import ValidationSet, evaluate_subnet
@@ -36,17 +33,8 @@ def run_folder(tmp_path_factory):
 
 
 @pytest.fixture
-def qsamc(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "console", Console(width=160))
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["qsamc", *args])
-        with pytest.raises(SystemExit) as info:
-            cli.main()
-        out, err = capsys.readouterr()
-        return info.value.code, out, err
-
-    return invoke
+def qsamc(run_cli):
+    return run_cli
 
 
 def test_real_fitness_is_the_validation_loss_and_cached(run_folder):
