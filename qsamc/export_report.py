@@ -78,6 +78,7 @@ class ExportReport:
     lint: list[str]
     files: dict[str, str] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
+    decoder: dict[str, Any] = field(default_factory=dict)  # `--promptable`: decoder.onnx (qsamc.promptable)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

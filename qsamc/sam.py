@@ -118,6 +118,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     An official `sam_vit_*.pth` holds the whole SAM; its `image_encoder.*` keys are the encoder.
     """
+    obj = _read_tensors(path)
+    if any(k.startswith("image_encoder.") for k in obj):
+        prefix = len("image_encoder.")
+        obj = {k[prefix:]: v for k, v in obj.items() if k.startswith("image_encoder.")}
+    return obj
+
+
+PROMPT_PREFIXES = ("prompt_encoder.", "mask_decoder.")
+
+
+def read_prompt_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The prompt encoder and mask decoder of a whole SAM checkpoint (`sam_vit_*.pth`), read with the
+    same rules as `read_state_dict`; keys keep their `prompt_encoder.` / `mask_decoder.` prefixes."""
+    obj = _read_tensors(path)
+    missing = [p.rstrip(".") for p in PROMPT_PREFIXES if not any(k.startswith(p) for k in obj)]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no {' or '.join(m.replace('_', ' ') for m in missing)} weights "
+            f"(no {' or '.join(repr(m + '.*') for m in missing)} keys): "
+            f"give a whole SAM checkpoint such as sam_vit_b_01ec64.pth, or leave it out for a freshly "
+            f"initialised prompt encoder and mask decoder"
+        )
+    return {k: v for k, v in obj.items() if k.startswith(PROMPT_PREFIXES)}
+
+
+def _read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A non-empty dict of tensors from an untrusted file, or one sentence saying why not."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -139,9 +166,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is not a state dict: entry '{bad}' is not a tensor")
-    if any(k.startswith("image_encoder.") for k in obj):
-        prefix = len("image_encoder.")
-        obj = {k[prefix:]: v for k, v in obj.items() if k.startswith("image_encoder.")}
     return obj
 
 

@@ -90,7 +90,7 @@ def test_stages(name, stages, size):
 
 
 def test_vit_t_is_small():
-    """The embedded config stays tiny: under 1M parameters and 0.2 GMAC per 256px image (counted, not
+    """The embedded config stays tiny: under 1M parameters and 0.25 GMAC per 256px image (counted, not
     timed; the CPU forward time is a benchmark's business)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -99,7 +99,7 @@ def test_vit_t_is_small():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = encoder(torch.zeros(1, 3, 256, 256))
     assert out.shape == (1, 32, 16, 16)
-    assert counter.get_total_flops() // 2 < 200_000_000
+    assert counter.get_total_flops() // 2 < 250_000_000
 
 
 def test_unknown_model():
