@@ -1,7 +1,7 @@
 """Latency-table accuracy on the `cpu` target, and how badly BitOPs ranks CPU latency (issue 4, section 5).
 
 Builds (or reads, with `--table`) the vit_t latency table for `cpu` on this machine, then measures
-`--subnets` random whole subnets exported by export's own stages (`ExtractSubnetPass` + `emit_onnx`),
+`--subnets` random whole subnets exported by export's own stages (extract, lowering passes, `emit_onnx`),
 none of them the table's calibration subnets. Prints two markdown tables:
 1. table accuracy: median and max absolute error of predicted vs measured latency;
 2. ranking: Kendall's tau between measured latency and BitOPs, and between measured latency and the

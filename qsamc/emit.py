@@ -40,6 +40,18 @@ BASE_OPSET = 17
 INT4_OPSET = 21
 
 
+def lowering_passes(deployment: DeploymentFormat) -> list:
+    """Export's lowering of an extracted static subnet, in order: fold weight quantizers into integer
+    weights -> lower LSQ+ activation offsets to zero-point 0 -> fold the offsets into the norms -> INT32
+    biases where the runtime fuses them. `qsamc export` and the latency tables both run exactly this."""
+    from qsamc.passes import FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass, QuantizeBiasPass
+
+    lowering = [FoldWeightQuantizersPass(deployment), LowerActivationOffsetsPass(), FoldOffsetIntoNormPass()]
+    if fuses_int32_bias(deployment):
+        lowering.append(QuantizeBiasPass())
+    return lowering
+
+
 @torch.no_grad()
 def lower_module(module: nn.Module, example_input: torch.Tensor, deployment: DeploymentFormat) -> nn.Module:
     """A lowered copy of `module`: integer weights in the deployment's containers, zero-point-0 inputs."""

@@ -1,7 +1,7 @@
 """Measured latency tables: `qsamc profile` builds them, search's latency constraint reads them.
 
 A table holds one entry per fused part of the encoder, timed on the target's backend as the Q/DQ ONNX
-that export builds (`qsamc.qdq_onnx`), each the median of repeated runs after warm-up:
+that export emits for that part (`qsamc.qdq_onnx`), each the median of repeated runs after warm-up:
   patch_embed | resolution | conv kernel          patch embedding + positional embedding
   attention   | grid | window | qkv, proj kernels  norm1, window partition, qkv, attention, proj, residual
   mlp         | grid | hidden | lin1, lin2 kernels norm2, lin1, GELU, lin2, residual
@@ -13,9 +13,9 @@ residual add, which no backend fuses across. Each timed run also pays the runtim
 call; entries store the time net of that cost (`overhead`, timed on an empty graph).
 
 Whole subnets are the ground truth: cut from a supernet and exported by export's own stages
-(`ExtractSubnetPass`, `qsamc.emit.emit_onnx`), then timed the same way. The parts are built by
-`qsamc.qdq_onnx` with the same Q/DQ rules, because one torch export per part shape and a graph rewrite
-per kernel pair is ~10x faster than exporting all ~800 parts of vit_t. A part timed alone runs from warm
+(`ExtractSubnetPass`, the lowering passes, `qsamc.emit.emit_onnx`), then timed the same way. Each part
+is cut from such a lowered subnet (one whose layers take the part's kernels) and emitted by the same
+`emit_onnx`, one thread (~50 ms per part; vit_t's ~830 parts in under a minute). A part timed alone runs from warm
 caches; inside a whole model its weights come from further away, so whole models run ~10-20% slower
 than the sum of their parts on the CPU (measured). `profile` therefore times a few whole calibration
 subnets and stores one `context_scale` (the median of measured / summed); a subnet's predicted latency
@@ -50,19 +50,14 @@ from qsamc import tensorrt_engine
 from qsamc.checkpoint import SupernetSpec, build_model
 from qsamc.emit import emit_onnx
 from qsamc.errors import ConfigError, TargetError
-from qsamc.formats import Deployment
 from qsamc.ir import IR
 from qsamc.passes import CalibrateActivationsPass
-from qsamc.passes.extract_subnet import ExtractSubnetPass
-from qsamc.qdq_onnx import (
-    ONNX_IR_VERSION, OPSET, AttentionPart, MlpPart, NeckPart, PatchPart, QdqExporter, one_torch_thread,
-)
-from qsamc.space import SearchSpace, Subnet, default_space
+from qsamc.qdq_onnx import lowered_subnet, one_torch_thread, part_onnx
+from qsamc.space import LayerBits, SearchSpace, Subnet, default_space
 from qsamc.targets import Target
 
 TABLE_FORMAT = "qsamc.latency_table"
 TABLE_VERSION = 1
-NECK_LAYERS = ("neck.0", "neck.2")
 CALIBRATION_SEED = "qsamc-latency-calibration"  # a stream of its own: validation never reuses these subnets
 
 
@@ -105,13 +100,10 @@ class Timer(Protocol):
 
 
 class OnnxRuntimeTimer:
-    """Median wall time of `session.run` on ONNX Runtime's CPU execution provider."""
+    """Median time of `session.run` on ONNX Runtime's CPU execution provider, in a session configured
+    as export's (`qsamc.verify.ort_session`: all optimizations, MatMulNBits accuracy level 1)."""
 
     name = "onnxruntime"
-    # ORT 1.32's MatMulAddFusion reshapes N-D MatMul inputs and then emits a QuantizeLinear whose type
-    # contradicts the S8->U8 rewrite, which fails to load any Q/DQ linear on 4-D tokens; without it
-    # ORT still fuses DQ->MatMul into MatMulIntegerToFloat / MatMulNBits.
-    disabled_optimizers = ["MatMulAddFusion"]
 
     def __init__(self, settings: ProfileSettings) -> None:
         import onnxruntime
@@ -125,9 +117,9 @@ class OnnxRuntimeTimer:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         options.log_severity_level = 3
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=self.disabled_optimizers)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def time(self, model: onnx.ModelProto, example: np.ndarray) -> float:
         session = self.session(model)
@@ -207,8 +199,8 @@ def _identity_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = ONNX_IR_VERSION
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     return model
 
 
@@ -243,12 +235,11 @@ class PartKeys:
         keys.append(_key("neck", grid, k("neck.0"), k("neck.2")))
         return keys
 
-    def deployments(self, kind: str) -> dict[str, Deployment]:
-        """One deployment per distinct kernel that the space's bits produce on the target."""
-        out: dict[str, Deployment] = {}
+    def representatives(self, kind: str) -> dict[str, tuple[int, int]]:
+        """One (w, a) pair per distinct kernel that the space's bits produce on the target."""
+        out: dict[str, tuple[int, int]] = {}
         for w, a in itertools.product(self.space.weight_bits, self.space.act_bits):
-            d = self.target.deployment.deploy(w, a, kind)  # type: ignore[arg-type]
-            out.setdefault(d.kernel, d)
+            out.setdefault(self.target.deployment.deploy(w, a, kind).kernel, (w, a))  # type: ignore[arg-type]
         return out
 
 
@@ -341,43 +332,56 @@ def _machine(threads: int) -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "platform": platform.platform()}
 
 
-def _part_jobs(space: SearchSpace, target: Target, supernet: IR) -> list[tuple[str, QdqExporter, dict[str, Deployment]]]:
-    """(table key, exported part, deployment of its layers) for every entry of the table.
+@dataclass(frozen=True)
+class PartJob:
+    key: str
+    subnet: Subnet  # a subnet whose layers take the part's kernels
+    part: str
+    block: int | None = None
 
-    The parts are cut from float static subnets of the reference supernet (all layers at 32 bits),
-    one per resolution and MLP ratio, so they hold exactly the modules export extracts.
+
+def _part_jobs(space: SearchSpace, target: Target, supernet: IR) -> list[PartJob]:
+    """One job per entry of the table, grouped by subnet so that each subnet is lowered once.
+
+    For each resolution, MLP ratio and pair of linear kernels (k1, k2), a shallowest subnet of the
+    reference supernet at that MLP ratio with every qkv and lin1 on k1 and every proj and lin2 on k2 (its patch
+    embedding and neck layers cycling through the conv kernels and their pairs) yields the MLP entry,
+    and at the first ratio the attention entries and the patch and neck entries it covers.
     """
     keys = PartKeys(space, target)
-    linear, conv = keys.deployments("linear"), keys.deployments("conv")
-    cfg = space.config
-    full = supernet.root.space
+    linear, conv = keys.representatives("linear"), keys.representatives("conv")
+    conv_pairs = list(itertools.product(conv, repeat=2))
+    cfg, full = space.config, supernet.root.space
     windowed = next(b for b in range(cfg.depth) if b not in cfg.global_attn_indexes)
+    first = ("attn.qkv", "mlp.lin1")  # the first layer of each half; the second takes the other kernel
     jobs = []
     for resolution in space.resolutions:
         grid = resolution // cfg.patch_size
-        tokens = torch.randn(1, grid, grid, cfg.embed_dim)
         for index, ratio in enumerate(space.mlp_ratios):
-            float_subnet = replace(full.uniform_bits(full.max_subnet(), 32, 32), resolution=resolution,
-                                   mlp_ratios=(ratio,) * cfg.depth)
-            with one_torch_thread():
-                static = ExtractSubnetPass(float_subnet)(supernet).ir.root
-            mlp = QdqExporter(MlpPart(static.blocks[str(windowed)]), tokens, ["mlp.lin1", "mlp.lin2"])
-            for (k1, d1), (k2, d2) in itertools.product(linear.items(), repeat=2):
-                key = _key("mlp", grid, space.hidden_units(ratio), k1, k2)
-                jobs.append((key, mlp, {"mlp.lin1": d1, "mlp.lin2": d2}))
-            if index:
-                continue  # the other parts do not depend on the MLP ratio
-            patch = QdqExporter(PatchPart(static.patch_embed, static.pos_embed),
-                                torch.randn(1, 3, resolution, resolution), ["patch_embed.proj"])
-            jobs += [(_key("patch_embed", resolution, k), patch, {"patch_embed.proj": d}) for k, d in conv.items()]
-            for block in (windowed, cfg.global_attn_indexes[0]):
-                attention = QdqExporter(AttentionPart(static.blocks[str(block)]), tokens, ["attn.qkv", "attn.proj"])
-                for (k1, d1), (k2, d2) in itertools.product(linear.items(), repeat=2):
-                    key = _key("attention", grid, keys.window[block], k1, k2)
-                    jobs.append((key, attention, {"attn.qkv": d1, "attn.proj": d2}))
-            neck = QdqExporter(NeckPart(static.neck), tokens, list(NECK_LAYERS))
-            for (k1, d1), (k2, d2) in itertools.product(conv.items(), repeat=2):
-                jobs.append((_key("neck", grid, k1, k2), neck, {"neck.0": d1, "neck.2": d2}))
+            pairs = list(itertools.product(linear, repeat=2))
+            for n in range(max(len(pairs), len(conv_pairs) if index == 0 else 0)):
+                k1, k2 = pairs[n % len(pairs)]
+                c1, c2 = conv_pairs[n % len(conv_pairs)]
+                c = list(conv)[n % len(conv)]
+                layer_bits = {"patch_embed.proj": conv[c], "neck.0": conv[c1], "neck.2": conv[c2]}
+
+                def bits(layer: str) -> tuple[int, int]:
+                    return layer_bits.get(layer) or linear[k1 if layer.endswith(first) else k2]
+
+                base = full.min_subnet()  # fewest blocks to lower; it keeps a windowed and a global one
+                subnet = replace(base, resolution=resolution, mlp_ratios=(ratio,) * cfg.depth,
+                                 bits=tuple(LayerBits(b.layer, *bits(b.layer)) for b in base.bits))
+                if n < len(pairs):
+                    jobs.append(PartJob(_key("mlp", grid, space.hidden_units(ratio), k1, k2), subnet, "mlp", windowed))
+                if index:
+                    continue  # the other parts do not depend on the MLP ratio
+                if n < len(pairs):
+                    jobs += [PartJob(_key("attention", grid, keys.window[b], k1, k2), subnet, "attention", b)
+                             for b in (windowed, cfg.global_attn_indexes[0])]
+                if n < len(conv):
+                    jobs.append(PartJob(_key("patch_embed", resolution, c), subnet, "patch_embed"))
+                if n < len(conv_pairs):
+                    jobs.append(PartJob(_key("neck", grid, c1, c2), subnet, "neck"))
     return jobs
 
 
@@ -390,9 +394,10 @@ def build_table(space: SearchSpace, target: Target, settings: ProfileSettings = 
     jobs = _part_jobs(space, target, supernet)
     overhead = timer.overhead()
     entries = {}
-    for done, (key, part, layers) in enumerate(jobs):
-        measured = timer.time(part.emit(layers), part.example.numpy())
-        entries[key] = max(measured - overhead, 0.0)
+    lowered = functools.lru_cache(maxsize=1)(lambda subnet: lowered_subnet(supernet, subnet, target.deployment))
+    for done, job in enumerate(jobs):
+        model, example = part_onnx(lowered(job.subnet), job.part, job.block, target.deployment)
+        entries[job.key] = max(timer.time(model, example.numpy()) - overhead, 0.0)
         if progress is not None:
             progress(done + 1, len(jobs) + calibration)
     table = LatencyTable(
@@ -430,13 +435,13 @@ def reference_supernet(space: SearchSpace) -> IR:
     exported exactly as `qsamc export` does (values do not change latency, the graph does). It is the
     model's whole default space, since a supernet is traced at its native resolution and starts at its
     float maximum; the subnets of a narrowed space are subnets of it. Built once per process."""
-    return _reference_supernet(space.model, space.granularity)
+    return _reference_supernet(space.model)
 
 
 @functools.lru_cache(maxsize=1)
-def _reference_supernet(model: str, granularity: str) -> IR:
+def _reference_supernet(model: str) -> IR:
     torch.manual_seed(0)
-    full = default_space(model, granularity)  # type: ignore[arg-type]
+    full = default_space(model, "layer")  # per-layer bits: the table's subnets mix kernels within a block
     with one_torch_thread():
         supernet, ir = build_model(SupernetSpec(full, num_classes=2, lora=None))
         resolution = max(full.resolutions)
@@ -445,10 +450,10 @@ def _reference_supernet(model: str, granularity: str) -> IR:
 
 
 def measure_subnet(supernet_ir: IR, target: Target, subnet: Subnet, timer: Timer) -> float:
-    """The measured latency of a whole subnet, exported by export's own stages (extract, emit)."""
+    """The measured latency of a whole subnet, exported by export's own stages (extract, lower, emit)."""
+    static = lowered_subnet(supernet_ir, subnet, target.deployment)
+    example = torch.randn(1, 3, subnet.resolution, subnet.resolution)
     with one_torch_thread():
-        static = ExtractSubnetPass(subnet)(supernet_ir).ir.root
-        example = torch.randn(1, 3, subnet.resolution, subnet.resolution)
         model = emit_onnx(static, example, target.deployment)
     return timer.time(model, example.numpy())
 

@@ -157,11 +157,10 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
 
 
     from qsamc.checkpoint import atomic_write_bytes, atomic_write_json
-    from qsamc.emit import emit_onnx
+    from qsamc.emit import emit_onnx, lowering_passes
     from qsamc.errors import TargetError
     from qsamc.export_report import ExportReport, layer_precisions, plot_precision_map
-    from qsamc.passes import (ExtractSubnetPass, FoldOffsetIntoNormPass, FoldWeightQuantizersPass,
-                              LowerActivationOffsetsPass, QuantizeBiasPass, fuses_int32_bias)
+    from qsamc.passes import (ExtractSubnetPass)
     from qsamc import tensorrt_engine
     from qsamc.verify import check_export, lint_tensorrt, measure_fidelity, ort_latency, ort_session
 
@@ -183,10 +182,7 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
 
     static = ExtractSubnetPass(subnet)(ir).ir
     reference = copy.deepcopy(static.root)  # the fake-quantized subnet the ONNX model must reproduce
-    lowering = [FoldWeightQuantizersPass(target.deployment), LowerActivationOffsetsPass(), FoldOffsetIntoNormPass()]
-    if fuses_int32_bias(target.deployment):
-        lowering.append(QuantizeBiasPass())
-    PassManager([*lowering, CountBitopsPass(spec.space, subnet)], verify=True)(static)
+    PassManager([*lowering_passes(target.deployment), CountBitopsPass(spec.space, subnet)], verify=True)(static)
 
     generator = torch.Generator().manual_seed(0)
     images = [torch.randn(1, 3, subnet.resolution, subnet.resolution, generator=generator) for _ in range(samples)]

@@ -1,45 +1,31 @@
-"""Q/DQ ONNX of the fused parts of a subnet, as a target deploys them: what latency tables time.
+"""The fused parts of a static subnet that latency tables time, as the ONNX that `qsamc export` emits.
 
-The float module is exported by torch (TorchScript exporter, opset 20, bumped to 21 for INT4 blocks),
-then each quantized layer is rewritten by its `Deployment` (`qsamc.formats`), following the Q/DQ
-placement rules of TensorRT and ONNX Runtime (../shared/reference/deployment-facts.md):
-1. An INT8 activation container: QuantizeLinear -> DequantizeLinear on the layer's input (per-tensor,
-   symmetric: zero-point 0), so ORT fuses it into the integer kernel and TRT propagates it.
-2. An INT8 weight container: the weight stored as int8 with a per-tensor DequantizeLinear.
-3. An INT4 weight container (weight-only GEMMs): int4 blocks of 32 along the input axis with a
-   DequantizeLinear(axis=0, block_size=32), which ORT fuses into MatMulNBits.
-4. Float containers: the layer is left as exported. Outputs are never quantized; LayerNorm, Softmax
-   and GELU stay float.
-Scales are min-max from one float forward pass on the example input, so the Q/DQ model also computes
-close to the float one (tested); latency does not depend on them. Export's `qsamc.emit.emit_onnx`
-lowers trained quantizers into the same placement; this module writes it for float parts, so that one
-torch export of a part serves every pair of kernels its layers can take.
-
-The fused parts are the latency table's units, cut from a static subnet (`qsamc.static`): the patch
-embedding with the positional embedding (`PatchPart`), a block's attention half (`AttentionPart`:
-norm1, window partition, qkv, attention with rel-pos, proj, residual), a block's MLP half (`MlpPart`:
-norm2, lin1, GELU, lin2, residual), and the neck (`NeckPart`).
+A part is a small torch module made of a lowered static subnet's real layers, cut where the latency
+table cuts the encoder: the patch embedding with the positional embedding (`PatchPart`), a block's
+attention half (`AttentionPart`: norm1, window partition, qkv, attention with rel-pos, proj, residual),
+a block's MLP half (`MlpPart`: norm2, lin1, GELU, lin2, residual), and the neck (`NeckPart`).
+`lowered_subnet` extracts and lowers a subnet with export's own passes, `part_onnx` cuts one part and
+emits it with export's own `qsamc.emit.emit_onnx`: there is no second copy of the Q/DQ rules, so a
+table entry times exactly the nodes (and ONNX Runtime fusions) that the part has in an exported encoder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import io
-import warnings
 
-import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from qsamc.formats import Deployment
+from qsamc.emit import emit_onnx, lowering_passes
+from qsamc.formats import DeploymentFormat
+from qsamc.ir import IR
+from qsamc.pass_manager import PassManager
+from qsamc.passes import (ExtractSubnetPass)
 from qsamc.sam import sam_modeling
+from qsamc.space import Subnet
+from qsamc.static import StaticEncoder
 
-OPSET = 21  # blocked INT4 DequantizeLinear
-ONNX_IR_VERSION = 10  # onnx 1.23 writes 14 by default; ONNX Runtime reads at most 13
-INT4_BLOCK = 32
 _window_partition = sam_modeling.image_encoder.window_partition
 _window_unpartition = sam_modeling.image_encoder.window_unpartition
 
@@ -104,146 +90,33 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
-# --- Q/DQ rewriting -----------------------------------------------------------------------------
+# --- parts of a lowered subnet, emitted by export's emitter ------------------------------------
 
 
-def _input_ranges(module: nn.Module, example: torch.Tensor, layers: list[str]) -> dict[str, float]:
-    """max |input| of every layer to be quantized, from one float forward pass."""
-    ranges: dict[str, float] = {}
-    modules = dict(module.named_modules())
-    hooks = [
-        modules[name].register_forward_pre_hook(
-            lambda _m, inputs, name=name: ranges.__setitem__(name, float(inputs[0].abs().max())))
-        for name in layers
-    ]
-    try:
-        with torch.no_grad():
-            module(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return ranges
+def lowered_subnet(supernet: IR, subnet: Subnet, deployment: DeploymentFormat) -> StaticEncoder:
+    """The static subnet as `qsamc export` lowers it (`qsamc.pipeline.export_subnet`): extracted, weight
+    quantizers folded, activation offsets lowered and folded into norms, INT32 biases where fused."""
+    with one_torch_thread():
+        ir = ExtractSubnetPass(subnet)(supernet).ir
+        PassManager(lowering_passes(deployment))(ir)
+    return ir.root
 
 
-def _export_float(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about SAM's shape arithmetic on a fixed input
-        torch.onnx.export(module, (example,), buffer, opset_version=20, dynamo=False, do_constant_folding=True,
-                          input_names=["x"], output_names=["y"])
-    return onnx.load_from_string(buffer.getvalue())
+def cut_part(static: StaticEncoder, part: str, block: int | None = None) -> tuple[nn.Module, torch.Tensor]:
+    """One fused part of `static` ('patch_embed', 'attention', 'mlp', 'neck'; `block` for the halves)
+    with an example input of its shape."""
+    grid = static.resolution // static.patch_embed.proj.stride[0]
+    tokens = torch.randn(1, grid, grid, static.pos_embed.shape[-1])
+    if part == "patch_embed":
+        return PatchPart(static.patch_embed, static.pos_embed), torch.randn(1, 3, static.resolution, static.resolution)
+    if part == "neck":
+        return NeckPart(static.neck), tokens
+    return (AttentionPart if part == "attention" else MlpPart)(static.blocks[str(block)]), tokens
 
 
-def _weight_sites(model: onnx.ModelProto, module: nn.Module, layers: list[str]) -> dict[str, tuple[int, int]]:
-    """(node position, input index) consuming each layer's weight, found by value: W^T for MatMul, W for Conv."""
-    modules = dict(module.named_modules())
-    wanted: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
-    for name in layers:
-        weight = modules[name].weight.detach().numpy()
-        weight = weight.T if isinstance(modules[name], nn.Linear) else weight
-        wanted.setdefault(weight.shape, []).append((name, weight))
-    inits = {i.name: i for i in model.graph.initializer}
-    sites = {}
-    for position, node in enumerate(model.graph.node):
-        init = inits.get(node.input[1]) if len(node.input) > 1 else None
-        if init is None or tuple(init.dims) not in wanted:
-            continue
-        value = numpy_helper.to_array(init)
-        for name, weight in wanted[tuple(init.dims)]:
-            if name not in sites and np.array_equal(value, weight):
-                sites[name] = (position, 1)
-    missing = next((name for name in layers if name not in sites), None)
-    if missing is not None:
-        raise RuntimeError(f"the exported ONNX has no weight initializer for layer {missing}")
-    return sites
-
-
-def _symmetric_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
-    scale = max(float(np.abs(x).max()), 1e-8) / 127
-    return np.clip(np.round(x / scale), -127, 127).astype(np.int8), scale
-
-
-def _int4_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int4 blocks of INT4_BLOCK rows (the input axis of a MatMul weight [K, N])."""
-    k, n = w.shape
-    blocks = w.reshape(k // INT4_BLOCK, INT4_BLOCK, n)
-    scale = np.maximum(np.abs(blocks).max(axis=1), 1e-8) / 7
-    q = np.clip(np.round(blocks / scale[:, None, :]), -8, 7).astype(np.int8).reshape(k, n)
-    return q, scale.astype(np.float32)
-
-
-class QdqExporter:
-    """Exports a float module once; `emit(layers)` then writes its Q/DQ form for any deployment of them.
-
-    A latency table needs the same part under many deployments: the torch export (the slow step) is
-    shared, each deployment only rewrites a copy of the graph.
-    """
-
-    def __init__(self, module: nn.Module, example: torch.Tensor, layers: list[str]) -> None:
-        self.module = module.eval()
-        self.example = example
-        with one_torch_thread():
-            self.ranges = _input_ranges(self.module, example, layers)
-            self.float_model = _export_float(self.module, example)
-        self.sites = _weight_sites(self.float_model, self.module, layers)
-
-    def emit(self, layers: dict[str, Deployment]) -> onnx.ModelProto:
-        """The Q/DQ ONNX with the layers named in `layers` (module paths) deployed as given (rules 1-4)."""
-        model = copy.deepcopy(self.float_model)
-        graph = model.graph
-        inserts = []
-        for name, deployment in layers.items():
-            position, index = self.sites[name]
-            inserts.append((position, self._rewrite(graph, graph.node[position], index, name, deployment)))
-        # Each layer's Q/DQ right before it, keeping topological order; from the back, so that the
-        # positions not yet used stay valid.
-        for position, before in sorted(inserts, key=lambda item: -item[0]):
-            for offset, extra in enumerate(before):
-                graph.node.insert(position + offset, extra)
-        used = {x for n in graph.node for x in n.input}
-        kept = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        del model.opset_import[:]
-        model.opset_import.append(helper.make_opsetid("", OPSET))
-        model.ir_version = ONNX_IR_VERSION
-        onnx.checker.check_model(model)
-        return model
-
-    def _rewrite(self, graph: onnx.GraphProto, node: onnx.NodeProto, index: int, name: str,
-                 deployment: Deployment) -> list[onnx.NodeProto]:
-        """Point `node` at Q/DQ'd input and weight; return the new nodes that must precede it."""
-        before = []
-        tag = name.replace(".", "_")
-        if deployment.act == "int8":
-            scale = max(self.ranges[name], 1e-8) / 127
-            graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_x_scale"),
-                                      numpy_helper.from_array(np.array(0, np.int8), f"{tag}_x_zero")])
-            before += [
-                helper.make_node("QuantizeLinear", [node.input[0], f"{tag}_x_scale", f"{tag}_x_zero"], [f"{tag}_xq"]),
-                helper.make_node("DequantizeLinear", [f"{tag}_xq", f"{tag}_x_scale", f"{tag}_x_zero"], [f"{tag}_xdq"]),
-            ]
-            node.input[0] = f"{tag}_xdq"
-        if deployment.weight not in ("int8", "int4"):
-            return before
-        w = numpy_helper.to_array(next(i for i in graph.initializer if i.name == node.input[index]))
-        if deployment.weight == "int8":
-            q, scale = _symmetric_int8(w)
-            graph.initializer.extend([numpy_helper.from_array(q, f"{tag}_wq"),
-                                      numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_w_scale"),
-                                      numpy_helper.from_array(np.array(0, np.int8), f"{tag}_w_zero")])
-            before.append(helper.make_node("DequantizeLinear", [f"{tag}_wq", f"{tag}_w_scale", f"{tag}_w_zero"],
-                                           [f"{tag}_wdq"]))
-        else:
-            q, scales = _int4_blocks(w)
-            graph.initializer.extend([helper.make_tensor(f"{tag}_wq", TensorProto.INT4, q.shape, q.flatten().tolist()),
-                                      numpy_helper.from_array(scales, f"{tag}_w_scale")])
-            before.append(helper.make_node("DequantizeLinear", [f"{tag}_wq", f"{tag}_w_scale"], [f"{tag}_wdq"],
-                                           axis=0, block_size=INT4_BLOCK))
-        node.input[index] = f"{tag}_wdq"
-        return before
-
-
-def to_qdq(module: nn.Module, example: torch.Tensor, layers: dict[str, Deployment]) -> onnx.ModelProto:
-    """`module` as Q/DQ ONNX with the layers named in `layers` deployed as given."""
-    return QdqExporter(module, example, list(layers)).emit(layers)
+def part_onnx(static: StaticEncoder, part: str, block: int | None,
+              deployment: DeploymentFormat) -> tuple[onnx.ModelProto, torch.Tensor]:
+    """The part's ONNX exactly as export emits it inside the whole encoder, and its example input."""
+    module, example = cut_part(static, part, block)
+    with one_torch_thread():
+        return emit_onnx(module, example, deployment), example

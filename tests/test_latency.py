@@ -1,5 +1,6 @@
 """Measured latency tables (qsamc/latency.py, qsamc/qdq_onnx.py) with real ONNX Runtime sessions."""
 
+import dataclasses
 import json
 import math
 
@@ -11,12 +12,14 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from qsamc.cost import Budget
+from qsamc.emit import emit_onnx
 from qsamc.errors import ConfigError
 from qsamc.evaluate import Evaluation
 from qsamc.latency import (
-    LatencyTable, OnnxRuntimeTimer, PartKeys, ProfileSettings, TableLatency, build_table, validate_table,
+    LatencyTable, OnnxRuntimeTimer, PartKeys, _part_jobs, ProfileSettings, TableLatency, build_table, reference_supernet,
+    validate_table,
 )
-from qsamc.qdq_onnx import INT4_BLOCK, to_qdq
+from qsamc.qdq_onnx import lowered_subnet, part_onnx
 from qsamc.search import EvolutionConfig, search
 from qsamc.space import default_space
 from qsamc.targets import get_target
@@ -41,53 +44,54 @@ def ort_ops(model: onnx.ModelProto, tmp_path) -> set[str]:
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                         disabled_optimizers=OnnxRuntimeTimer.disabled_optimizers)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
 
 
-@pytest.fixture
-def linear():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 96)).eval(), torch.randn(1, 8, 8, 64)
+def mlp_part(space, w: int, a: int, tmp_path):
+    """The MLP part of a vit_t subnet at (w, a) bits, and the same block's nodes in the exported encoder."""
+    supernet = reference_supernet(space)
+    subnet = space.uniform_bits(space.max_subnet(), w, a)
+    subnet = dataclasses.replace(subnet, resolution=128)
+    static = lowered_subnet(supernet, subnet, CPU.deployment)
+    part, example = part_onnx(static, "mlp", 0, CPU.deployment)
+    whole = emit_onnx(static, torch.randn(1, 3, 128, 128), CPU.deployment)
+    return part, example, whole
 
 
-def run(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
-    session = OnnxRuntimeTimer(FAST).session(model)
-    return session.run(None, {"x": x.numpy()})[0]
+@pytest.mark.parametrize("w, a, kernel", [(8, 8, "QGemm"), (4, 32, "MatMulNBits"), (2, 3, "MatMulIntegerToFloat")])
+def test_parts_are_the_exported_encoders_nodes(tiny_space, w, a, kernel, tmp_path):
+    """A table part is emitted by export's emitter from export's lowered layers: the MLP half holds the
+    same Q/DQ nodes as that block in the whole exported encoder, and ORT picks the integer kernel."""
+    part, example, whole = mlp_part(tiny_space, w, a, tmp_path)
+    compute = {"QuantizeLinear", "DequantizeLinear", "Clip", "Sub", "MatMul", "Gemm", "Erf"}
+    ops = [n.op_type for n in part.graph.node if n.op_type in compute]
+    in_block = [n.op_type for n in whole.graph.node if n.op_type in compute and "/blocks.0/mlp/" in n.name]
+    assert "DequantizeLinear" in ops and ops == in_block
+    assert ("QuantizeLinear" in ops) == (a < 32)
+    assert kernel in ort_ops(part, tmp_path)
+    zero_points = [i for i in part.graph.initializer if "zero" in i.name.lower()]
+    assert all(not numpy_helper.to_array(z).any() for z in zero_points)  # symmetric
+    out = OnnxRuntimeTimer(FAST).session(part).run(None, {"input": example.numpy()})[0]
+    assert out.shape == tuple(example.shape) and np.isfinite(out).all()
 
 
-def test_int8_layer_gets_symmetric_qdq_and_an_integer_kernel(linear, tmp_path):
-    module, x = linear
-    model = to_qdq(module, x, {"0": CPU.deployment.deploy(8, 8)})
-    ops = [n.op_type for n in model.graph.node]
-    assert ops == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "MatMul", "Add"]
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    assert inits["0_x_zero"].dtype == np.int8 and inits["0_x_zero"] == 0  # symmetric: zero-point 0
-    assert inits["0_wq"].dtype == np.int8 and inits["0_wq"].shape == (64, 96)
-    assert "MatMulIntegerToFloat" in ort_ops(model, tmp_path)
-    reference = module(x).detach().numpy()
-    assert np.abs(run(model, x) - reference).max() < 0.05 * np.abs(reference).max()
+def test_int4_part_has_explicit_zero_points(tiny_space, tmp_path):
+    part, _, _ = mlp_part(tiny_space, 4, 32, tmp_path)
+    blocked = [n for n in part.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    assert blocked and all(len(n.input) == 3 for n in blocked)
+    assert any(i.data_type == TensorProto.INT4 for i in part.graph.initializer) or any(
+        n.op_type == "Constant" and n.attribute[0].t.data_type == TensorProto.INT4 for n in part.graph.node)
 
 
-def test_int4_weight_only_layer_is_block_quantized_into_matmulnbits(linear, tmp_path):
-    module, x = linear
-    model = to_qdq(module, x, {"0": CPU.deployment.deploy(4, 32)})
-    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
-    attrs = {a.name: a.i for a in dq.attribute}
-    assert attrs == {"axis": 0, "block_size": INT4_BLOCK}
-    weight = next(i for i in model.graph.initializer if i.name == dq.input[0])
-    assert weight.data_type == TensorProto.INT4
-    assert "QuantizeLinear" not in [n.op_type for n in model.graph.node]  # activations stay float
-    assert "MatMulNBits" in ort_ops(model, tmp_path)
-    reference = module(x).detach().numpy()
-    assert np.abs(run(model, x) - reference).max() < 0.2 * np.abs(reference).max()
-
-
-def test_float_weight_with_int8_activation_keeps_the_float_weight(linear):
-    module, x = linear
-    model = to_qdq(module, x, {"0": CPU.deployment.deploy(32, 8)})
-    assert [n.op_type for n in model.graph.node] == ["QuantizeLinear", "DequantizeLinear", "MatMul", "Add"]
+def test_every_part_is_cut_from_a_subnet_that_sums_its_key():
+    """Each entry is timed on a subnet whose own keys name it: the part holds the kernels its key says."""
+    space = default_space("vit_t")
+    keys = PartKeys(space, CPU)
+    jobs = _part_jobs(space, CPU, reference_supernet(space))
+    assert len({j.key for j in jobs}) == len(jobs)
+    assert all(j.key in keys.keys(j.subnet) for j in jobs)
 
 
 def test_table_has_one_entry_per_part_and_kernel_pair(tiny_table, tiny_space):
