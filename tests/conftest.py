@@ -81,8 +81,8 @@ def run_cli(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "console", Console(width=160))  # no wrapping in captured tables
 
-    def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["qsamc", *args])
+    def invoke(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["qsamc", *map(str, args)])
         with pytest.raises(SystemExit) as info:
             cli.main()
         out, err = capsys.readouterr()

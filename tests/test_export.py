@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 
 import numpy as np
 import onnx
@@ -14,7 +13,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowering_helpers import calibrated_vit_t, dyadic_input, dyadic_layer
 from qsamc.checkpoint import save_supernet
-from qsamc.cli.main import main
 from qsamc.emit import emit_onnx
 from qsamc.formats import ONNXRUNTIME_CPU, TENSORRT
 from qsamc.verify import lint_tensorrt, ort_session
@@ -134,15 +132,7 @@ def vit_t_block(run_folder):
     return static.root.blocks["2"], tokens
 
 
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["qsamc", "export", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def test_export_cli_writes_a_verified_model_report_and_trtexec_command(run_folder, tmp_path, monkeypatch, capsys):
+def test_export_cli_writes_a_verified_model_report_and_trtexec_command(run_cli, run_folder, tmp_path, monkeypatch, capsys):
     """`--format trt` where TensorRT is missing: one sentence, exit 2, and the ONNX, report and precision
     map still written next to the equivalent trtexec command."""
     try:
@@ -151,7 +141,7 @@ def test_export_cli_writes_a_verified_model_report_and_trtexec_command(run_folde
     except ImportError:
         pass
     run, out = run_folder[0], tmp_path / "out"
-    code, stdout, stderr = _cli(monkeypatch, capsys, "--supernet", run, "--subnet", run / "w8a8.json",
+    code, stdout, stderr = run_cli("export", "--supernet", run, "--subnet", run / "w8a8.json",
                                 "--target", "orin", "--format", "trt", "--out", out)
     assert code == 2 and stderr == ("error: no TensorRT engine was built: TensorRT is not installed "
                                     "(pip install tensorrt, on a machine with an NVIDIA GPU)\n")
@@ -166,7 +156,7 @@ def test_export_cli_writes_a_verified_model_report_and_trtexec_command(run_folde
 
 @pytest.mark.parametrize("case", ["missing run", "bad subnet file", "subnet outside the space", "unknown target",
                                   "format the target lacks"])
-def test_export_cli_user_errors_are_one_sentence_and_keep_existing_files(case, run_folder, tmp_path, monkeypatch, capsys):
+def test_export_cli_user_errors_are_one_sentence_and_keep_existing_files(run_cli, case, run_folder, tmp_path, monkeypatch, capsys):
     run = run_folder[0]
     subnet = run / "w8a8.json"
     if case == "bad subnet file":
@@ -183,7 +173,7 @@ def test_export_cli_user_errors_are_one_sentence_and_keep_existing_files(case, r
     out = tmp_path / "out"
     out.mkdir()
     (out / "encoder.onnx").write_text("earlier work")
-    code, _, stderr = _cli(monkeypatch, capsys, *[v for pair in args.items() for v in pair], "--out", out)
+    code, _, stderr = run_cli("export", *[v for pair in args.items() for v in pair], "--out", out)
     assert code == 2
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr
     assert (out / "encoder.onnx").read_text() == "earlier work"

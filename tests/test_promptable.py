@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 
 import numpy as np
 import onnx
@@ -12,7 +11,6 @@ import pytest
 import torch
 from conftest import randomize_
 from lowering_helpers import calibrated_vit_t
-from qsamc.cli.main import main
 
 from qsamc import sam
 from qsamc.checkpoint import save_supernet
@@ -121,15 +119,7 @@ def run_folder(tmp_path_factory):
     return run, subnet
 
 
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["qsamc", "export", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def test_export_promptable_chains_encoder_onnx_into_decoder_onnx(run_folder, tmp_path, monkeypatch, capsys):
+def test_export_promptable_chains_encoder_onnx_into_decoder_onnx(run_cli, run_folder, tmp_path, monkeypatch, capsys):
     from qsamc import pipeline
 
     run, subnet = run_folder
@@ -137,7 +127,7 @@ def test_export_promptable_chains_encoder_onnx_into_decoder_onnx(run_folder, tmp
     spec = DecoderSpec.for_subnet("vit_t", subnet.resolution)
     _sam_checkpoint(tmp_path / "sam.pth", spec)
     out = tmp_path / "out"
-    code, stdout, stderr = _cli(monkeypatch, capsys, "--supernet", run, "--subnet", run / "w8a8.json", "--target", "cpu",
+    code, stdout, stderr = run_cli("export", "--supernet", run, "--subnet", run / "w8a8.json", "--target", "cpu",
                                 "--out", out, "--promptable", "--sam-checkpoint", tmp_path / "sam.pth")
     assert code in (0, None), stderr
     assert "decoder.onnx" in stdout
@@ -157,13 +147,13 @@ def test_export_promptable_chains_encoder_onnx_into_decoder_onnx(run_folder, tmp
 
 
 @pytest.mark.parametrize("case", ["encoder-only checkpoint", "checkpoint without --promptable"])
-def test_export_promptable_user_errors_are_one_sentence_and_write_nothing(case, run_folder, tmp_path, monkeypatch, capsys):
+def test_export_promptable_user_errors_are_one_sentence_and_write_nothing(run_cli, case, run_folder, tmp_path, monkeypatch, capsys):
     run, _ = run_folder
     checkpoint = tmp_path / "encoder_only.pth"
     _sam_checkpoint(checkpoint, DecoderSpec.for_subnet("vit_t", 256), with_decoder=False)
     flags = ["--promptable"] if case == "encoder-only checkpoint" else []
     out = tmp_path / "out"
-    code, _, stderr = _cli(monkeypatch, capsys, "--supernet", run, "--subnet", run / "w8a8.json", "--target", "cpu",
+    code, _, stderr = run_cli("export", "--supernet", run, "--subnet", run / "w8a8.json", "--target", "cpu",
                            "--out", out, *flags, "--sam-checkpoint", checkpoint)
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1
     assert ("no prompt encoder or mask decoder weights" in stderr) == bool(flags)
