@@ -19,7 +19,7 @@ import os
 import random
 import resource
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,13 +55,18 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: i
     return F.cross_entropy(logits, masks, ignore_index=ignore_index)
 
 
+def training_space(config: TrainConfig, space: SearchSpace, iteration: int) -> SearchSpace:
+    """The space trained at `iteration`: progressive phase 1 caps the resolution (768 for vit_*)."""
+    if config.schedule != "progressive" or iteration >= config.lora_from():
+        return space
+    cap = default_phase1_resolution(config)
+    return space.restrict(resolutions=tuple(r for r in space.resolutions if r <= cap) or (min(space.resolutions),))
+
+
 def sample_subnets(config: TrainConfig, space: SearchSpace, iteration: int) -> list[Subnet]:
     """The subnets trained at `iteration`: one uniform sample (Eq. 1), or max, min and one (sandwich)."""
     rng = random.Random(config.seed * 1_000_003 + iteration)
-    lora_from = config.lora_from()
-    if config.schedule == "progressive" and iteration < lora_from:
-        cap = default_phase1_resolution(config)
-        space = space.restrict(resolutions=tuple(r for r in space.resolutions if r <= cap) or (min(space.resolutions),))
+    space = training_space(config, space, iteration)
     if config.sampling == "sandwich":
         return [space.max_subnet(), space.min_subnet(), space.sample(rng)]
     return [space.sample(rng)]
@@ -179,13 +184,12 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     start = state["iteration"] if state else 0
     if state is None:
         # 2. LSQ+ activation initialisation from calibration batches at the (phase-capped) max subnet.
-        cap = default_phase1_resolution(config) if config.schedule == "progressive" else max(space.resolutions)
-        resolution = max((r for r in space.resolutions if r <= cap), default=min(space.resolutions))
+        calibration_subnet = training_space(config, space, 0).max_subnet()
+        resolution = calibration_subnet.resolution
         calibration = [
             make_batch([train_set.sample(i, 0) for i in batch_indices(config, len(train_set), k, 0, 1)[1]], resolution)[0]
             for k in range(config.calibration_batches)
         ]
-        calibration_subnet = replace(space.max_subnet(), resolution=resolution)
         CalibrateActivationsPass(model, [b.to(device) for b in calibration], calibration_subnet)(ir)
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
