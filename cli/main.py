@@ -122,8 +122,14 @@ def train(ctx: typer.Context,
 
     result = run_training(resolve_train_config(config, ctx.args, resume), resume=resume, show_progress=not quiet)
     console.print(f"supernet written to {result.run}/supernet.pt ({result.iterations} iterations)")
-    for name, ev in (("max subnet", result.max_subnet), ("min subnet", result.min_subnet)):
-        console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}, pixel accuracy {ev.pixel_accuracy:.4f}")
+    for name, ev in (("max subnet" if result.min_subnet else "FP32 model", result.max_subnet), ("min subnet", result.min_subnet)):
+        if ev is not None:
+            console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}, pixel accuracy {ev.pixel_accuracy:.4f}")
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
 
 
 class Objective(str, Enum):
@@ -154,7 +160,10 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            population: int = typer.Option(50), top_k: int = typer.Option(10), mutations: int = typer.Option(25),
            crossovers: int = typer.Option(25), mutation_prob: float = typer.Option(0.2),
            generations: int = typer.Option(5), objective: Objective = typer.Option(Objective.loss, help="Fitness: validation loss (the paper) or mIoU."),
-           seed: int = typer.Option(0)):
+           seed: int = typer.Option(0),
+           float_macs: FloatMacs = typer.Option(FloatMacs.fp32, help="Count attention matmuls in BitOPs at 32x32 bits, "
+                                                "or exclude them (the paper's convention)."),
+           split: Split = typer.Option(Split.val, help="The split whose images score subnets; train keeps val for reporting.")):
     """Evolutionary search for the best subnet under BitOPs and/or latency budgets on a target."""
     from rich.progress import BarColumn, Progress, TextColumn
 
@@ -176,7 +185,7 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
         result, written = run_search(supernet, target, bitops, latency, budget or [], out, restrict=restrict,
                                      estimate=estimate, table=latency_table, dataset=dataset, data_root=data_root,
                                      val_limit=val_limit, batch_size=batch_size, config=config,
-                                     on_generation=on_generation)
+                                     on_generation=on_generation, float_macs=float_macs.value, split=split.value)
     if not written:
         return
     table = Table(title=f"best subnets on {target} ({result.evaluations} subnets evaluated)")
@@ -242,12 +251,16 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
            promptable: bool = typer.Option(False, "--promptable", help="Also write SAM's prompt encoder + mask decoder "
                                            "as decoder.onnx (segment-anything's ONNX export), verified in ONNX Runtime."),
            sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="A whole SAM checkpoint "
-                                                         "(sam_vit_*.pth) for the decoder's weights; freshly initialised without.")):
+                                                         "(sam_vit_*.pth) for the decoder's weights; freshly initialised without."),
+           dataset: Optional[str] = typer.Option(None, help="Also check validation mIoU through the head, ONNX Runtime vs "
+                                                 "PyTorch (within 0.2 points): synthetic, ade20k, camvid."),
+           data_root: Optional[Path] = typer.Option(None, help="Dataset folder (not for synthetic)."),
+           val_limit: int = typer.Option(32, help="Validation images for the task-level check.")):
     """Lower one subnet to the target's integer formats, emit and verify ONNX (and a TensorRT engine)."""
     from qsamc.pipeline import export_subnet
 
     report = export_subnet(supernet, subnet, target, format.value, out, promptable=promptable,
-                           sam_checkpoint=sam_checkpoint)
+                           sam_checkpoint=sam_checkpoint, dataset=dataset, data_root=data_root, val_limit=val_limit)
     layers = Table(title=f"deployed precision on {report.target}")
     for column in ("layer", "searched", "weight", "activation", "compute"):
         layers.add_column(column)
@@ -263,6 +276,13 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
                     f"({report.latency['onnxruntime_cpu']['threads']} threads, this machine)")
     summary.add_row("fidelity vs fake-quant", f"max {fidelity['max_rel']:.2e}, mean {fidelity['mean_rel']:.2e} of the output scale "
                     f"(tolerance {fidelity['max_rel_tolerance']:.1e} / {fidelity['mean_rel_tolerance']:.1e})")
+    worst = max(report.parts, key=lambda p: p["mean_rel"] / p["mean_rel_tolerance"])
+    summary.add_row("layer by layer", f"{len(report.parts)} parts verified alone; worst {worst['part']}: max "
+                    f"{worst['max_rel']:.2e}, mean {worst['mean_rel']:.2e} (tolerance {worst['max_rel_tolerance']:.1e} / "
+                    f"{worst['mean_rel_tolerance']:.1e})")
+    if report.task:
+        summary.add_row("validation mIoU", f"PyTorch {report.task['pytorch_miou']:.4f}, ONNX Runtime "
+                        f"{report.task['onnx_miou']:.4f} ({report.task['val_images']} images)")
     summary.add_row("opset / IR version", f"{report.opset} / {report.ir_version}")
     summary.add_row("TensorRT lint", "clean" if not report.lint else f"{len(report.lint)} problems, e.g. {report.lint[0]}")
     if report.decoder:
@@ -275,6 +295,37 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
     if report.engine.get("missing"):
         console.print(f"build the engine where TensorRT and a GPU exist:\n  {report.engine['trtexec']}", soft_wrap=True)
         raise TargetError(f"no TensorRT engine was built: {report.engine['missing']}")
+
+
+@app.command()
+def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`qsamc train --schedule fp32`)."),
+             dataset: str = typer.Option("synthetic", help="Dataset format: synthetic, ade20k, camvid."),
+             data_root: Optional[Path] = typer.Option(None, help="Dataset folder (not for synthetic)."),
+             out: Path = typer.Option(Path("baselines"), help="Output folder for baselines.json and the ONNX models."),
+             method: Optional[list[str]] = typer.Option(None, help="modelopt-ptq, modelopt-autoquantize, ort-static; "
+                                                        "repeat for several (default: all)."),
+             bits: Optional[list[str]] = typer.Option(None, help="ModelOpt PTQ bits, e.g. W8A8; repeat (default W8A8, W4A8, W4A4)."),
+             effective_bits: Optional[list[float]] = typer.Option(None, help="AutoQuantize budgets in effective weight bits; "
+                                                                   "repeat (default 6)."),
+             calibration: int = typer.Option(32, help="Training images for calibration (and AutoQuantize's scores)."),
+             val_limit: Optional[int] = typer.Option(None, help="Validation images (default: all).")):
+    """Post-training quantized peers of an FP32 reference (ModelOpt PTQ / AutoQuantize, ONNX Runtime
+    quantize_static), scored like qsamc's subnets: val mIoU, BitOPs, ONNX Runtime CPU latency."""
+    from qsamc.baselines import METHODS, PTQ_BITS, parse_bits, run_baselines
+
+    results = run_baselines(reference, dataset, data_root, out, tuple(method or METHODS),
+                            tuple(parse_bits(b) for b in bits) if bits else PTQ_BITS,
+                            tuple(effective_bits or (6.0,)), calibration, val_limit,
+                            progress=lambda line: console.print(line))
+    fp32 = results[0]
+    table = Table(title=f"baselines of {reference} (BitOPs: attention matmuls excluded)")
+    for column in ("method", "BitOPs", "% of FP32", "CPU latency", "val mIoU"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in results:
+        latency = "-" if r.latency_ms is None else f"{r.latency_ms:.2f} ms"
+        table.add_row(r.label, human(r.bitops), f"{100 * r.bitops / fp32.bitops:.2f}%", latency, f"{r.evaluation.miou:.4f}")
+    console.print(table)
+    console.print(f"wrote {out / 'baselines.json'}")
 
 
 @app.command()
@@ -300,7 +351,9 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Output fo
     console.rule(f"3/3 qsamc export --target cpu --format onnx (the subnet found under {result['budget'][0]})")
     fidelity = report.fidelity
     console.print(f"BitOPs {human(report.cost['bitops'])}, ONNX Runtime {report.latency['onnxruntime_cpu']['median_ms']:.2f} ms, "
-                  f"fidelity max {fidelity['max_rel']:.2e} / mean {fidelity['mean_rel']:.2e} of the output scale: verified")
+                  f"fidelity max {fidelity['max_rel']:.2e} / mean {fidelity['mean_rel']:.2e} of the output scale, "
+                  f"{len(report.parts)} parts verified alone: verified")
+    console.print(f"validation mIoU: PyTorch {report.task['pytorch_miou']:.4f}, ONNX Runtime {report.task['onnx_miou']:.4f}")
     for path in (*result["search_files"], *report.files.values()):
         console.print(f"wrote {path}")
 

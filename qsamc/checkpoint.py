@@ -23,7 +23,8 @@ import torch
 from qsamc.errors import CheckpointError
 from qsamc.head import SegmentationModel
 from qsamc.lora import LoraConfig
-from qsamc.sam import check_state_dict, read_state_dict
+from qsamc.quant import WeightInit
+from qsamc.sam import check_state_dict, read_tensors
 from qsamc.space import SearchSpace
 
 RUN_FORMAT = "qsamc.supernet"
@@ -92,18 +93,43 @@ class SupernetSpec:
         )
 
 
-def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_seed: int = 0):
-    """Supernet + quantizers (+ LoRA) + head, as training builds them; returns (model, ir)."""
+def reference_weights(checkpoint: str | Path) -> Path:
+    """The weights file of `--checkpoint`: a SAM checkpoint, or a qsamc run folder's `supernet.pt`."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        if not (path / "supernet.pt").is_file():
+            raise CheckpointError(f"checkpoint folder {path} is not a qsamc run: supernet.pt is missing")
+        return path / "supernet.pt"
+    return path
+
+
+def read_head_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The task head's float weights in a qsamc run's `supernet.pt` (empty for a SAM checkpoint)."""
+    state = read_tensors(reference_weights(checkpoint))
+    return {k[len("head."):]: v for k, v in state.items() if k.startswith("head.") and "_quantizer." not in k}
+
+
+def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_seed: int = 0,
+                weight_init: WeightInit = "lsq+"):
+    """Supernet + quantizers (+ LoRA) + head, as training builds them; returns (model, ir).
+
+    `checkpoint`: a SAM checkpoint (the encoder), or a qsamc FP32 reference run (encoder and head; the
+    head's num_classes must match)."""
     from qsamc.passes import AttachLoraPass, InsertQuantizersPass
     from qsamc.analysis import build_ir
     from qsamc.supernet import Supernet
 
-    supernet = Supernet.build(spec.space.model, checkpoint, spec.space)
+    weights = reference_weights(checkpoint) if checkpoint is not None else None
+    supernet = Supernet.build(spec.space.model, weights, spec.space)
     ir = build_ir(supernet)
-    InsertQuantizersPass(spec.space, spec.per_channel)(ir)
+    InsertQuantizersPass(spec.space, spec.per_channel, weight_init)(ir)
     if spec.lora is not None:
         AttachLoraPass(spec.lora, seed=lora_seed)(ir)
-    return SegmentationModel(supernet, spec.num_classes), ir
+    model = SegmentationModel(supernet, spec.num_classes)
+    head = read_head_state(weights) if weights is not None else {}
+    if head:
+        model.head.load_float_state(head, str(weights))
+    return model, ir
 
 
 def save_supernet(run: Path, spec: SupernetSpec, model: SegmentationModel) -> None:
@@ -125,7 +151,7 @@ def load_supernet(run: str | Path):
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{meta} is malformed: {exc}") from None
     model, ir = build_model(spec)
-    state = read_state_dict(run / "supernet.pt")
+    state = read_tensors(run / "supernet.pt")
     check_state_dict(model, state, str(run / "supernet.pt"), f"the supernet described by {meta.name}")
     model.load_state_dict(state)
     return model.eval(), ir, spec

@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 from qsamc.errors import BudgetError, TargetError
 from qsamc.formats import Container
 from qsamc.ir import IR
-from qsamc.passes.count_bitops import BitopsModel, node_macs
+from qsamc.passes.count_bitops import BitopsModel, FloatMacs, node_macs
 from qsamc.space import LayerBits, SearchSpace, Subnet
 from qsamc.targets import Target
 
@@ -71,13 +71,14 @@ class CostModel(Protocol):
 
 
 class BitopsCost:
-    """BitOPs of a subnet (attention matmuls at 32 x 32 bits, as `qsamc bitops` counts them)."""
+    """BitOPs of a subnet: attention matmuls at 32 x 32 bits, as `qsamc bitops` counts them, or left out
+    (`float_macs="exclude"`, the paper's convention)."""
 
     name: Metric = "bitops"
     description = "BitOPs"
 
-    def __init__(self, ir: IR, space: SearchSpace) -> None:
-        self._model = BitopsModel(ir, space)
+    def __init__(self, ir: IR, space: SearchSpace, float_macs: FloatMacs = "fp32") -> None:
+        self._model = BitopsModel(ir, space, float_macs)
 
     def cost(self, subnet: Subnet) -> float:
         return float(self._model.cost(subnet)[1])

@@ -52,6 +52,19 @@ def lowering_passes(deployment: DeploymentFormat) -> list:
     return lowering
 
 
+def export_static(ir, space, subnet, deployment: DeploymentFormat, example_input: torch.Tensor):
+    """The export path of one subnet: extract the static subnet -> keep a copy (the fake-quantized
+    reference the ONNX model must reproduce) -> lowering passes and BitOPs through the PassManager ->
+    emit. Returns (lowered static IR, reference module, ONNX model)."""
+    from qsamc.pass_manager import PassManager
+    from qsamc.passes import CountBitopsPass, ExtractSubnetPass
+
+    static = ExtractSubnetPass(subnet)(ir).ir
+    reference = copy.deepcopy(static.root)
+    PassManager([*lowering_passes(deployment), CountBitopsPass(space, subnet)], verify=True)(static)
+    return static, reference, emit_onnx(static.root, example_input, deployment, "image", "image_embeddings")
+
+
 @torch.no_grad()
 def lower_module(module: nn.Module, example_input: torch.Tensor, deployment: DeploymentFormat) -> nn.Module:
     """A lowered copy of `module`: integer weights in the deployment's containers, zero-point-0 inputs."""

@@ -6,6 +6,7 @@ Used by the trainer's validation and by search's fitness. Batches are prepared o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,19 +43,26 @@ class ValidationSet:
 
 
 @torch.no_grad()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ValidationSet, resolution: int) -> Evaluation:
+    """Mean per-pixel cross-entropy (ignore label excluded), mIoU and pixel accuracy of any model that
+    maps images at `resolution` to logits: a subnet, a baseline, an ONNX Runtime session plus head."""
+    metric = SegmentationMetric(data.num_classes, data.ignore_index)
+    total, pixels = 0.0, 0
+    for images, masks in data.batches(resolution):
+        logits = forward(images).float()
+        total += F.cross_entropy(logits, masks, ignore_index=data.ignore_index, reduction="sum").item()
+        pixels += int((masks != data.ignore_index).sum())
+        metric.update(logits, masks)
+    return Evaluation(total / max(pixels, 1), metric.miou(), metric.pixel_accuracy())
+
+
+@torch.no_grad()
 def evaluate_subnet(model: torch.nn.Module, subnet: Subnet, data: ValidationSet) -> Evaluation:
-    """Mean per-pixel cross-entropy (ignore label excluded), mIoU and pixel accuracy of `subnet`."""
+    """`evaluate` of the supernet + head computing `subnet`."""
     was_training = model.training
     model.eval()
     model.supernet.set_subnet(subnet)
-    metric = SegmentationMetric(data.num_classes, data.ignore_index)
-    total, pixels = 0.0, 0
     try:
-        for images, masks in data.batches(subnet.resolution):
-            logits = model(images)
-            total += F.cross_entropy(logits, masks, ignore_index=data.ignore_index, reduction="sum").item()
-            pixels += int((masks != data.ignore_index).sum())
-            metric.update(logits, masks)
+        return evaluate(model, data, subnet.resolution)
     finally:
         model.train(was_training)
-    return Evaluation(total / max(pixels, 1), metric.miou(), metric.pixel_accuracy())

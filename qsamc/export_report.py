@@ -76,6 +76,8 @@ class ExportReport:
     latency: dict[str, Any]
     fidelity: dict[str, Any]
     lint: list[str]
+    parts: list[dict[str, Any]] = field(default_factory=list)  # layer-by-layer checks (`verify.check_parts`)
+    task: dict[str, Any] | None = None  # validation mIoU through the head, PyTorch vs ONNX Runtime
     files: dict[str, str] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
     decoder: dict[str, Any] = field(default_factory=dict)  # `--promptable`: decoder.onnx (qsamc.promptable)

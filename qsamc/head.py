@@ -13,16 +13,23 @@ from torch import nn
 
 from qsamc.layers import QuantConv2d
 from qsamc.quant import QuantizerBank, weight_range
+from qsamc.sam import check_state_dict
 
 HEAD_BITS = 8
 
 
 class SegmentationHead(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128) -> None:
+    """`quantized=False` builds the same head from plain `nn.Conv2d` (same state-dict keys), for the
+    baselines that post-training quantizers (ModelOpt) rewrite themselves."""
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128, quantized: bool = True) -> None:
         super().__init__()
-        self.conv = QuantConv2d(in_channels, hidden, kernel_size=3, padding=1)
+        conv = QuantConv2d if quantized else nn.Conv2d
+        self.conv = conv(in_channels, hidden, kernel_size=3, padding=1)
         self.act = nn.GELU()
-        self.classifier = QuantConv2d(hidden, num_classes, kernel_size=1)
+        self.classifier = conv(hidden, num_classes, kernel_size=1)
+        if not quantized:
+            return
         for layer in (self.conv, self.classifier):
             layer.weight_quantizer = QuantizerBank("weight", (HEAD_BITS,))
             layer.act_quantizer = QuantizerBank("act", (HEAD_BITS,))
@@ -36,6 +43,21 @@ class SegmentationHead(nn.Module):
         quantizer = layer.weight_quantizer[HEAD_BITS]
         quantizer.scale.copy_(layer.weight.abs().max().clamp_min(1e-8) / weight_range(HEAD_BITS)[1])
         quantizer.initialized.fill_(True)
+
+    def set_bits(self, bits: int) -> None:
+        """HEAD_BITS (the deployed head, W8A8) or 32 (the FP32 reference's head)."""
+        for layer in (self.conv, self.classifier):
+            layer.set_bits(bits, bits)
+
+    def load_float_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load a trained head's float weights (a reference run's) and re-calibrate the weight scales;
+        the activation quantizers re-initialise from the first batch they see."""
+        expected = {k: v for k, v in self.state_dict().items() if "_quantizer." not in k}
+        check_state_dict(expected, state, source, f"a {self.classifier.out_channels}-class head")
+        self.load_state_dict(state, strict=False)
+        for layer in (self.conv, self.classifier):
+            if isinstance(layer, QuantConv2d):
+                self.calibrate_weight(layer)
 
     def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         logits = self.classifier(self.act(self.conv(features)))

@@ -22,8 +22,7 @@ from qsamc.latency import (
     LatencyTable, ProfileSettings, TableLatency, Validation, build_table, default_table_path, validate_table,
 )
 from qsamc.pareto import write_search
-from qsamc.pass_manager import PassManager
-from qsamc.passes import BitopsModel, BitopsReport, CountBitopsPass
+from qsamc.passes import BitopsModel, BitopsReport
 from qsamc.passes.count_bitops import FloatMacs
 from qsamc.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.search import EvolutionConfig, SearchResult, SubnetFitness, default_ladder, init_distributed, search
@@ -102,8 +101,10 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
                *, restrict: bool = False, estimate: bool = False, table: Path | None = None,
                dataset: str = "synthetic", data_root: Path | None = None, val_limit: int | None = 64,
                batch_size: int = 8, config: EvolutionConfig = EvolutionConfig(),
-               on_generation=None) -> tuple[SearchResult, list[Path]]:
-    """What `qsamc search` does; returns the result and the files written (none on ranks > 0)."""
+               on_generation=None, float_macs: FloatMacs = "fp32", split: str = "val") -> tuple[SearchResult, list[Path]]:
+    """What `qsamc search` does; returns the result and the files written (none on ranks > 0).
+    `float_macs="exclude"` leaves the attention matmuls out of BitOPs (the paper's convention); `split`
+    is the dataset split whose images score the subnets (`train` keeps val for reporting only)."""
     target = get_target(target_name)
     parsed = [parse_budget(b) for b in budgets]
     metrics = {"bitops": use_bitops, "latency": use_latency}
@@ -119,11 +120,11 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     space = target.restrict_space(spec.space) if restrict else spec.space
     costs: list[CostModel] = []
     if metrics["bitops"]:
-        costs.append(BitopsCost(ir, space))
+        costs.append(BitopsCost(ir, space, float_macs))
     if metrics["latency"]:
         costs.append(latency_cost(ir, space, target, table, estimate))
     parsed = parsed or default_ladder(space, costs[0])
-    data = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit, batch_size)
+    data = ValidationSet(build_dataset(dataset, data_root, split), val_limit, batch_size)
     result = search(space, costs, SubnetFitness(model, data), parsed, config,
                     on_generation=on_generation if rank == 0 else None)
     written = write_search(result, space, target, costs, out) if rank == 0 else []
@@ -145,24 +146,25 @@ def profile_target(target_name: str, model: str, out: Path | None, settings: Pro
 
 
 def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2,
-                  promptable: bool = False, sam_checkpoint: Path | None = None):
+                  promptable: bool = False, sam_checkpoint: Path | None = None, dataset: str | None = None,
+                  data_root: Path | None = None, val_limit: int | None = 32):
     """What `qsamc export` does: check every input -> extract the static subnet -> lower it to the
-    target's integer formats -> emit ONNX -> verify (TensorRT lint, ONNX Runtime fidelity) -> write
-    model, report and precision map -> build the TensorRT engine (`trt`). Nothing is written until all
-    checks pass. Returns the `ExportReport`; `report.engine["missing"]` says why no engine was built.
+    target's integer formats -> emit ONNX -> verify (TensorRT lint; each lowered part alone in ONNX
+    Runtime on the PyTorch subnet's own input to it; the whole model; with `dataset`, validation mIoU
+    through the head within 0.2 points of the PyTorch subnet's) -> write model, report and precision map
+    -> build the TensorRT engine (`trt`). Nothing is written until all checks pass. Returns the
+    `ExportReport`; `report.engine["missing"]` says why no engine was built.
     `promptable`: also SAM's prompt encoder + mask decoder as `decoder.onnx` (`qsamc.promptable`), with
     weights from the whole SAM checkpoint `sam_checkpoint` or freshly initialised, verified in ONNX Runtime
     on the encoder's own embeddings of the sample images (report["decoder"])."""
-    import copy
-
-
     from qsamc.checkpoint import atomic_write_bytes, atomic_write_json
-    from qsamc.emit import emit_onnx, lowering_passes
+    from qsamc.emit import export_static
     from qsamc.errors import TargetError
     from qsamc.export_report import ExportReport, layer_precisions, plot_precision_map
-    from qsamc.passes import (ExtractSubnetPass)
     from qsamc import tensorrt_engine
-    from qsamc.verify import check_export, lint_tensorrt, measure_fidelity, ort_latency, ort_session
+    from qsamc.evaluate import evaluate, evaluate_subnet
+    from qsamc.verify import (TASK_TOLERANCE, check_export, check_parts, lint_tensorrt, measure_fidelity,
+                              onnx_encoder_forward, ort_latency, ort_session)
 
     if sam_checkpoint is not None and not promptable:
         raise ConfigError("--sam-checkpoint is for the prompt encoder and mask decoder: add --promptable")
@@ -174,23 +176,27 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     subnet = spec.space.validate(subnet)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the model and its report")
+    validation = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit) if dataset else None
 
     if promptable:  # read the SAM checkpoint before the slow part: its errors come first
         from qsamc.promptable import DecoderSpec, build_promptable, export_decoder
         decoder_spec = DecoderSpec.for_subnet(subnet.model, subnet.resolution)
         decoder_model, decoder_weights = build_promptable(decoder_spec, sam_checkpoint)
 
-    static = ExtractSubnetPass(subnet)(ir).ir
-    reference = copy.deepcopy(static.root)  # the fake-quantized subnet the ONNX model must reproduce
-    PassManager([*lowering_passes(target.deployment), CountBitopsPass(spec.space, subnet)], verify=True)(static)
-
     generator = torch.Generator().manual_seed(0)
     images = [torch.randn(1, 3, subnet.resolution, subnet.resolution, generator=generator) for _ in range(samples)]
-    model_proto = emit_onnx(static.root, images[0], target.deployment, "image", "image_embeddings")
+    static, reference, model_proto = export_static(ir, spec.space, subnet, target.deployment, images[0])
     lint = lint_tensorrt(model_proto)
     session = ort_session(model_proto)
     fidelity = measure_fidelity(session, reference, images, min(b.a for b in subnet.bits))
-    check_export(lint, fidelity, for_tensorrt="trt" in target.formats)
+    parts = check_parts(reference, static.root, subnet, images[0], target.deployment)
+    task = None
+    if validation is not None:
+        pytorch = evaluate_subnet(model, subnet, validation).miou
+        onnx_miou = evaluate(onnx_encoder_forward(session, model.head), validation, subnet.resolution).miou
+        task = {"pytorch_miou": pytorch, "onnx_miou": onnx_miou, "val_images": len(validation.samples),
+                "ok": abs(pytorch - onnx_miou) <= TASK_TOLERANCE}
+    check_export(lint, fidelity, for_tensorrt="trt" in target.formats, parts=parts, task=task)
     if promptable:
         embeddings = [torch.from_numpy(session.run(None, {"image": x.numpy()})[0]) for x in images]
         decoder_proto, decoder_report = export_decoder(decoder_spec, decoder_model, decoder_weights, embeddings)
@@ -204,7 +210,7 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
         sizes={"onnx_bytes": len(data), "fp32_bytes": 4 * sum(t.numel() for t in reference.state_dict().values()
                                                              if t.is_floating_point())},
         latency={"onnxruntime_cpu": ort_latency(session, images[0])},
-        fidelity=fidelity.to_json(), lint=lint)
+        fidelity=fidelity.to_json(), lint=lint, parts=[p.to_json() for p in parts], task=task)
     paths = {"onnx": out / "encoder.onnx", "report": out / "report.json", "precision_map": out / "precision.png"}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(paths["onnx"], data)
@@ -245,6 +251,6 @@ def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> dic
     middle = searched.results[len(searched.results) // 2]
     chosen = out / "search" / "quickstart-subnet.json"
     middle.best.subnet.save(chosen)
-    report = export_subnet(run, chosen, "cpu", "onnx", out / "export")
+    report = export_subnet(run, chosen, "cpu", "onnx", out / "export", dataset="synthetic", val_limit=16)
     return {"trained": trained, "searched": searched, "search_files": written, "chosen": chosen,
             "budget": middle.budgets, "export": report}

@@ -42,6 +42,11 @@ _MAX_BITS = 8
 
 FULL_PRECISION = 32
 
+WeightInit = Literal["lsq+", "mse"]
+WEIGHT_INITS = ("lsq+", "mse")
+# Clipping fractions of max|w| that the MSE weight initialisation tries (1.0 = no clipping).
+MSE_CANDIDATES = tuple(round(0.2 + 0.02 * i, 2) for i in range(41))
+
 
 def weight_range(bits: int) -> tuple[int, int]:
     """Symmetric signed grid (n, p) = (-2**(b-1), 2**(b-1) - 1); e.g. 2 -> (-2, 1), 8 -> (-128, 127)."""
@@ -122,25 +127,43 @@ class LsqWeightQuantizer(nn.Module):
         return f"bits={self.bits}, channels={self.channels}"
 
     @torch.no_grad()
-    def initialize(self, w: Tensor) -> None:
-        """LSQ+ init s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2**(b-1), per row when per-channel.
+    def initialize(self, w: Tensor, method: WeightInit = "lsq+") -> None:
+        """Initial step size, per row when per-channel.
 
-        sigma is the population std (a one-element row gives 0, not NaN). Rows beyond w.shape[0] (a
-        sliced first use) get the value computed over all of w, so every row starts sensible; the
-        insertion pass should pass the full weight.
+        `lsq+`: s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2**(b-1) (LSQ+; sigma is the population std, so
+        a one-element row gives 0, not NaN). `mse`: the s of `MSE_CANDIDATES` fractions of max|w| / p that
+        minimises ||w - w_hat||^2, as post-training quantizers calibrate weights: a pre-trained weight
+        keeps its outliers at 8 bits (3 sigma clips them), low bit-widths clip where the error is least.
+        Rows beyond w.shape[0] (a sliced first use) get the value computed over all of w, so every row
+        starts sensible; the insertion pass should pass the full weight.
         """
+        if method not in WEIGHT_INITS:
+            raise ValueError(f"weight init must be one of {', '.join(WEIGHT_INITS)}, got {method!r}")
+        scale_of = self._lsq_plus_scale if method == "lsq+" else self._mse_scale
         w = w.detach().float()
         if self.channels is None:
-            self.scale.copy_(self._lsq_plus_scale(w.reshape(1, -1))[0])
+            self.scale.copy_(scale_of(w.reshape(1, -1))[0])
         else:
             self._check_rows(w)
-            self.scale.copy_(self._lsq_plus_scale(w.reshape(1, -1)).expand(self.channels))
-            self.scale[: w.shape[0]] = self._lsq_plus_scale(w.reshape(w.shape[0], -1))
+            self.scale.copy_(scale_of(w.reshape(1, -1)).expand(self.channels))
+            self.scale[: w.shape[0]] = scale_of(w.reshape(w.shape[0], -1))
         self.initialized.fill_(True)
 
     def _lsq_plus_scale(self, rows: Tensor) -> Tensor:
         mu, sigma = rows.mean(dim=1), rows.std(dim=1, correction=0)
         return torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs()) / 2 ** (self.bits - 1)
+
+    def _mse_scale(self, rows: Tensor) -> Tensor:
+        top = rows.abs().amax(dim=1, keepdim=True).clamp_min(_MIN_SCALE) / max(self.p, 1)
+        best_err = torch.full((rows.shape[0],), math.inf)
+        best = top[:, 0].clone()
+        for fraction in MSE_CANDIDATES:
+            s = top * fraction
+            err = (_grid(rows, s, None, self.n, self.p) * s - rows).pow(2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, s[:, 0], best)
+        return best
 
     def _check_rows(self, w: Tensor) -> None:
         if w.shape[0] > self.channels:

@@ -116,12 +116,21 @@ def get_config(name: str) -> EncoderConfig:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from an untrusted file (`weights_only=True`): a whole SAM or a bare encoder.
 
-    An official `sam_vit_*.pth` holds the whole SAM; its `image_encoder.*` keys are the encoder.
+    An official `sam_vit_*.pth` holds the whole SAM; its `image_encoder.*` keys are the encoder. A qsamc
+    run's `supernet.pt` holds encoder + quantizers + head under `supernet.*` / `head.*`; its encoder is
+    the `supernet.*` weights without the quantizers. A supernet with LoRA is refused: its pre-trained
+    weights alone are not the model it trained.
     """
-    obj = _read_tensors(path)
-    if any(k.startswith("image_encoder.") for k in obj):
-        prefix = len("image_encoder.")
-        obj = {k[prefix:]: v for k, v in obj.items() if k.startswith("image_encoder.")}
+    obj = read_tensors(path)
+    for prefix in ("image_encoder.", "supernet."):
+        if any(k.startswith(prefix) for k in obj):
+            if prefix == "supernet." and any(".lora." in k for k in obj):
+                raise CheckpointError(
+                    f"checkpoint {path} is a supernet trained with LoRA; start from an FP32 reference run "
+                    f"(`qsamc train --schedule fp32`) or a SAM checkpoint")
+            obj = {k[len(prefix):]: v for k, v in obj.items()
+                   if k.startswith(prefix) and "_quantizer." not in k}
+            break
     return obj
 
 
@@ -131,7 +140,7 @@ PROMPT_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 def read_prompt_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The prompt encoder and mask decoder of a whole SAM checkpoint (`sam_vit_*.pth`), read with the
     same rules as `read_state_dict`; keys keep their `prompt_encoder.` / `mask_decoder.` prefixes."""
-    obj = _read_tensors(path)
+    obj = read_tensors(path)
     missing = [p.rstrip(".") for p in PROMPT_PREFIXES if not any(k.startswith(p) for k in obj)]
     if missing:
         raise CheckpointError(
@@ -143,7 +152,7 @@ def read_prompt_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if k.startswith(PROMPT_PREFIXES)}
 
 
-def _read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """A non-empty dict of tensors from an untrusted file, or one sentence saying why not."""
     path = Path(path)
     if not path.is_file():
@@ -170,10 +179,11 @@ def _read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, model_name: str
+    model: nn.Module | dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, model_name: str
 ) -> None:
-    """Raise one sentence naming the first key or shape of `state` that does not fit `model`."""
-    expected = model.state_dict()
+    """Raise one sentence naming the first key or shape of `state` that does not fit `model` (a module,
+    or the state dict it expects)."""
+    expected = model.state_dict() if isinstance(model, nn.Module) else model
     for key, value in expected.items():
         if key not in state:
             raise CheckpointError(f"checkpoint {source} does not fit {model_name}: key '{key}' is missing")

@@ -50,6 +50,11 @@ class EvolutionConfig:
     fresh_tries: int = 10
     # Shrinking steps tried on an over-budget child before it is resampled.
     repair_steps: int = 50
+    # Start up to half the first population from uniform-precision subnets: for each (w, a) pair the
+    # largest architecture at the highest resolution that meets the budgets (the precisions runtimes
+    # deploy, and the largest-that-fits starting points OFA and BigNAS use), costliest first. A random
+    # subnet of a mixed space is mostly low-bit, and a few generations rarely climb back from there.
+    uniform_seeds: bool = True
 
     def __post_init__(self) -> None:
         if min(self.population, self.top_k, self.generations) < 1 or min(self.mutations, self.crossovers) < 0:
@@ -241,6 +246,22 @@ class Searcher:
         pair = (lower(bits.w, space.weight_bits), bits.a) if rng.random() < 0.5 else (bits.w, lower(bits.a, space.act_bits))
         return set_group_bits(subnet, layers, pair)
 
+    def uniform_seeds(self, budgets: Sequence[Budget]) -> list[Subnet]:
+        """Per (w, a) pair, the largest architecture at the highest resolution meeting `budgets`;
+        costliest first, ties to the more balanced pair (see `EvolutionConfig.uniform_seeds`)."""
+        space, largest, metric = self.space, self.space.max_subnet(), budgets[0].metric
+        seeds = []
+        for w in sorted(space.weight_bits, reverse=True):
+            for a in sorted(space.act_bits, reverse=True):
+                for resolution in sorted(space.resolutions, reverse=True):
+                    subnet = space.canonical(space.uniform_bits(replace(largest, resolution=resolution), w, a))
+                    if self.fits(subnet, budgets):
+                        seeds.append(subnet)
+                        break
+        unique = list(dict.fromkeys(seeds))
+        # Ties (W32A2 costs the BitOPs of W8A8) go to the balanced pair, the one runtimes deploy.
+        return sorted(unique, key=lambda s: (-self.cost_of(s)[metric], -min(s.bits[0].w, s.bits[0].a)))
+
     def legalize(self, subnet: Subnet, budgets: Sequence[Budget], fallback: Subnet) -> Subnet:
         """`subnet` if it meets the budgets, else a repaired one, else a fresh sample, else `fallback`."""
         if self.fits(subnet, budgets):
@@ -272,7 +293,10 @@ class Searcher:
         cfg, rng, objective = self.config, self.rng, self.config.objective
         fallback = self.check_budgets(budgets)
         seen: set[Subnet] = set()
-        population = self._children(lambda: self.space.sample(rng), cfg.population, budgets, fallback, seen)
+        seeds = self.uniform_seeds(budgets)[: cfg.population // 2] if cfg.uniform_seeds else []
+        seen.update(seeds)
+        population = seeds + self._children(lambda: self.space.sample(rng), cfg.population - len(seeds), budgets,
+                                            fallback, seen)
         # Subnets already evaluated under other budgets that meet these ones are parents for free: a
         # looser budget then never ends worse than a tighter one of the same run.
         top = [c for c in self.cache.values() if self.fits(c.subnet, budgets)]

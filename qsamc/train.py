@@ -13,13 +13,14 @@ the scheduler, and a run killed at any point and resumed ends with the same weig
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from qsamc.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.head import SegmentationModel
 from qsamc.passes import AttachLoraPass, CalibrateActivationsPass
 from qsamc.progress import progress_bar
+from qsamc.quant import LsqActQuantizer, LsqWeightQuantizer
 from qsamc.space import SearchSpace, Subnet, default_space
 from qsamc.train_config import TrainConfig, default_phase1_resolution
 
@@ -47,8 +49,8 @@ class TrainingDiverged(QsamcError):
 class TrainResult:
     run: Path
     iterations: int
-    max_subnet: Evaluation
-    min_subnet: Evaluation
+    max_subnet: Evaluation  # the fp32 schedule: its FP32 model
+    min_subnet: Evaluation | None  # None for the fp32 schedule
 
 
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -63,8 +65,17 @@ def training_space(config: TrainConfig, space: SearchSpace, iteration: int) -> S
     return space.restrict(resolutions=tuple(r for r in space.resolutions if r <= cap) or (min(space.resolutions),))
 
 
+def fp32_subnet(space: SearchSpace, resolution: int | None = None) -> Subnet:
+    """The largest architecture with every layer in float, at `resolution` (default: the native one)."""
+    largest = space.max_subnet()
+    return space.uniform_bits(replace(largest, resolution=resolution or largest.resolution), 32, 32)
+
+
 def sample_subnets(config: TrainConfig, space: SearchSpace, iteration: int) -> list[Subnet]:
-    """The subnets trained at `iteration`: one uniform sample (Eq. 1), or max, min and one (sandwich)."""
+    """The subnets trained at `iteration`: one uniform sample (Eq. 1), or max, min and one (sandwich);
+    the fp32 schedule trains the float largest network only."""
+    if config.schedule == "fp32":
+        return [fp32_subnet(space)]
     rng = random.Random(config.seed * 1_000_003 + iteration)
     space = training_space(config, space, iteration)
     if config.sampling == "sandwich":
@@ -83,6 +94,29 @@ def batch_indices(config: TrainConfig, size: int, iteration: int, rank: int, wor
     return epoch, order[start : start + config.batch_size]
 
 
+def distillation_loss(logits: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean per-pixel KL(reference || subnet) of the class distributions, over labelled pixels
+    (inplace distillation, as BigNAS / OFA, here from the frozen FP32 reference)."""
+    target = F.log_softmax(reference, dim=1)
+    kl = (target.exp() * (target - F.log_softmax(logits, dim=1))).sum(dim=1)
+    valid = masks != ignore_index
+    return (kl * valid).sum() / valid.sum().clamp_min(1)
+
+
+class Teacher:
+    """The frozen FP32 reference that `distill="reference"` distils from, at the student's resolution."""
+
+    def __init__(self, model: SegmentationModel, space: SearchSpace) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model.head.set_bits(32)
+        self.space = space
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.model.supernet.configure(fp32_subnet(self.space, images.shape[-1]))
+        return self.model(images)
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -97,10 +131,37 @@ def _trainable(model: SegmentationModel, lora_phase: bool) -> list[nn.Parameter]
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: weights, LoRA and head at `lr` with weight decay; LSQ+ step sizes and offsets
+    without it. Adam moves every parameter by about its learning rate per step, whatever the gradient's
+    scale (LSQ's gradient scaling assumes SGD), and an 8-bit weight step size is ~1e-4: at the weights'
+    learning rate it would change several-fold per step while a 2-bit one barely moves. So each
+    bit-width's step sizes get a learning rate proportional to their mean size, a relative step of `lr`
+    for every bit-width; offsets live on the activations' scale and keep `lr`."""
+    wanted = {id(p) for p in params}
+    steps: dict[tuple[str, int], list[nn.Parameter]] = {}
+    offsets: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, (LsqWeightQuantizer, LsqActQuantizer)):
+            if id(module.scale) in wanted:
+                steps.setdefault((type(module).__name__, module.bits), []).append(module.scale)
+            if isinstance(module, LsqActQuantizer) and id(module.offset) in wanted:
+                offsets.append(module.offset)
+    special = {id(p) for group in (*steps.values(), offsets) for p in group}
+    groups = [{"params": [p for p in params if id(p) not in special], "lr": lr, "weight_decay": weight_decay}]
+    for (_, _bits), scales in sorted(steps.items()):
+        size = float(torch.cat([s.detach().abs().reshape(-1) for s in scales]).mean())
+        groups.append({"params": scales, "lr": lr * size, "weight_decay": 0.0})
+    if offsets:
+        groups.append({"params": offsets, "lr": lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
 def _optimizer(config: TrainConfig, model: SegmentationModel, lora_phase: bool, steps: int):
     params = _trainable(model, lora_phase)
     lr = config.lora_lr if lora_phase else config.lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, params, lr, config.weight_decay), lr=lr,
+                                  weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(1.0 - step / max(steps, 1), 0.0) ** config.poly_power)
     return optimizer, scheduler
@@ -175,9 +236,13 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     val_set = build_dataset(config.dataset, config.data_root, "val", seed=config.seed)
     space = default_space(config.model, config.granularity)  # type: ignore[arg-type]
     spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel)
-    model, ir = build_model(SupernetSpec(space, train_set.num_classes, None, config.per_channel), config.checkpoint)
+    model, ir = build_model(SupernetSpec(space, train_set.num_classes, None, config.per_channel), config.checkpoint,
+                            weight_init=config.weight_init)  # type: ignore[arg-type]
     model.supernet.activation_checkpointing = config.activation_checkpointing
+    if config.schedule == "fp32":
+        model.head.set_bits(32)
     model.to(device)
+    teacher = Teacher(model, space) if config.distill == "reference" else None
 
     lora_from = config.lora_from()
     state = _load_checkpoint(run) if resume else None
@@ -238,8 +303,12 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                 total = 0.0
                 for subnet in subnets:
                     model.supernet.set_subnet(subnet)
-                    images, masks = make_batch(samples, subnet.resolution)
-                    loss = segmentation_loss(wrapped(images.to(device)), masks.to(device), train_set.ignore_index)
+                    images, masks = (t.to(device) for t in make_batch(samples, subnet.resolution))
+                    logits = wrapped(images)
+                    loss = segmentation_loss(logits, masks, train_set.ignore_index)
+                    if teacher is not None:
+                        loss = loss + config.distill_weight * distillation_loss(
+                            logits, teacher(images), masks, train_set.ignore_index)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"the loss became {loss.item()} at iteration {iteration + 1}; training stopped and the last "
@@ -271,12 +340,16 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
 
     # 6. Validate the extremes of the space and write the supernet that search and export load.
     validation = ValidationSet(val_set, limit=config.val_limit)
-    max_eval = evaluate_subnet(model, space.max_subnet(), validation)
-    min_eval = evaluate_subnet(model, space.min_subnet(), validation)
+    if config.schedule == "fp32":
+        max_eval, min_eval = evaluate_subnet(model, fp32_subnet(space), validation), None
+    else:
+        max_eval = evaluate_subnet(model, space.max_subnet(), validation)
+        min_eval = evaluate_subnet(model, space.min_subnet(), validation)
     if rank == 0:
         save_supernet(run, spec, model)
         atomic_write_json(run / "validation.json", {
-            "max_subnet": max_eval.__dict__, "min_subnet": min_eval.__dict__, "val_images": len(validation.samples)})
+            "max_subnet": max_eval.__dict__, "min_subnet": None if min_eval is None else min_eval.__dict__,
+            "val_images": len(validation.samples), "schedule": config.schedule})
     if world > 1:
         dist.barrier()
     return TrainResult(run, config.iterations, max_eval, min_eval)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -19,11 +20,13 @@ import yaml
 
 from qsamc.errors import ConfigError
 from qsamc.lora import LORA_VARIANTS, LoraConfig
+from qsamc.quant import WEIGHT_INITS
 from qsamc.sam import get_config
 from qsamc.space import GRANULARITIES
 
-SCHEDULES = ("progressive", "lora", "full")
+SCHEDULES = ("progressive", "lora", "full", "fp32")
 SAMPLINGS = ("uniform", "sandwich")
+DISTILLATIONS = ("none", "reference")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,14 @@ class TrainConfig:
     schedule: `progressive` (phase 1 trains all weights and quantizers without LoRA at resolutions up
     to `phase1_max_resolution`, phase 2 attaches LoRA, freezes the pre-trained weights and trains LoRA
     and quantizers at the full resolution range), `lora` (LoRA from the start), `full` (QFA*: all
-    weights, no LoRA). `lora_variant` picks regular / selective / multiplex.
+    weights, no LoRA), `fp32` (plain FP32 fine-tuning of encoder and head at the native resolution: the
+    reference that compressed models are judged against and that post-training quantizers start from).
+    `lora_variant` picks regular / selective / multiplex.
+
+    `checkpoint` is a SAM checkpoint (encoder only) or an `fp32` run folder (encoder and head).
+    `distill="reference"` adds inplace distillation from that FP32 reference (frozen): the loss is
+    cross-entropy + `distill_weight` x KL(reference || subnet) of the per-pixel class distributions.
+    `weight_init` initialises weight step sizes by LSQ+ (the paper) or by MSE-optimal clipping (as PTQ).
     """
 
     model: str = "vit_t"
@@ -66,6 +76,9 @@ class TrainConfig:
     val_limit: int = 32
     num_workers: int = 0
     activation_checkpointing: bool = False
+    distill: str = "none"
+    distill_weight: float = 1.0
+    weight_init: str = "lsq+"
 
     def __post_init__(self) -> None:
         get_config(self.model)
@@ -82,6 +95,13 @@ class TrainConfig:
             (self.multiplex_modules in (3, 4, 5), f"multiplex_modules must be 3, 4 or 5, got {self.multiplex_modules}"),
             (self.lora_switch in ("weight", "act"), f"lora_switch must be 'weight' or 'act', got '{self.lora_switch}'"),
             (self.lora_rank >= 1, f"lora_rank must be at least 1, got {self.lora_rank}"),
+            (self.distill in DISTILLATIONS, f"distill must be one of {', '.join(DISTILLATIONS)}, got '{self.distill}'"),
+            (self.distill == "none" or self.checkpoint is not None,
+             "distill=reference needs --checkpoint naming an FP32 reference run (`qsamc train --schedule fp32`)"),
+            (self.distill == "none" or self.schedule != "fp32", "the fp32 schedule trains the reference; it has no reference to distill from"),
+            (math.isfinite(self.distill_weight) and self.distill_weight >= 0,
+             f"distill_weight must be a finite number >= 0, got {self.distill_weight}"),
+            (self.weight_init in WEIGHT_INITS, f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -89,14 +109,14 @@ class TrainConfig:
 
     @property
     def lora(self) -> LoraConfig | None:
-        if self.schedule == "full":
+        if self.schedule in ("full", "fp32"):
             return None
         return LoraConfig(self.lora_variant, self.lora_rank, self.lora_alpha, tuple(self.lora_modules),
                           self.multiplex_modules, self.lora_switch, self.lora_detach)  # type: ignore[arg-type]
 
     def lora_from(self) -> int | None:
         """The first iteration that trains with LoRA (None: never)."""
-        return {"progressive": self.phase1_iterations, "lora": 0, "full": None}[self.schedule]
+        return {"progressive": self.phase1_iterations, "lora": 0, "full": None, "fp32": None}[self.schedule]
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

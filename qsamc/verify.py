@@ -193,6 +193,85 @@ def measure_fidelity(session: ort.InferenceSession, reference: torch.nn.Module, 
                     max_tol, mean_tol, len(inputs))
 
 
+# --- layer by layer (as Polygraphy compares engines) ------------------------------------------------
+
+PART_LAYERS = {"patch_embed": ("patch_embed.proj",), "attention": ("attn.qkv", "attn.proj"),
+               "mlp": ("mlp.lin1", "mlp.lin2"), "neck": ("neck.0", "neck.2")}
+
+
+@dataclass(frozen=True)
+class PartCheck:
+    """One lowered part, run alone in ONNX Runtime on the PyTorch subnet's own input to that part, against
+    the PyTorch subnet's output of that part; errors relative to the part's output peak."""
+
+    part: str
+    max_rel: float
+    mean_rel: float
+    max_rel_tolerance: float
+    mean_rel_tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel <= self.max_rel_tolerance and self.mean_rel <= self.mean_rel_tolerance
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def part_tolerance(min_act_bits: int) -> tuple[float, float]:
+    """(max, mean) relative tolerance of one part fed the reference's exact input: one step of its
+    coarsest activation grid at most (a rounding flip), and 1/64 of a step on average (flips are rare).
+    No noise-floor allowance: nothing upstream can amplify a flip into this part."""
+    step = 2.0 ** -(min(min_act_bits, 8) - 1)
+    return step, step / 64
+
+
+@torch.no_grad()
+def check_parts(reference: torch.nn.Module, lowered: torch.nn.Module, subnet, image: torch.Tensor,
+                deployment) -> list[PartCheck]:
+    """Every part of the lowered static subnet (patch embedding, each block's attention and MLP halves,
+    the neck: the parts latency tables time), emitted alone by export's emitter and run in ONNX Runtime
+    on the fake-quantized reference's input to it. A wrong lowering shows in its part, undiluted."""
+    from qsamc.emit import emit_onnx
+    from qsamc.qdq_onnx import AttentionPart, MlpPart, NeckPart, PatchPart, one_torch_thread
+
+    def parts(static):
+        yield "patch_embed", "", PatchPart(static.patch_embed, static.pos_embed)
+        for index, block in static.blocks.items():
+            yield f"blocks.{index}.attention", f"blocks.{index}.", AttentionPart(block)
+            yield f"blocks.{index}.mlp", f"blocks.{index}.", MlpPart(block)
+        yield "neck", "", NeckPart(static.neck)
+
+    checks, x = [], image
+    with one_torch_thread():
+        for (name, prefix, expected_part), (_, _, lowered_part) in zip(parts(reference), parts(lowered)):
+            kind = name.rsplit(".", 1)[-1]
+            bits = min((subnet.bits_of(prefix + layer).a for layer in PART_LAYERS[kind]), default=32)
+            expected = expected_part(x).float()
+            session = ort_session(emit_onnx(lowered_part, x, deployment), threads=1)
+            actual = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+            diff, peak = (actual - expected).abs(), float(expected.abs().max()) or 1.0
+            checks.append(PartCheck(name, float(diff.max()) / peak, float(diff.mean()) / peak, *part_tolerance(bits)))
+            x = expected  # the next part is fed the reference's own input
+    return checks
+
+
+def onnx_encoder_forward(session: ort.InferenceSession, head: torch.nn.Module):
+    """Images -> logits with the encoder in an ONNX Runtime session (static batch 1) and `head` in torch:
+    how the task-level check scores an exported encoder through its head."""
+    name = session.get_inputs()[0].name
+
+    @torch.no_grad()
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        features = [torch.from_numpy(session.run(None, {name: image[None].numpy()})[0]) for image in images]
+        return head(torch.cat(features), images.shape[-2:])
+
+    return forward
+
+
+TASK_TOLERANCE = 0.002  # mIoU, 0.2 points
+
+
 def ort_latency(session: ort.InferenceSession, example: torch.Tensor, runs: int = 10) -> dict:
     """Median and best wall time of one inference (after one warm-up run), in milliseconds."""
     feed = {session.get_inputs()[0].name: example.numpy()}
@@ -206,10 +285,22 @@ def ort_latency(session: ort.InferenceSession, example: torch.Tensor, runs: int 
     return {"median_ms": float(np.median(times)), "best_ms": float(min(times)), "threads": threads, "runs": runs}
 
 
-def check_export(lint: list[str], fidelity: Fidelity, for_tensorrt: bool) -> None:
-    """Raise one sentence when the export does not verify (lint problems count for TensorRT targets)."""
+def check_export(lint: list[str], fidelity: Fidelity, for_tensorrt: bool, parts: list[PartCheck] = (),
+                 task: dict | None = None) -> None:
+    """Raise one sentence when the export does not verify (lint problems count for TensorRT targets):
+    a part that disagrees fed the reference's own input, a task metric that moved, or the whole model."""
     if lint and for_tensorrt:
         raise ExportError(f"the ONNX model is not TensorRT-compatible: {lint[0]}")
+    bad = next((p for p in parts if not p.ok), None)
+    if bad is not None:
+        raise ExportError(
+            f"the lowered {bad.part} differs from the fake-quantized subnet's, fed the same input, by "
+            f"{bad.max_rel:.2e} (max) / {bad.mean_rel:.2e} (mean) of its output scale, above one quantization "
+            f"step ({bad.max_rel_tolerance:.2e} / {bad.mean_rel_tolerance:.2e}): a lowering defect")
+    if task is not None and not task["ok"]:
+        raise ExportError(
+            f"the ONNX model's validation mIoU is {task['onnx_miou']:.4f} against the PyTorch subnet's "
+            f"{task['pytorch_miou']:.4f}, more than {TASK_TOLERANCE * 100:.1f} points apart")
     if not fidelity.ok or not math.isfinite(fidelity.max_rel):
         raise ExportError(
             f"the ONNX model differs from the fake-quantized subnet by {fidelity.max_rel:.2e} (max) / "

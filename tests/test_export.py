@@ -15,6 +15,7 @@ from lowering_helpers import calibrated_vit_t, dyadic_input, dyadic_layer
 from qsamc.checkpoint import save_supernet
 from qsamc.emit import emit_onnx
 from qsamc.formats import ONNXRUNTIME_CPU, TENSORRT
+from qsamc.space import load_subnet
 from qsamc.verify import lint_tensorrt, ort_session
 
 
@@ -177,3 +178,52 @@ def test_export_cli_user_errors_are_one_sentence_and_keep_existing_files(run_cli
     assert code == 2
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr
     assert (out / "encoder.onnx").read_text() == "earlier work"
+
+
+# --- verification: layer by layer, task level, and a lowering that is wrong on purpose ----------
+
+
+def _export(run_folder, tmp_path, **options):
+    from qsamc.pipeline import export_subnet
+
+    run = run_folder[0]
+    return export_subnet(run, run / "w8a8.json", "cpu", "onnx", tmp_path / "out", **options)
+
+
+def test_export_checks_every_part_alone_and_the_task_metric(run_folder, tmp_path):
+    report = _export(run_folder, tmp_path, dataset="synthetic", val_limit=4)
+    subnet = load_subnet(run_folder[0] / "w8a8.json")
+    blocks = [str(i) for i in run_folder[3].space.active_blocks(subnet.depths)]
+    expected = ["patch_embed", *[f"blocks.{b}.{half}" for b in blocks for half in ("attention", "mlp")], "neck"]
+    assert [p["part"] for p in report.parts] == expected
+    assert all(p["ok"] and p["max_rel_tolerance"] == 2.0**-7 for p in report.parts)
+    assert report.task["val_images"] == 4 and report.task["ok"]
+    assert abs(report.task["pytorch_miou"] - report.task["onnx_miou"]) <= 0.002
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["parts"] == report.parts and saved["task"] == report.task
+
+
+@pytest.mark.parametrize("defect", ["offset folded with the wrong sign", "activation scale one step off"])
+def test_a_broken_lowering_fails_the_export_in_its_part(run_folder, tmp_path, monkeypatch, defect):
+    """Break one layer's lowering on purpose, the 6th layer lowered: blocks.2's qkv (the subnet keeps
+    blocks 0 and 2 of stage 0, the global block last). The export must refuse, name the part, and
+    write nothing."""
+    import qsamc.passes.lower_activation_offsets as offsets
+    from qsamc.verify import ExportError
+
+    original, calls = offsets.lower_activation_offset, []
+
+    def broken(layer, input_hw=None):
+        changed = original(layer, input_hw)
+        calls.append(layer)
+        if len(calls) == 6:
+            if defect.startswith("offset"):
+                layer.act.shift = -layer.act.shift
+            else:
+                layer.act.scale *= 1 + 2.0 ** -(layer.act.bits - 1)
+        return changed
+
+    monkeypatch.setattr(offsets, "lower_activation_offset", broken)
+    with pytest.raises(ExportError, match=r"the lowered blocks\.2\.attention differs .* a lowering defect"):
+        _export(run_folder, tmp_path)
+    assert not (tmp_path / "out").exists()

@@ -171,3 +171,22 @@ def test_population_evaluation_splits_across_gloo_ranks():
     expected = [proxy_fitness(space.sample(random.Random(i))).loss for i in range(5)]
     assert [r[1] for r in reports] == [3, 2]  # rank 0 evaluates 0, 2, 4; rank 1 evaluates 1, 3
     assert reports[0][2] == reports[1][2] == expected
+
+
+def test_uniform_seeds_are_the_largest_fitting_uniform_subnets_costliest_first(vit_t):
+    space, bitops = vit_t
+    w8a8 = space.uniform_bits(space.max_subnet(), 8, 8)
+    budget = Budget("bitops", bitops.cost(w8a8))
+    searcher = Searcher(space, [bitops], proxy_fitness, SMALL)
+    seeds = searcher.uniform_seeds([budget])
+    assert seeds[0] == space.canonical(w8a8)
+    assert len(seeds) == len(set(seeds)) and all(searcher.fits(s, [budget]) for s in seeds)
+    costs = [bitops.cost(s) for s in seeds]
+    assert costs == sorted(costs, reverse=True)
+    for seed in seeds:
+        assert len({(b.w, b.a) for b in seed.bits}) == 1 and seed.depths == space.max_subnet().depths
+        higher = [r for r in space.resolutions if r > seed.resolution]  # the highest resolution that fits
+        assert not higher or not searcher.fits(replace(seed, resolution=higher[0]), [budget])
+    # W8A8 under its own budget: the search never ends worse than the uniform subnet it was seeded with.
+    result = searcher.evolve([budget])
+    assert result.best.evaluation.loss <= proxy_fitness(w8a8).loss

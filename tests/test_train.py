@@ -465,7 +465,7 @@ def test_yaml_and_toml_configs_load_and_flags_override_them(tmp_path):
     ("iterations: 5\nbogus_field: 1\n", "unknown config field 'bogus_field'"),
     ("iterations: ten\n", "config field 'iterations' expects int, got 'ten'"),
     ("batch_size: 2.5\n", "config field 'batch_size' expects int"),
-    ("schedule: sometimes\n", "schedule must be one of progressive, lora, full, got 'sometimes'"),
+    ("schedule: sometimes\n", "schedule must be one of progressive, lora, full, fp32, got 'sometimes'"),
     ("lora_variant: double\n", "lora_variant must be one of"),
     ("iterations: 10\nphase1_iterations: 10\n", "0 < phase1_iterations < iterations"),
     ("model: vit_zz\n", "unknown model 'vit_zz'"),
@@ -509,3 +509,26 @@ def test_cli_resume_without_a_run_is_one_sentence(tmp_path, monkeypatch, capsys)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot resume:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_step_sizes_learn_at_a_rate_relative_to_their_size_and_without_weight_decay():
+    """Adam moves a parameter by about its learning rate per step: an 8-bit weight step size (~1e-4)
+    needs a learning rate ~1e-4 times smaller than the weights', a 2-bit one a larger one."""
+    from qsamc.checkpoint import SupernetSpec, build_model
+    from qsamc.quant import LsqActQuantizer, LsqWeightQuantizer
+
+    model, _ = build_model(SupernetSpec(default_space("vit_t"), 4, None))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = T.param_groups(model, params, 1e-3, 0.01)
+    held = [id(p) for g in groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in params)  # each trainable parameter exactly once
+    assert groups[0]["weight_decay"] == 0.01 and all(g["weight_decay"] == 0.0 for g in groups[1:])
+    scales = {(type(m).__name__, m.bits): m for m in model.modules() if isinstance(m, (LsqWeightQuantizer, LsqActQuantizer))}
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for (kind, bits), module in scales.items():
+        same = [m.scale for m in model.modules() if type(m).__name__ == kind and getattr(m, "bits", None) == bits]
+        mean = float(torch.cat([s.detach().reshape(-1) for s in same]).abs().mean())
+        assert by_param[id(module.scale)] == pytest.approx(1e-3 * mean)
+    w8 = next(m for (k, b), m in scales.items() if k == "LsqWeightQuantizer" and b == 8)
+    w2 = next(m for (k, b), m in scales.items() if k == "LsqWeightQuantizer" and b == 2)
+    assert by_param[id(w8.scale)] < by_param[id(w2.scale)] / 16

@@ -1,0 +1,332 @@
+"""`qsamc baseline`: what a user would pick instead of a supernet, from the same FP32 reference and data.
+
+Where this sits: beside search and export. It starts from an FP32 reference run (`qsamc train
+--schedule fp32`), the model a supernet is fine-tuned from, and produces the post-training quantized
+peers that qsamc's searched subnets are compared against:
+
+- `modelopt-ptq`: NVIDIA ModelOpt `mtq.quantize` with `INT8_DEFAULT_CFG` (W8A8: per-channel weights,
+  per-tensor inputs, max calibration) and the same config at 4-bit weights (W4A8) or 4-bit weights and
+  inputs (W4A4), on exactly the layers qsamc quantizes; the head stays W8A8 in all three. Plus W8A8 with
+  `INT8_DEFAULT_CFG` untouched, which also quantizes every LayerNorm's input.
+- `modelopt-autoquantize`: `mtq.auto_quantize` choosing W8A8, W4A8 or float per layer (gradient
+  sensitivity) under an effective-bits budget: ModelOpt's nearest equivalent of a mixed-precision search.
+- `ort-static`: ONNX Runtime `quantize_static` (QDQ, per-channel, S8S8, min-max calibration) of the FP32
+  encoder ONNX, as a `cpu`-target user would quantize it (every MatMul and Conv, attention included).
+
+Each result has its val mIoU, its MACs and BitOPs from qsamc's own BitOPs pass over the same layers at
+the same bits (attention matmuls reported apart), and, for the ONNX one, ONNX Runtime CPU latency.
+ModelOpt's torch quantization runs on CPU (fake quantization); it is the optional `qsamc[modelopt]`.
+The libraries do the quantizing; qsamc only wires the reference, the data and the scoring around them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qsamc.analysis import count_bitops
+from qsamc.checkpoint import SupernetSpec, atomic_write_json, load_supernet, read_head_state, reference_weights
+from qsamc.data import Sample, build_dataset, make_batch
+from qsamc.errors import CheckpointError, ConfigError, QsamcError
+from qsamc.evaluate import Evaluation, ValidationSet, evaluate
+from qsamc.head import HEAD_BITS, SegmentationHead
+from qsamc.sam import build_encoder
+from qsamc.space import LayerBits, Subnet
+
+METHODS = ("modelopt-ptq", "modelopt-autoquantize", "ort-static")
+PTQ_BITS = ((8, 8), (4, 8), (4, 4))
+
+
+@dataclass
+class BaselineResult:
+    """One quantized peer: what it is, its per-layer bits, cost and accuracy."""
+
+    method: str
+    label: str
+    subnet: Subnet  # the largest architecture at the native resolution, with the bits the method chose
+    evaluation: Evaluation
+    macs: int
+    bitops: int  # quantized layers at their bits, attention matmuls excluded (they are in float_macs)
+    float_macs: int
+    latency_ms: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "label": self.label, "subnet": self.subnet.to_json(),
+                "evaluation": asdict(self.evaluation), "macs": self.macs, "bitops": self.bitops,
+                "float_macs": self.float_macs, "latency_ms": self.latency_ms, "notes": self.notes}
+
+
+class FloatSegmentationModel(nn.Module):
+    """The FP32 reference as plain torch modules (segment-anything's encoder, an `nn.Conv2d` head), the
+    form post-training quantizers take: they rewrite `nn.Linear` / `nn.Conv2d` themselves."""
+
+    def __init__(self, encoder: nn.Module, head: SegmentationHead) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(images), images.shape[-2:])
+
+
+@dataclass
+class Reference:
+    """An FP32 reference run, loaded: the float model, its space (for BitOPs) and resolution."""
+
+    model: FloatSegmentationModel
+    spec: SupernetSpec
+    run: Path
+
+    @property
+    def resolution(self) -> int:
+        return self.spec.space.config.img_size
+
+    def subnet(self, w: int, a: int) -> Subnet:
+        """The reference's architecture with every quantized layer at (w, a) bits."""
+        return self.spec.space.uniform_bits(self.spec.space.max_subnet(), w, a)
+
+
+def load_reference(run: str | Path) -> Reference:
+    """The FP32 reference written by `qsamc train --schedule fp32`, or one sentence saying why not."""
+    run = Path(run)
+    _, _, spec = load_supernet(run)  # checks the run folder, its description and its weights
+    validation = run / "validation.json"
+    schedule = json.loads(validation.read_text()).get("schedule") if validation.is_file() else None
+    if schedule != "fp32":
+        raise CheckpointError(f"{run} is not an FP32 reference run (train one with `qsamc train --schedule fp32`)")
+    weights = reference_weights(run)
+    encoder = build_encoder(spec.space.model, weights)
+    head = SegmentationHead(encoder.neck[0].out_channels, spec.num_classes, quantized=False)
+    head.load_float_state(read_head_state(weights), str(weights))
+    return Reference(FloatSegmentationModel(encoder, head).eval(), spec, run)
+
+
+def calibration_images(dataset: str, data_root: Path | None, count: int, resolution: int) -> list[torch.Tensor]:
+    """`count` training images (no augmentation), spread over the split, preprocessed at `resolution`."""
+    train = build_dataset(dataset, data_root, "train")
+    if count < 1:
+        raise ConfigError(f"--calibration must be at least 1 image, got {count}")
+    picks = np.linspace(0, len(train) - 1, min(count, len(train))).round().astype(int)
+    samples: list[Sample] = [train[int(i)] for i in picks]
+    return [make_batch(samples[i : i + 8], resolution)[0] for i in range(0, len(samples), 8)]
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """'W4A8' -> (4, 8), or one sentence saying what is expected."""
+    match = re.fullmatch(r"[wW](\d+)[aA](\d+)", text.strip())
+    if not match or not all(int(b) in (2, 3, 4, 8) for b in match.groups()):
+        raise ConfigError(f"bits must look like W8A8 with 2, 3, 4 or 8 bits each, got '{text}'")
+    return int(match[1]), int(match[2])
+
+
+def _cost(reference: Reference, subnet: Subnet) -> tuple[int, int, int]:
+    report = count_bitops(reference.spec.space, subnet, "exclude")[1]
+    return report.macs, report.bitops, report.float_macs
+
+
+# --- ModelOpt ---------------------------------------------------------------------------------------
+
+
+def _modelopt():
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as exc:
+        raise QsamcError(f"the ModelOpt baselines need nvidia-modelopt: pip install 'qsamc[modelopt]' ({exc})") from None
+    return mtq
+
+
+def modelopt_config(w_bits: int, a_bits: int, layer_norms: bool = False) -> dict[str, Any]:
+    """ModelOpt's `INT8_DEFAULT_CFG`, with the encoder's weights / inputs at `w_bits` / `a_bits` and the
+    head's at 8 bits (later entries of `quant_cfg` win). `INT8_DEFAULT_CFG` also quantizes the input of
+    every LayerNorm (the residual stream); `layer_norms=False` keeps them float, so that exactly qsamc's
+    quantized layers (patch embedding, qkv, proj, MLP, neck) are quantized, as qsamc's subnets are."""
+    mtq = _modelopt()
+    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    if (w_bits, a_bits) != (8, 8):
+        config["quant_cfg"] = [
+            *config["quant_cfg"],
+            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": w_bits, "axis": 0}},
+            {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": a_bits, "axis": None}},
+            {"quantizer_name": "*head*weight_quantizer", "cfg": {"num_bits": HEAD_BITS, "axis": 0}},
+            {"quantizer_name": "*head*input_quantizer", "cfg": {"num_bits": HEAD_BITS, "axis": None}},
+        ]
+    if not layer_norms:
+        config["quant_cfg"] = [*config["quant_cfg"], {"quantizer_name": "*", "parent_class": "nn.LayerNorm", "enable": False}]
+    return config
+
+
+def _modelopt_bits(model: nn.Module, reference: Reference) -> Subnet:
+    """The (w, a) bits ModelOpt put on each of qsamc's quantized layers (32 where it left one float)."""
+    modules = dict(model.encoder.named_modules())
+    bits = []
+    for layer in reference.spec.space.quant_layers:
+        module = modules[layer]
+        widths = []
+        for name in ("weight_quantizer", "input_quantizer"):
+            quantizer = getattr(module, name, None)
+            enabled = quantizer is not None and quantizer.is_enabled
+            widths.append(int(quantizer.num_bits) if enabled else 32)
+        bits.append(LayerBits(layer, *widths))
+    return Subnet(reference.spec.space.model, reference.resolution, reference.spec.space.max_subnet().depths,
+                  reference.spec.space.max_subnet().mlp_ratios, tuple(bits))
+
+
+def modelopt_ptq(reference: Reference, calibration: list[torch.Tensor], w_bits: int, a_bits: int,
+                 layer_norms: bool = False) -> nn.Module:
+    """`mtq.quantize` of a copy of the reference, max-calibrated on `calibration` (see `modelopt_config`)."""
+    mtq = _modelopt()
+    model = copy.deepcopy(reference.model)
+
+    def forward_loop(m: nn.Module) -> None:
+        for images in calibration:
+            m(images)
+
+    with torch.no_grad():
+        return mtq.quantize(model, modelopt_config(w_bits, a_bits, layer_norms), forward_loop).eval()
+
+
+def modelopt_autoquantize(reference: Reference, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                          effective_bits: float, ignore_index: int) -> nn.Module:
+    """`mtq.auto_quantize` of a copy of the reference over W8A8 / W4A8 / float per layer under an
+    effective-bits budget (weights), calibrated and scored on labelled training batches; the head and the
+    LayerNorms stay float."""
+    mtq = _modelopt()
+    model = copy.deepcopy(reference.model)
+    model, _ = mtq.auto_quantize(
+        model, constraints={"effective_bits": effective_bits},
+        quantization_formats=[modelopt_config(8, 8), modelopt_config(4, 8)],
+        data_loader=batches, forward_step=lambda m, batch: m(batch[0]),
+        loss_func=lambda output, batch: F.cross_entropy(output, batch[1], ignore_index=ignore_index),
+        disabled_layers=["*head*", "*norm*"], num_calib_steps=len(batches), num_score_steps=len(batches))
+    return model.eval()
+
+
+# --- ONNX Runtime -----------------------------------------------------------------------------------
+
+
+def fp32_encoder_onnx(reference: Reference):
+    """The reference encoder's FP32 ONNX model, emitted by qsamc's own export path (all layers float)."""
+    from qsamc.emit import export_static
+    from qsamc.formats import ONNXRUNTIME_CPU
+
+    model, ir, spec = load_supernet(reference.run)
+    example = torch.zeros(1, 3, reference.resolution, reference.resolution)
+    return export_static(ir, spec.space, reference.subnet(32, 32), ONNXRUNTIME_CPU, example)[2]
+
+
+def ort_static(reference: Reference, calibration: list[torch.Tensor], out: Path):
+    """ONNX Runtime `quantize_static` (QDQ, per-channel, S8S8, min-max) of the FP32 encoder ONNX; returns
+    the quantized model's path."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    fp32 = fp32_encoder_onnx(reference)
+    images = [image[None].numpy() for batch in calibration for image in batch]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter({"image": image} for image in images)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    source, target = out / "encoder-fp32.onnx", out / "encoder-ort-static.onnx"
+    onnx.save(fp32, source)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its per-tensor notes on LayerNorm weights and pre-processing advice
+    try:
+        quantize_static(source, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    model = onnx.load(target)
+    model.ir_version = min(model.ir_version, fp32.ir_version)  # onnxruntime 1.31 reads IR <= 13
+    onnx.save(model, target)
+    return target
+
+
+def deployed_head(reference: Reference, calibration: list[torch.Tensor]) -> SegmentationHead:
+    """The reference head at W8A8 (qsamc's head quantizers), activations calibrated on the FP32 features
+    of the calibration images: the head every encoder-only ONNX model is scored through."""
+    head = SegmentationHead(reference.model.encoder.neck[0].out_channels, reference.spec.num_classes)
+    head.load_float_state(reference.model.head.state_dict(), str(reference.run))
+    with torch.no_grad():
+        features = torch.cat([reference.model.encoder(images) for images in calibration])
+        for layer, inputs in ((head.conv, features), (head.classifier, head.act(head.conv(features)))):
+            layer.act_quantizer[HEAD_BITS].observe(inputs)
+            layer.act_quantizer[HEAD_BITS].initialize()
+    return head.eval()
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out: Path,
+                  methods: tuple[str, ...] = METHODS, ptq_bits: tuple[tuple[int, int], ...] = PTQ_BITS,
+                  effective_bits: tuple[float, ...] = (6.0,), calibration: int = 32, val_limit: int | None = None,
+                  latency_runs: int = 10, progress: Callable[[str], None] = lambda _: None) -> list[BaselineResult]:
+    """What `qsamc baseline` does: load the FP32 reference -> each method -> score on val -> results.json."""
+    from qsamc.verify import onnx_encoder_forward, ort_latency, ort_session
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown baseline '{unknown[0]}'; known baselines are {', '.join(METHODS)}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the baselines' results")
+    reference = load_reference(reference_run)
+    if any(m.startswith("modelopt") for m in methods):
+        _modelopt()  # a missing extra is one sentence before any work
+    resolution = reference.resolution
+    val = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit)
+    images = calibration_images(dataset, data_root, calibration, resolution)
+    results: list[BaselineResult] = []
+
+    def add(method: str, label: str, subnet: Subnet, evaluation: Evaluation, **extra) -> None:
+        macs, bitops, float_macs = _cost(reference, subnet)
+        results.append(BaselineResult(method, label, subnet, evaluation, macs, bitops, float_macs, **extra))
+        progress(f"{label}: mIoU {evaluation.miou:.4f}")
+
+    add("fp32", "FP32 reference", reference.subnet(32, 32), evaluate(reference.model, val, resolution))
+    if "modelopt-ptq" in methods:
+        for w, a in ptq_bits:
+            model = modelopt_ptq(reference, images, w, a)
+            add("modelopt-ptq", f"ModelOpt PTQ W{w}A{a}", _modelopt_bits(model, reference),
+                evaluate(model, val, resolution))
+        if (8, 8) in ptq_bits:  # what `INT8_DEFAULT_CFG` gives untouched: LayerNorm inputs quantized too
+            model = modelopt_ptq(reference, images, 8, 8, layer_norms=True)
+            add("modelopt-ptq", "ModelOpt PTQ W8A8 (INT8_DEFAULT_CFG as is)", _modelopt_bits(model, reference),
+                evaluate(model, val, resolution), notes={"layer_norm_inputs": "int8"})
+    if "modelopt-autoquantize" in methods:
+        train = build_dataset(dataset, data_root, "train")
+        picks = np.linspace(0, len(train) - 1, min(calibration, len(train))).round().astype(int)
+        samples = [train[int(i)] for i in picks]
+        batches = [make_batch(samples[i : i + 8], resolution) for i in range(0, len(samples), 8)]
+        for bits in effective_bits:
+            model = modelopt_autoquantize(reference, batches, bits, val.ignore_index)
+            add("modelopt-autoquantize", f"ModelOpt AutoQuantize {bits:g} bits", _modelopt_bits(model, reference),
+                evaluate(model, val, resolution), notes={"effective_bits": bits, "head": "float"})
+    if "ort-static" in methods:
+        path = ort_static(reference, images, out)
+        import onnx
+        session = ort_session(onnx.load(path))
+        head = deployed_head(reference, images)
+        latency = ort_latency(session, images[0][:1], runs=latency_runs)
+        add("ort-static", "ORT quantize_static W8A8", reference.subnet(8, 8),
+            evaluate(onnx_encoder_forward(session, head), val, resolution), latency_ms=latency["best_ms"],
+            notes={"onnx": str(path), "latency": latency, "quantized": "every MatMul and Conv (attention too)"})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "baselines.json", {"reference": str(reference_run), "val_images": len(val.samples),
+                                               "results": [r.to_json() for r in results]})
+    return results

@@ -1,0 +1,126 @@
+"""`qsamc baseline`: ModelOpt PTQ / AutoQuantize and ONNX Runtime quantize_static of an FP32 reference, run
+for real on a tiny reference, scored with qsamc's own BitOPs and metric."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import onnx
+import pytest
+import torch
+
+pytest.importorskip("modelopt.torch.quantization")
+
+from qsamc.analysis import count_bitops
+from qsamc.baselines import (calibration_images, load_reference, modelopt_ptq, parse_bits, run_baselines,
+                             _modelopt_bits)
+from qsamc.checkpoint import load_supernet
+from qsamc.errors import CheckpointError, ConfigError
+from qsamc.train import fp32_subnet, train
+from qsamc.train_config import load_train_config, parse_flags
+
+FLAGS = ["--iterations", "2", "--phase1-iterations", "1", "--batch-size", "1", "--val-limit", "2", "--calibration-batches", "1",
+         "--schedule", "fp32", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("reference")
+    train(replace(load_train_config(None, parse_flags(FLAGS)), out=str(run)), show_progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def results(reference_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baselines")
+    found = run_baselines(reference_run, "synthetic", None, out, effective_bits=(6.0,), calibration=4, val_limit=4,
+                          latency_runs=2)
+    return {r.label: r for r in found}, out
+
+
+def test_the_reference_loads_as_plain_torch_modules_computing_the_trained_fp32_model(reference_run):
+    reference = load_reference(reference_run)
+    model, _, spec = load_supernet(reference_run)
+    model.head.set_bits(32)
+    model.supernet.set_subnet(fp32_subnet(spec.space))
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reference.model(x), model(x), rtol=1e-5, atol=1e-5)
+    linears = [m for m in reference.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is torch.nn.Linear for m in linears)  # what ModelOpt rewrites
+
+
+def test_every_method_runs_and_is_scored_with_qsamcs_bitops(results, reference_run):
+    found, out = results
+    assert list(found) == ["FP32 reference", "ModelOpt PTQ W8A8", "ModelOpt PTQ W4A8", "ModelOpt PTQ W4A4",
+                           "ModelOpt PTQ W8A8 (INT8_DEFAULT_CFG as is)", "ModelOpt AutoQuantize 6 bits",
+                           "ORT quantize_static W8A8"]
+    space = load_reference(reference_run).spec.space
+    for label, (w, a) in (("FP32 reference", (32, 32)), ("ModelOpt PTQ W8A8", (8, 8)), ("ModelOpt PTQ W4A4", (4, 4)),
+                          ("ORT quantize_static W8A8", (8, 8))):
+        expected = count_bitops(space, space.uniform_bits(space.max_subnet(), w, a), "exclude")[1]
+        assert (found[label].macs, found[label].bitops) == (expected.macs, expected.bitops)
+    assert found["ModelOpt PTQ W4A4"].bitops * 4 == found["ModelOpt PTQ W8A8"].bitops
+    for result in found.values():
+        assert 0 <= result.evaluation.miou <= 1
+    assert found["ORT quantize_static W8A8"].latency_ms > 0
+    saved = json.loads((out / "baselines.json").read_text())
+    assert [r["label"] for r in saved["results"]] == list(found) and saved["val_images"] == 4
+
+
+def test_modelopt_quantizes_every_searched_layer_at_the_asked_bits_and_the_head_at_8(reference_run):
+    reference = load_reference(reference_run)
+    images = calibration_images("synthetic", None, 2, reference.resolution)
+    model = modelopt_ptq(reference, images, 4, 4)
+    assert {(b.w, b.a) for b in _modelopt_bits(model, reference).bits} == {(4, 4)}
+    head = model.head.conv
+    assert (head.weight_quantizer.num_bits, head.input_quantizer.num_bits) == (8, 8)
+    norm = model.encoder.blocks[0].norm1
+    assert not norm.input_quantizer.is_enabled  # only qsamc's quantized layers
+    as_is = modelopt_ptq(reference, images, 8, 8, layer_norms=True)
+    assert as_is.encoder.blocks[0].norm1.input_quantizer.is_enabled  # INT8_DEFAULT_CFG untouched
+    x = images[0][:1]
+    with torch.no_grad():
+        quantized, exact = model(x), reference.model(x)
+    assert not torch.equal(quantized, exact)  # fake quantization is really on
+
+
+def test_autoquantize_chooses_w8a8_w4a8_or_float_per_layer(results):
+    chosen = {(b.w, b.a) for b in results[0]["ModelOpt AutoQuantize 6 bits"].subnet.bits}
+    assert chosen and chosen <= {(8, 8), (4, 8), (32, 32)}
+
+
+def test_ort_static_writes_a_qdq_model_that_quantizes_every_matmul(results):
+    found, _ = results
+    model = onnx.load(found["ORT quantize_static W8A8"].notes["onnx"])
+    producers = {out: n.op_type for n in model.graph.node for out in n.output}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(producers.get(i) == "DequantizeLinear" for n in matmuls for i in n.input)
+
+
+def test_parse_bits():
+    assert parse_bits("W4A8") == (4, 8) and parse_bits("w2a2") == (2, 2)
+    for bad in ("W5A8", "8x8", "W4"):
+        with pytest.raises(ConfigError, match="bits must look like W8A8"):
+            parse_bits(bad)
+
+
+def test_a_supernet_run_is_not_a_reference(tmp_path):
+    run = tmp_path / "supernet"
+    flags = [f for f in FLAGS if f not in ("--schedule", "fp32")]
+    train(replace(load_train_config(None, parse_flags(flags)), out=str(run), schedule="full"), show_progress=False)
+    with pytest.raises(CheckpointError, match="is not an FP32 reference run"):
+        load_reference(run)
+
+
+@pytest.mark.parametrize("case", ["missing run", "unknown method", "bad bits"])
+def test_baseline_cli_user_errors_are_one_sentence(run_cli, reference_run, tmp_path, case):
+    args = ["baseline", "--reference", tmp_path / "nope" if case == "missing run" else reference_run,
+            "--out", tmp_path / "out", "--val-limit", "2"]
+    if case == "unknown method":
+        args += ["--method", "gptq"]
+    if case == "bad bits":
+        args += ["--bits", "W9A9"]
+    code, _, stderr = run_cli(*args)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr
