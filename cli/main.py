@@ -252,8 +252,9 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
                                            "as decoder.onnx (segment-anything's ONNX export), verified in ONNX Runtime."),
            sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="A whole SAM checkpoint "
                                                          "(sam_vit_*.pth) for the decoder's weights; freshly initialised without."),
-           dataset: Optional[str] = typer.Option(None, help="Also check validation mIoU through the head, ONNX Runtime vs "
-                                                 "PyTorch (within 0.2 points): synthetic, ade20k, camvid."),
+           dataset: Optional[str] = typer.Option(None, help="Validation data for the task-level check (mIoU through the head, "
+                                                 "ONNX Runtime vs PyTorch, within 0.2 points): synthetic, ade20k, "
+                                                 "camvid. Default: the run's own, where its folder still exists."),
            data_root: Optional[Path] = typer.Option(None, help="Dataset folder (not for synthetic)."),
            val_limit: int = typer.Option(32, help="Validation images for the task-level check.")):
     """Lower one subnet to the target's integer formats, emit and verify ONNX (and a TensorRT engine)."""
@@ -280,7 +281,9 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
     summary.add_row("layer by layer", f"{len(report.parts)} parts verified alone; worst {worst['part']}: max "
                     f"{worst['max_rel']:.2e}, mean {worst['mean_rel']:.2e} (tolerance {worst['max_rel_tolerance']:.1e} / "
                     f"{worst['mean_rel_tolerance']:.1e})")
-    if report.task:
+    if not report.task:
+        summary.add_row("validation mIoU", "not checked: the run's validation data is not at hand (pass --dataset)")
+    else:
         summary.add_row("validation mIoU", f"PyTorch {report.task['pytorch_miou']:.4f}, ONNX Runtime "
                         f"{report.task['onnx_miou']:.4f} ({report.task['val_images']} images)")
     summary.add_row("opset / IR version", f"{report.opset} / {report.ir_version}")

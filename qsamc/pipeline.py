@@ -7,6 +7,7 @@ search (`qsamc search`) and latency tables (`qsamc profile`): at the end of this
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -145,13 +146,30 @@ def profile_target(target_name: str, model: str, out: Path | None, settings: Pro
     return table, path, checks
 
 
+def training_dataset(run: Path) -> tuple[str | None, Path | None]:
+    """(dataset, data root) that `run` was trained on, from its config.json; (None, None) when the run
+    has no config or its data folder is gone (the task-level export check is then not run)."""
+    config = run / "config.json"
+    if not config.is_file():
+        return None, None
+    try:
+        data = json.loads(config.read_text())
+        dataset, root = data["dataset"], data.get("data_root")
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None, None
+    if root is not None and not Path(root).is_dir():
+        return None, None
+    return dataset, None if root is None else Path(root)
+
+
 def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2,
                   promptable: bool = False, sam_checkpoint: Path | None = None, dataset: str | None = None,
                   data_root: Path | None = None, val_limit: int | None = 32):
     """What `qsamc export` does: check every input -> extract the static subnet -> lower it to the
     target's integer formats -> emit ONNX -> verify (TensorRT lint; each lowered part alone in ONNX
     Runtime on the PyTorch subnet's own input to it; the whole model; with `dataset`, validation mIoU
-    through the head within 0.2 points of the PyTorch subnet's) -> write model, report and precision map
+    through the head within 0.2 points of the PyTorch subnet's; by default on the run's own validation
+    data) -> write model, report and precision map
     -> build the TensorRT engine (`trt`). Nothing is written until all checks pass. Returns the
     `ExportReport`; `report.engine["missing"]` says why no engine was built.
     `promptable`: also SAM's prompt encoder + mask decoder as `decoder.onnx` (`qsamc.promptable`), with
@@ -176,6 +194,8 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     subnet = spec.space.validate(subnet)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the model and its report")
+    if dataset is None:  # the run's own validation data, where its config says what it was
+        dataset, data_root = training_dataset(run)
     validation = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit) if dataset else None
 
     if promptable:  # read the SAM checkpoint before the slow part: its errors come first

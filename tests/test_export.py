@@ -227,3 +227,19 @@ def test_a_broken_lowering_fails_the_export_in_its_part(run_folder, tmp_path, mo
     with pytest.raises(ExportError, match=r"the lowered blocks\.2\.attention differs .* a lowering defect"):
         _export(run_folder, tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_task_check_defaults_to_the_runs_own_validation_data(run_folder, tmp_path):
+    from qsamc.pipeline import training_dataset
+
+    run = run_folder[0]
+    (run / "config.json").write_text(json.dumps({"dataset": "synthetic", "data_root": None}))
+    try:
+        assert training_dataset(run) == ("synthetic", None)
+        report = _export(run_folder, tmp_path, val_limit=2)
+        assert report.task["val_images"] == 2 and report.task["ok"]
+        (run / "config.json").write_text(json.dumps({"dataset": "camvid", "data_root": str(tmp_path / "moved")}))
+        assert training_dataset(run) == (None, None)  # its data is gone: the check is not run
+    finally:
+        (run / "config.json").unlink()
+    assert training_dataset(run) == (None, None)
