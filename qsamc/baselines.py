@@ -111,14 +111,21 @@ def load_reference(run: str | Path) -> Reference:
     return Reference(FloatSegmentationModel(encoder, head).eval(), spec, run)
 
 
-def calibration_images(dataset: str, data_root: Path | None, count: int, resolution: int) -> list[torch.Tensor]:
-    """`count` training images (no augmentation), spread over the split, preprocessed at `resolution`."""
+def calibration_batches(dataset: str, data_root: Path | None, count: int,
+                        resolution: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` training images (no augmentation) spread over the split, with their masks, preprocessed at
+    `resolution` in batches of 8: what the quantizers calibrate on and AutoQuantize scores on."""
     train = build_dataset(dataset, data_root, "train")
     if count < 1:
         raise ConfigError(f"--calibration must be at least 1 image, got {count}")
     picks = np.linspace(0, len(train) - 1, min(count, len(train))).round().astype(int)
     samples: list[Sample] = [train[int(i)] for i in picks]
-    return [make_batch(samples[i : i + 8], resolution)[0] for i in range(0, len(samples), 8)]
+    return [make_batch(samples[i : i + 8], resolution) for i in range(0, len(samples), 8)]
+
+
+def calibration_images(dataset: str, data_root: Path | None, count: int, resolution: int) -> list[torch.Tensor]:
+    """The image batches of `calibration_batches`."""
+    return [images for images, _ in calibration_batches(dataset, data_root, count, resolution)]
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -290,7 +297,8 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
         _modelopt()  # a missing extra is one sentence before any work
     resolution = reference.resolution
     val = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit)
-    images = calibration_images(dataset, data_root, calibration, resolution)
+    batches = calibration_batches(dataset, data_root, calibration, resolution)
+    images = [batch for batch, _ in batches]
     results: list[BaselineResult] = []
 
     def add(method: str, label: str, subnet: Subnet, evaluation: Evaluation, **extra) -> None:
@@ -309,10 +317,6 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
             add("modelopt-ptq", "ModelOpt PTQ W8A8 (INT8_DEFAULT_CFG as is)", _modelopt_bits(model, reference),
                 evaluate(model, val, resolution), notes={"layer_norm_inputs": "int8"})
     if "modelopt-autoquantize" in methods:
-        train = build_dataset(dataset, data_root, "train")
-        picks = np.linspace(0, len(train) - 1, min(calibration, len(train))).round().astype(int)
-        samples = [train[int(i)] for i in picks]
-        batches = [make_batch(samples[i : i + 8], resolution) for i in range(0, len(samples), 8)]
         for bits in effective_bits:
             model = modelopt_autoquantize(reference, batches, bits, val.ignore_index)
             add("modelopt-autoquantize", f"ModelOpt AutoQuantize {bits:g} bits", _modelopt_bits(model, reference),
