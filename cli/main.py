@@ -256,12 +256,19 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
                                                  "ONNX Runtime vs PyTorch, within 0.2 points): synthetic, ade20k, "
                                                  "camvid. Default: the run's own, where its folder still exists."),
            data_root: Optional[Path] = typer.Option(None, help="Dataset folder (not for synthetic)."),
-           val_limit: int = typer.Option(32, help="Validation images for the task-level check.")):
-    """Lower one subnet to the target's integer formats, emit and verify ONNX (and a TensorRT engine)."""
+           val_limit: int = typer.Option(32, help="Validation images for the task-level check."),
+           min_batch: int = typer.Option(1, help="TensorRT optimization profile: smallest batch the engine serves."),
+           opt_batch: int = typer.Option(1, help="TensorRT optimization profile: the batch the engine is tuned for."),
+           max_batch: int = typer.Option(8, help="TensorRT optimization profile: largest batch the engine serves.")):
+    """Lower one subnet to the target's integer formats, emit and verify ONNX with a dynamic batch axis
+    (and a TensorRT engine with that batch profile)."""
     from qsamc.pipeline import export_subnet
+    from qsamc.tensorrt_engine import BatchProfile
 
+    batch = BatchProfile(min_batch, opt_batch, max_batch)
     report = export_subnet(supernet, subnet, target, format.value, out, promptable=promptable,
-                           sam_checkpoint=sam_checkpoint, dataset=dataset, data_root=data_root, val_limit=val_limit)
+                           sam_checkpoint=sam_checkpoint, dataset=dataset, data_root=data_root, val_limit=val_limit,
+                           batch=batch)
     layers = Table(title=f"deployed precision on {report.target}")
     for column in ("layer", "searched", "weight", "activation", "compute"):
         layers.add_column(column)
@@ -281,6 +288,12 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
     summary.add_row("layer by layer", f"{len(report.parts)} parts verified alone; worst {worst['part']}: max "
                     f"{worst['max_rel']:.2e}, mean {worst['mean_rel']:.2e} (tolerance {worst['max_rel_tolerance']:.1e} / "
                     f"{worst['mean_rel_tolerance']:.1e})")
+    deviating = [p for p in report.parts if p["kernels"] == "exact"]
+    if deviating:
+        worst_fused = max(deviating, key=lambda p: p["fused_mean_rel"])
+        summary.add_row("this CPU's INT8 kernels", f"{len(deviating)} parts deviate in ONNX Runtime's fused kernels (worst "
+                        f"{worst_fused['part']}: max {worst_fused['fused_max_rel']:.2e}, mean {worst_fused['fused_mean_rel']:.2e}); "
+                        "their lowering is exact with the kernels unfused (no VNNI here: VPMADDUBSW saturates)")
     if not report.task:
         summary.add_row("validation mIoU", "not checked: the run's validation data is not at hand (pass --dataset)")
     else:

@@ -6,10 +6,15 @@ A format maps each pair to the containers it runs in (a 3-bit activation grid is
 INT8 container: same accuracy, INT8 speed). Targets (`qsamc.targets`) pick a format; lowering and the
 latency tables read the same `Deployment`, so the cost that search optimises is the cost export builds.
 
-Facts (../shared/reference/deployment-facts.md): TensorRT 10 explicit quantization takes symmetric
-Q/DQ only (zero-point 0), INT8 weights and activations, INT4 weight-only GEMMs (block-quantized, opset
-21), FP8 on Hopper, FP16 otherwise; ONNX Runtime's CPU provider fuses S8S8 INT8 Q/DQ (QLinearMatMul,
-MatMulIntegerToFloat, QLinearConv) and INT4 block-quantized weights into MatMulNBits.
+Facts (TensorRT developer guide, "Working with Quantized Types"; ONNX Runtime quantization docs):
+TensorRT 10 explicit quantization takes symmetric Q/DQ only (zero-point 0), INT8 weights and
+activations, INT4 weight-only GEMMs (block-quantized, opset 21), and runs every other layer in the type
+the ONNX model gives it when built strongly typed (so qsamc types the float parts FP16,
+`qsamc.float16`). TensorRT fuses INT8 multi-head attention only for sequences of at most 512 tokens
+and head sizes 16, 32 or 64, with Q/DQ on q, k, the softmax output and v (NVIDIA/TensorRT issues 4167,
+2981, 3724): `AttentionRule`. ONNX Runtime's CPU provider fuses S8S8 INT8 Q/DQ (QLinearMatMul,
+MatMulIntegerToFloat, QLinearConv) and INT4 block-quantized weights into MatMulNBits. qsamc emits no FP8:
+Hopper's FP8 tensor cores would need their own accuracy check, so `h100` deploys as `a100` does.
 """
 
 from __future__ import annotations
@@ -38,17 +43,28 @@ class Deployment:
 
 
 @dataclass(frozen=True)
+class AttentionRule:
+    """When a runtime fuses INT8 multi-head attention: at most `max_tokens` per sequence (a window, or
+    the whole token grid for a global block) and a head size in `head_dims`. Attention it does not admit
+    stays in the float type (fused FP16 MHA on TensorRT)."""
+
+    max_tokens: int
+    head_dims: tuple[int, ...]
+
+    def admits(self, tokens: int, head_dim: int) -> bool:
+        return tokens <= self.max_tokens and head_dim in self.head_dims
+
+
+@dataclass(frozen=True)
 class DeploymentFormat:
-    """A runtime's rules. `float_type` is what un-quantized layers and all float ops run in."""
+    """A runtime's rules. `float_type` is what un-quantized layers and all float ops run in;
+    `int8_attention` when the runtime fuses INT8 attention (None: it never does, or qsamc has no rule)."""
 
     name: str
     float_type: Container
     int4_weight_only: bool  # INT4 weight-only GEMMs (never for convolutions)
     int8_weight_only: bool  # INT8 weights with float activations run a real kernel
-    fp8: bool
-    symmetric_only: bool
-    min_opset: int
-    max_opset: int
+    int8_attention: AttentionRule | None = None
 
     def deploy(self, w_bits: int, a_bits: int, kind: LayerKind = "linear") -> Deployment:
         """The containers of a layer searched at (w_bits, a_bits).
@@ -75,15 +91,10 @@ class DeploymentFormat:
         return Deployment(f, f, f, w_bits, a_bits)
 
 
+TENSORRT_MHA = AttentionRule(max_tokens=512, head_dims=(16, 32, 64))
 TENSORRT = DeploymentFormat(
-    "tensorrt", float_type="fp16", int4_weight_only=True, int8_weight_only=True, fp8=False,
-    symmetric_only=True, min_opset=9, max_opset=24,
-)
-TENSORRT_HOPPER = DeploymentFormat(
-    "tensorrt", float_type="fp16", int4_weight_only=True, int8_weight_only=True, fp8=True,
-    symmetric_only=True, min_opset=9, max_opset=24,
+    "tensorrt", float_type="fp16", int4_weight_only=True, int8_weight_only=True, int8_attention=TENSORRT_MHA,
 )
 ONNXRUNTIME_CPU = DeploymentFormat(
-    "onnxruntime-cpu", float_type="fp32", int4_weight_only=True, int8_weight_only=False, fp8=False,
-    symmetric_only=False, min_opset=13, max_opset=21,
+    "onnxruntime-cpu", float_type="fp32", int4_weight_only=True, int8_weight_only=False,
 )

@@ -9,6 +9,8 @@ columns of the weight.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,10 @@ class QuantMixin:
         return self.weight_quantizer(weight, self.w_bits)
 
 
+def _autocast_on(device_type: str) -> bool:
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+
+
 class _RecomputingQuantLinear(torch.autograd.Function):
     """y = x_q @ W_q^T + b that saves only the layer input and leaf parameters for backward.
 
@@ -70,6 +76,9 @@ class _RecomputingQuantLinear(torch.autograd.Function):
     def forward(ctx, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None, *params: torch.Tensor):
         with torch.no_grad():
             y = F.linear(layer.quantize_input(x), layer.quantize_weight(layer.active_weight()), bias)
+        # Backward recomputes under the forward's autocast state (autograd does not restore it).
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if _autocast_on(device) else None
         ctx.layer, ctx.has_bias = layer, bias is not None
         ctx.save_for_backward(x, *params)
         return y
@@ -78,13 +87,16 @@ class _RecomputingQuantLinear(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, *params = ctx.saved_tensors
         layer = ctx.layer
-        with torch.enable_grad():
+        autocast = (torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]) if ctx.autocast
+                    else contextlib.nullcontext())
+        with torch.enable_grad(), autocast:
             x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[1])
             x_q = layer.quantize_input(x_leaf)
             w_q = layer.quantize_weight(layer.active_weight())
-        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_xq = grad_y @ w_q.detach()
-        grad_w = flat_grad.t() @ x_q.detach().reshape(-1, x_q.shape[-1])
+        with autocast:  # the two GEMMs in the forward's precision, their results in the operands' types
+            flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+            grad_xq = (grad_y @ w_q.detach()).to(x_q.dtype)
+            grad_w = (flat_grad.t() @ x_q.detach().reshape(-1, x_q.shape[-1])).to(w_q.dtype)
         # Back-propagate through whichever recomputed parts depend on something that wants a gradient.
         pairs = [(o, g) for o, g in ((w_q, grad_w), (x_q, grad_xq)) if o.requires_grad]
         wants = [need for need in ctx.needs_input_grad[3:]]
@@ -93,7 +105,7 @@ class _RecomputingQuantLinear(torch.autograd.Function):
                      if pairs and inputs else [None] * len(inputs))
         grad_x = next(found) if ctx.needs_input_grad[1] else None
         param_grads = [next(found) if need else None for need in wants]
-        grad_bias = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_bias = flat_grad.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (None, grad_x, grad_bias, *param_grads)
 
 

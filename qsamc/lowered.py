@@ -187,3 +187,37 @@ class IntConv2d(IntLayer):
 
 
 INT_LAYER_TYPES = (IntLinear, IntConv2d)
+
+
+class ChannelNorm(torch.autograd.Function):
+    """SAM's LayerNorm2d (over the channels of NCHW), computed as segment-anything computes it.
+
+    ONNX: Transpose(NHWC) -> LayerNormalization(axis -1) -> Transpose(NCHW), one normalisation op a
+    runtime keeps whole (TensorRT and `qsamc.float16` keep it in FP32) where the exporter would otherwise
+    write nine elementwise ops, whose squared deviations FP16 can overflow.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        return weight[:, None, None] * ((x - u) / torch.sqrt(s + eps)) + bias[:, None, None]
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, eps: float):
+        nhwc = g.op("Transpose", x, perm_i=[0, 2, 3, 1])
+        y = g.op("LayerNormalization", nhwc, weight, bias, axis_i=-1, epsilon_f=eps)
+        return g.op("Transpose", y, perm_i=[0, 3, 1, 2])
+
+
+class ChannelLayerNorm(nn.Module):
+    """The emitted form of a LayerNorm2d (same weight, bias and eps; see `ChannelNorm`)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("weight", norm.weight.detach().clone())
+        self.register_buffer("bias", norm.bias.detach().clone())
+        self.eps = norm.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ChannelNorm.apply(x, self.weight, self.bias, self.eps)

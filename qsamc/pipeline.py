@@ -164,7 +164,7 @@ def training_dataset(run: Path) -> tuple[str | None, Path | None]:
 
 def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2,
                   promptable: bool = False, sam_checkpoint: Path | None = None, dataset: str | None = None,
-                  data_root: Path | None = None, val_limit: int | None = 32):
+                  data_root: Path | None = None, val_limit: int | None = 32, batch=None):
     """What `qsamc export` does: check every input -> extract the static subnet -> lower it to the
     target's integer formats -> emit ONNX -> verify (TensorRT lint; each lowered part alone in ONNX
     Runtime on the PyTorch subnet's own input to it; the whole model; with `dataset`, validation mIoU
@@ -174,7 +174,9 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     `ExportReport`; `report.engine["missing"]` says why no engine was built.
     `promptable`: also SAM's prompt encoder + mask decoder as `decoder.onnx` (`qsamc.promptable`), with
     weights from the whole SAM checkpoint `sam_checkpoint` or freshly initialised, verified in ONNX Runtime
-    on the encoder's own embeddings of the sample images (report["decoder"])."""
+    on the encoder's own embeddings of the sample images (report["decoder"]).
+    The encoder's batch axis is dynamic: the whole-model check runs batch 1 and batch 4; `batch` is the
+    TensorRT engine's profile (`tensorrt_engine.BatchProfile`, default 1 / 1 / 8)."""
     from qsamc.checkpoint import atomic_write_bytes, atomic_write_json
     from qsamc.emit import export_static
     from qsamc.errors import TargetError
@@ -186,6 +188,7 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
 
     if sam_checkpoint is not None and not promptable:
         raise ConfigError("--sam-checkpoint is for the prompt encoder and mask decoder: add --promptable")
+    batch = batch or tensorrt_engine.BatchProfile()
     target = get_target(target_name)
     if fmt not in target.formats:
         raise TargetError(f"target {target.name} has no '{fmt}' format; it exports {', '.join(target.formats)}")
@@ -205,10 +208,12 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
 
     generator = torch.Generator().manual_seed(0)
     images = [torch.randn(1, 3, subnet.resolution, subnet.resolution, generator=generator) for _ in range(samples)]
+    batched = torch.randn(4, 3, subnet.resolution, subnet.resolution, generator=generator)
     static, reference, model_proto = export_static(ir, spec.space, subnet, target.deployment, images[0])
-    lint = lint_tensorrt(model_proto)
+    lint = lint_tensorrt(model_proto, target.deployment)
     session = ort_session(model_proto)
-    fidelity = measure_fidelity(session, reference, images, min(b.a for b in subnet.bits))
+    fidelity = measure_fidelity(session, reference, [*images, batched], min(b.a for b in subnet.bits),
+                                target.deployment.float_type)
     parts = check_parts(reference, static.root, subnet, images[0], target.deployment)
     task = None
     if validation is not None:
@@ -241,10 +246,10 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     plot_precision_map(layers, paths["precision_map"], f"{subnet.model} @ {subnet.resolution}px on {target.name}")
     if fmt == "trt":
         engine, cache = out / "encoder.plan", out / "timing.cache"
-        report.engine = {"trtexec": tensorrt_engine.trtexec_command(paths["onnx"], engine, cache),
-                         "missing": tensorrt_engine.missing()}
+        report.engine = {"trtexec": tensorrt_engine.trtexec_command(paths["onnx"], engine, cache, batch, subnet.resolution),
+                         "batch": vars(batch), "missing": tensorrt_engine.missing()}
         if report.engine["missing"] is None:
-            tensorrt_engine.build_engine(paths["onnx"], engine, cache)
+            tensorrt_engine.build_engine(paths["onnx"], engine, cache, batch, subnet.resolution)
             paths["engine"] = engine
     report.files = {k: str(v) for k, v in paths.items()}
     atomic_write_json(paths["report"], report.to_json())

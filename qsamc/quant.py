@@ -26,6 +26,7 @@ Gradients (straight-through estimator for round):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal, Sequence
 
@@ -155,7 +156,7 @@ class LsqWeightQuantizer(nn.Module):
 
     def _mse_scale(self, rows: Tensor) -> Tensor:
         top = rows.abs().amax(dim=1, keepdim=True).clamp_min(_MIN_SCALE) / max(self.p, 1)
-        best_err = torch.full((rows.shape[0],), math.inf)
+        best_err = torch.full((rows.shape[0],), math.inf, device=rows.device)
         best = top[:, 0].clone()
         for fraction in MSE_CANDIDATES:
             s = top * fraction
@@ -193,6 +194,13 @@ class LsqWeightQuantizer(nn.Module):
         """
         s = self._step(w).detach()
         return _grid(w, s, None, self.n, self.p).to(torch.int8), s.clamp_min(_MIN_SCALE)
+
+
+def without_autocast(device_type: str):
+    """Autocast switched off on `device_type` (a no-op context on devices autocast does not know)."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LsqActQuantizer(nn.Module):
@@ -289,9 +297,14 @@ class QuantizerBank(nn.Module):
         return f"kind={self.kind}, bit_choices={self._bit_choices}"
 
     def forward(self, x: Tensor, bits: int) -> Tensor:
+        """The `bits` quantizer applied to x, in FP32 even under autocast (its steps are FP32 and a b-bit
+        grid needs more mantissa than bf16's 8 bits to land exactly; the consumer's GEMM may then cast)."""
         if bits not in self._bit_choices:
             raise KeyError(f"{bits} bits is not a choice of this {self.kind} bank {self._bit_choices}")
-        return x if bits == FULL_PRECISION else self.quantizers[str(bits)](x)
+        if bits == FULL_PRECISION:
+            return x
+        with without_autocast(x.device.type):
+            return self.quantizers[str(bits)](x.float())
 
     def __getitem__(self, bits: int) -> LsqWeightQuantizer | LsqActQuantizer:
         if bits not in self:

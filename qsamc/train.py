@@ -31,7 +31,7 @@ from torch import nn
 from qsamc.checkpoint import (SupernetSpec, atomic_torch_save, atomic_write_json, build_model,
                               save_supernet)
 from qsamc.data import build_dataset, make_batch
-from qsamc.errors import CheckpointError, QsamcError
+from qsamc.errors import CheckpointError, ConfigError, QsamcError
 from qsamc.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.head import SegmentationModel
 from qsamc.passes import AttachLoraPass, CalibrateActivationsPass
@@ -202,10 +202,11 @@ class _Logger:
             self.tensorboard.close()
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed(device: str = "auto") -> tuple[int, int]:
     """(rank, world) under torchrun; (0, 1) otherwise. CPU ranks use gloo, GPU ranks NCCL."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -225,9 +226,19 @@ def _load_checkpoint(run: Path) -> dict:
         raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(exc).__name__})") from None
 
 
+def training_device(config: TrainConfig, rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None) for this rank: `config.device` and `config.precision` resolved."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but torch sees no CUDA GPU here")
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+    return device, torch.bfloat16 if bf16 else None
+
+
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    rank, world = _distributed()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    rank, world = _distributed(config.device)
+    device, autocast_dtype = training_device(config, rank)
     run = Path(config.out)
     torch.manual_seed(config.seed)
 
@@ -304,11 +315,13 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                 for subnet in subnets:
                     model.supernet.set_subnet(subnet)
                     images, masks = (t.to(device) for t in make_batch(samples, subnet.resolution))
-                    logits = wrapped(images)
-                    loss = segmentation_loss(logits, masks, train_set.ignore_index)
-                    if teacher is not None:
-                        loss = loss + config.distill_weight * distillation_loss(
-                            logits, teacher(images), masks, train_set.ignore_index)
+                    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                        enabled=autocast_dtype is not None):
+                        logits = wrapped(images)
+                        loss = segmentation_loss(logits.float(), masks, train_set.ignore_index)
+                        if teacher is not None:
+                            loss = loss + config.distill_weight * distillation_loss(
+                                logits.float(), teacher(images).float(), masks, train_set.ignore_index)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"the loss became {loss.item()} at iteration {iteration + 1}; training stopped and the last "

@@ -27,6 +27,8 @@ from qsamc.space import GRANULARITIES
 SCHEDULES = ("progressive", "lora", "full", "fp32")
 SAMPLINGS = ("uniform", "sandwich")
 DISTILLATIONS = ("none", "reference")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class TrainConfig:
     `distill="reference"` adds inplace distillation from that FP32 reference (frozen): the loss is
     cross-entropy + `distill_weight` x KL(reference || subnet) of the per-pixel class distributions.
     `weight_init` initialises weight step sizes by LSQ+ (the paper) or by MSE-optimal clipping (as PTQ).
+    `device`: `auto` is the GPU where torch sees one (one per rank under torchrun), else the CPU.
+    `precision`: `bf16` runs the forward under bf16 autocast with LSQ+ scales and all quantizer math in
+    FP32; `auto` is bf16 on CUDA and fp32 on the CPU.
     """
 
     model: str = "vit_t"
@@ -79,6 +84,8 @@ class TrainConfig:
     distill: str = "none"
     distill_weight: float = 1.0
     weight_init: str = "lsq+"
+    device: str = "auto"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         get_config(self.model)
@@ -101,6 +108,8 @@ class TrainConfig:
             (self.distill == "none" or self.schedule != "fp32", "the fp32 schedule trains the reference; it has no reference to distill from"),
             (math.isfinite(self.distill_weight) and self.distill_weight >= 0,
              f"distill_weight must be a finite number >= 0, got {self.distill_weight}"),
+            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
             (self.weight_init in WEIGHT_INITS, f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'"),
         ]
         for ok, message in checks:

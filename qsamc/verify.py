@@ -1,10 +1,11 @@
 """Verification of an emitted ONNX model, run on every export: TensorRT lint, fidelity, ONNX Runtime latency.
 
-- `lint_tensorrt(model)`: what TensorRT 10's ONNX parser and explicit quantization accept, checked
-  without TensorRT (../shared/reference/deployment-facts.md): opset 9..24, known operators only, no
-  integer-arithmetic ops (QLinearMatMul, MatMulInteger, ConvInteger: Q/DQ only), zero-points all 0,
-  positive constant scales, INT8 / FP8 / INT4-weight types, per-tensor activations, per-channel or
-  blocked (INT4) weights.
+- `lint_tensorrt(model, deployment)`: what TensorRT 10's ONNX parser and explicit quantization accept,
+  checked without TensorRT (TensorRT developer guide and onnx-tensorrt's operator matrix): opset 9..24,
+  known operators only, no integer-arithmetic ops (QLinearMatMul, MatMulInteger, ConvInteger: Q/DQ
+  only), zero-points all 0, positive constant scales, INT8 / FP8 / INT4-weight types, per-tensor
+  activations, per-channel or blocked (INT4) weights; float parts in the deployment's float type (a
+  strongly typed engine runs an FP32 node in FP32); attention quantized only as fused INT8 MHA admits.
 - `measure_fidelity(session, reference, inputs)`: runs the model in a real ONNX Runtime session and
   compares it with the PyTorch fake-quantized subnet.
 - `ort_latency(session)`: median latency on this machine.
@@ -23,6 +24,8 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from qsamc.errors import QsamcError
+from qsamc.float16 import FP32_OPS, LAYOUT_OPS, fp16_safe_scale
+from qsamc.formats import TENSORRT, AttentionRule, DeploymentFormat
 
 TENSORRT_OPSETS = (9, 24)
 # TensorRT 10's ONNX operator support matrix (onnx-tensorrt docs/operators.md), the part that an
@@ -62,8 +65,10 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def lint_tensorrt(model: onnx.ModelProto) -> list[str]:
-    """Every reason TensorRT 10 would reject `model` or run it other than exported (empty: none)."""
+def lint_tensorrt(model: onnx.ModelProto, deployment: DeploymentFormat = TENSORRT) -> list[str]:
+    """Every reason TensorRT 10 would reject `model` or run it other than `deployment` says (empty: none):
+    parser and Q/DQ rules, float parts in the deployment's float type (`_lint_float_type`), and attention
+    quantized only as the deployment's fused INT8 attention admits (`_lint_attention`)."""
     problems = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     lo, hi = TENSORRT_OPSETS
@@ -80,7 +85,88 @@ def lint_tensorrt(model: onnx.ModelProto) -> list[str]:
             problems.append(f"{where} is not a TensorRT 10 operator")
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             problems += _lint_qdq(node, where, constants, types)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    value_types = {v.name: v.type.tensor_type for v in inferred.graph.value_info}
+    if deployment.float_type == "fp16":
+        problems += _lint_float_type(model, constants, value_types)
+    problems += _lint_attention(model, deployment.int8_attention, constants, value_types)
     return problems
+
+
+# Nodes an FP16 model may still run in FP32: the LayerNorm islands and their layout ops and Q (see
+# `qsamc.float16`), the Casts around them, and Q/DQ whose scale FP16 cannot hold.
+_FP32_ALLOWED = frozenset({*FP32_OPS, *LAYOUT_OPS, "Cast", "Constant", "QuantizeLinear"})
+
+
+def _lint_float_type(model: onnx.ModelProto, constants: dict[str, np.ndarray], value_types: dict) -> list[str]:
+    """Every node of an FP16 deployment that computes a float result in FP32 (TensorRT builds strongly
+    typed: it would run that node in FP32)."""
+    problems = []
+    for node in model.graph.node:
+        if node.op_type in _FP32_ALLOWED:
+            continue
+        if node.op_type == "DequantizeLinear" and not fp16_safe_scale(constants.get(node.input[1], np.ones(1))):
+            continue
+        if any(o in value_types and value_types[o].elem_type == TensorProto.FLOAT for o in node.output):
+            problems.append(f"{node.op_type} node '{node.name}' runs in FP32 where the target's float type is FP16")
+    return problems
+
+
+def _lint_attention(model: onnx.ModelProto, rule: AttentionRule | None, constants: dict[str, np.ndarray],
+                    value_types: dict) -> list[str]:
+    """Attention matmuls (MatMuls of two activations) quantized the way the runtime fuses INT8 attention:
+    both inputs of both batched matmuls through Q/DQ, at a sequence length and head size the rule admits;
+    attention that is not quantized is left alone (it runs in the float type)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def producer(name: str):  # looking through Casts (an FP32 DequantizeLinear's Cast to FP16)
+        node = producers.get(name)
+        while node is not None and node.op_type == "Cast":
+            name, node = node.input[0], producers.get(node.input[0])
+        return name, node
+
+    def dequantized(name: str) -> bool:
+        _, node = producer(name)
+        return node is not None and node.op_type == "DequantizeLinear" and node.input[0] not in constants
+
+    def is_weight(name: str) -> bool:
+        name, node = producer(name)
+        return name in constants or (node is not None and node.op_type == "DequantizeLinear"
+                                     and node.input[0] in constants)
+
+    def dims(name: str) -> list[int]:
+        shape = value_types[name].shape.dim if name in value_types else []
+        return [d.dim_value for d in shape]
+
+    problems = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or any(is_weight(i) for i in node.input):
+            continue
+        where = f"attention MatMul node '{node.name}'"
+        quantized = [dequantized(i) for i in node.input]
+        if not any(quantized):
+            continue
+        if not all(quantized):
+            problems.append(f"{where} has Q/DQ on one input only; TensorRT fuses INT8 attention only with Q/DQ on "
+                            "q and k, on the softmax output and on v")
+            continue
+        tokens, head_dim = _attention_size(dims(node.input[0]), dims(node.input[1]))
+        if rule is None:
+            problems.append(f"{where} is quantized, but this runtime has no fused INT8 attention")
+        elif not rule.admits(tokens, head_dim):
+            problems.append(f"{where} is quantized over {tokens} tokens with head size {head_dim}, outside fused INT8 "
+                            f"attention (at most {rule.max_tokens} tokens, head size "
+                            f"{'/'.join(map(str, rule.head_dims))}): keep it in the float type")
+    return problems
+
+
+def _attention_size(a: list[int], b: list[int]) -> tuple[int, int]:
+    """(tokens, head size) of q @ k^T (a: [.., N, d], b: [.., d, N]) or of p @ v (a: [.., N, N], b: [.., N, d])."""
+    if len(a) < 2 or len(b) < 2:
+        return 0, 0
+    if a[-1] == a[-2] and b[-2] == a[-1]:  # p @ v
+        return b[-2], b[-1]
+    return a[-2], a[-1]
 
 
 def _lint_qdq(node: onnx.NodeProto, where: str, constants: dict[str, np.ndarray], types: dict[str, int]) -> list[str]:
@@ -116,14 +202,18 @@ def _lint_qdq(node: onnx.NodeProto, where: str, constants: dict[str, np.ndarray]
     return problems
 
 
-def ort_session(model: onnx.ModelProto, threads: int = 2, profile: bool = False) -> ort.InferenceSession:
+def ort_session(model: onnx.ModelProto, threads: int = 2, profile: bool = False,
+                exact: bool = False) -> ort.InferenceSession:
     """A CPU session with the benchmark settings. INT4 MatMulNBits computes with float activations
-    (accuracy level 1): its default (4) quantizes them to INT8 on the fly, which the subnet never did."""
+    (accuracy level 1): its default (4) quantizes them to INT8 on the fly, which the subnet never did.
+    `exact`: graph optimisations off, so no fused integer kernel runs and the graph is evaluated as
+    written (what the part check falls back to, to tell a lowering defect from a CPU's kernels)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.enable_profiling = profile
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     options.log_severity_level = 3
@@ -157,7 +247,19 @@ class Fidelity:
         return {**asdict(self), "ok": self.ok}
 
 
-def fidelity_tolerance(min_act_bits: int, noise_max: float, noise_mean: float) -> tuple[float, float]:
+# FP16's unit roundoff: a value carried in FP16 is off by up to this fraction of itself, so an FP16 float
+# path (TensorRT targets) moves each output by that much and, where an input sits within it of a grid
+# boundary, rounds the input the other way (a flip). The mean tolerance of an FP16 model takes this
+# much of the output peak on top; the max (one step) already covers both.
+FP16_ROUNDOFF = 2.0 ** -11
+
+
+def _fp16_allowance(float_type: str) -> float:
+    return FP16_ROUNDOFF if float_type == "fp16" else 0.0
+
+
+def fidelity_tolerance(min_act_bits: int, noise_max: float, noise_mean: float,
+                       float_type: str = "fp32") -> tuple[float, float]:
     """(max, mean) relative tolerance: one quantization step of the coarsest activation grid.
 
     ONNX Runtime and PyTorch round floats differently (a fused integer GEMM sums exactly, Q multiplies
@@ -168,12 +270,12 @@ def fidelity_tolerance(min_act_bits: int, noise_max: float, noise_mean: float) -
     required to stay within 4x that floor where the floor exceeds the step bound.
     """
     step = 2.0 ** -(min(min_act_bits, 8) - 1)
-    return max(step, 4 * noise_max), max(step / 64, 4 * noise_mean)
+    return max(step, 4 * noise_max), max(step / 64 + _fp16_allowance(float_type), 4 * noise_mean)
 
 
 @torch.no_grad()
 def measure_fidelity(session: ort.InferenceSession, reference: torch.nn.Module, inputs: list[torch.Tensor],
-                     min_act_bits: int) -> Fidelity:
+                     min_act_bits: int, float_type: str = "fp32") -> Fidelity:
     name = session.get_inputs()[0].name
     generator = torch.Generator().manual_seed(0)
     diffs, noises, peak = [], [], 0.0
@@ -188,7 +290,7 @@ def measure_fidelity(session: ort.InferenceSession, reference: torch.nn.Module, 
     diff, noise = torch.cat([d.flatten() for d in diffs]), torch.cat([n.flatten() for n in noises])
     max_abs, mean_abs = float(diff.max()), float(diff.mean())
     noise_max, noise_mean = float(noise.max()) / scale, float(noise.mean()) / scale
-    max_tol, mean_tol = fidelity_tolerance(min_act_bits, noise_max, noise_mean)
+    max_tol, mean_tol = fidelity_tolerance(min_act_bits, noise_max, noise_mean, float_type)
     return Fidelity(max_abs, mean_abs, peak, max_abs / scale, mean_abs / scale, noise_max, noise_mean,
                     max_tol, mean_tol, len(inputs))
 
@@ -202,13 +304,23 @@ PART_LAYERS = {"patch_embed": ("patch_embed.proj",), "attention": ("attn.qkv", "
 @dataclass(frozen=True)
 class PartCheck:
     """One lowered part, run alone in ONNX Runtime on the PyTorch subnet's own input to that part, against
-    the PyTorch subnet's output of that part; errors relative to the part's output peak."""
+    the PyTorch subnet's output of that part; errors relative to the part's output peak.
+
+    `kernels` says which session the errors come from: `fused` (ONNX Runtime's integer kernels, as
+    deployed) or, where those miss the bound, `exact` (graph optimisations off: every Q/DQ, GEMM and
+    bias evaluated as the ONNX graph says). A part that passes only `exact` has a correct lowering and
+    this CPU's fused INT8 kernels deviating: `fused_max_rel` / `fused_mean_rel` say by how much. On x86
+    CPUs without VNNI, ONNX Runtime's U8S8/S8S8 GEMMs use VPMADDUBSW, whose 16-bit pair sums saturate
+    (ONNX Runtime's quantization docs; their remedy is 7-bit weights, `reduce_range`)."""
 
     part: str
     max_rel: float
     mean_rel: float
     max_rel_tolerance: float
     mean_rel_tolerance: float
+    kernels: str = "fused"
+    fused_max_rel: float | None = None
+    fused_mean_rel: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -231,9 +343,19 @@ def check_parts(reference: torch.nn.Module, lowered: torch.nn.Module, subnet, im
                 deployment) -> list[PartCheck]:
     """Every part of the lowered static subnet (patch embedding, each block's attention and MLP halves,
     the neck: the parts latency tables time), emitted alone by export's emitter and run in ONNX Runtime
-    on the fake-quantized reference's input to it. A wrong lowering shows in its part, undiluted."""
+    on the fake-quantized reference's input to it. A wrong lowering shows in its part, undiluted.
+
+    The parts are emitted with FP32 float parts whatever the deployment's float type: this checks the
+    lowering (integer weights, scales, offsets, biases), which is exact, to one rounding flip. An FP16
+    float path flips far more values (FP16 resolves a value near the top of an 8-bit grid to 1/16 of a
+    step), which the LayerNorms after the next layer amplify; its effect is checked where it matters, on
+    the whole shipped model and its task metric (`measure_fidelity`, the task-level check)."""
+    from dataclasses import replace
+
     from qsamc.emit import emit_onnx
     from qsamc.qdq_onnx import AttentionPart, MlpPart, NeckPart, PatchPart, one_torch_thread
+
+    deployment = replace(deployment, float_type="fp32")
 
     def parts(static):
         yield "patch_embed", "", PatchPart(static.patch_embed, static.pos_embed)
@@ -248,10 +370,20 @@ def check_parts(reference: torch.nn.Module, lowered: torch.nn.Module, subnet, im
             kind = name.rsplit(".", 1)[-1]
             bits = min((subnet.bits_of(prefix + layer).a for layer in PART_LAYERS[kind]), default=32)
             expected = expected_part(x).float()
-            session = ort_session(emit_onnx(lowered_part, x, deployment), threads=1)
-            actual = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-            diff, peak = (actual - expected).abs(), float(expected.abs().max()) or 1.0
-            checks.append(PartCheck(name, float(diff.max()) / peak, float(diff.mean()) / peak, *part_tolerance(bits)))
+            model = emit_onnx(lowered_part, x, deployment)
+            peak = float(expected.abs().max()) or 1.0
+
+            def errors(exact: bool) -> tuple[float, float]:
+                session = ort_session(model, threads=1, exact=exact)
+                actual = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+                diff = (actual - expected).abs()
+                return float(diff.max()) / peak, float(diff.mean()) / peak
+
+            check = PartCheck(name, *errors(exact=False), *part_tolerance(bits))
+            if not check.ok:  # the lowering, or this CPU's fused kernels? The exact session tells.
+                check = PartCheck(name, *errors(exact=True), *part_tolerance(bits), "exact",
+                                  check.max_rel, check.mean_rel)
+            checks.append(check)
             x = expected  # the next part is fed the reference's own input
     return checks
 

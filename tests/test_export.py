@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +21,9 @@ from qsamc.formats import ONNXRUNTIME_CPU, TENSORRT
 from qsamc.space import load_subnet
 from qsamc.verify import lint_tensorrt, ort_session
 
+# TensorRT's rules with FP32 float parts: the lowering alone, exact to the last bit.
+TENSORRT_FP32 = dataclasses.replace(TENSORRT, float_type="fp32")
+
 
 def _run(model: onnx.ModelProto, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(ort_session(model).run(None, {"input": x.numpy()})[0])
@@ -28,17 +34,65 @@ def _run(model: onnx.ModelProto, x: torch.Tensor) -> torch.Tensor:
 def test_layer_at_each_bit_width_exports_and_matches(bits, conv):
     layer = dyadic_layer(bits, bits, conv=conv)
     x = dyadic_input((1, 16, 6, 6) if conv else (1, 4, 4, 64))
-    model = emit_onnx(layer, x, TENSORRT)
+    model = emit_onnx(layer, x, TENSORRT_FP32)
     with torch.no_grad():
         expected = layer(x)
     torch.testing.assert_close(_run(model, x), expected, rtol=0, atol=1e-5)
-    assert lint_tensorrt(model) == []
+    assert lint_tensorrt(model, TENSORRT_FP32) == []
     ops = [n.op_type for n in model.graph.node]
     assert ("Clip" in ops) == (bits < 8)  # a b-bit grid inside INT8: clip to its range, same step
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv3x3"])
+def test_tensorrt_layers_compute_in_fp16_and_match_to_fp16_rounding(bits, conv):
+    """The shipped TensorRT form: FP16 float parts and FP16 scales (opset 19), FP32 input and output. The
+    dyadic layer's grid values and scales are exact in FP16, so the ONNX result is the PyTorch result
+    rounded to FP16 at the GEMM and at the bias add: two half-ulps, within 2^-10 of the output's peak."""
+    layer = dyadic_layer(bits, bits, conv=conv)
+    x = dyadic_input((1, 16, 6, 6) if conv else (1, 4, 4, 64))
+    model = emit_onnx(layer, x, TENSORRT)
+    assert model.opset_import[0].version == 19 and lint_tensorrt(model) == []
+    with torch.no_grad():
+        expected = layer(x)
+    torch.testing.assert_close(_run(model, x), expected, rtol=0, atol=2.0**-10 * float(expected.abs().max()))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    gemm = next(n for n in model.graph.node if n.op_type in ("MatMul", "Conv"))
+    assert types[gemm.output[0]] == TensorProto.FLOAT16
+    scales = {i.name: i.data_type for i in model.graph.initializer}
+    scales.update({n.output[0]: n.attribute[0].t.data_type for n in model.graph.node if n.op_type == "Constant"})
+    assert {scales[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear"} == {TensorProto.FLOAT16}
+    assert [i.type.tensor_type.elem_type for i in (*model.graph.input, *model.graph.output)] == [TensorProto.FLOAT] * 2
+
+
+def test_lint_rejects_an_fp32_float_part_on_a_tensorrt_target():
+    layer, x = dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64))
+    problems = lint_tensorrt(emit_onnx(layer, x, TENSORRT_FP32), TENSORRT)
+    assert "MatMul node '/MatMul' runs in FP32 where the target's float type is FP16" in problems
+    assert lint_tensorrt(emit_onnx(layer, x, TENSORRT), TENSORRT) == []
+
+
+def test_equal_scales_of_two_layers_stay_graph_constants():
+    """The TorchScript exporter writes Identity(first) for a repeated constant; TensorRT refuses a Q/DQ
+    scale that is not a constant (it was why uniform W8A8 failed on TensorRT targets)."""
+    class TwoBranches(torch.nn.Module):  # two layers with the same weights and scales
+        def __init__(self):
+            super().__init__()
+            self.a = dyadic_layer(8, 8)
+            self.b = copy.deepcopy(self.a)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    for fmt in (TENSORRT, TENSORRT_FP32):
+        model = emit_onnx(TwoBranches(), dyadic_input((1, 4, 4, 64)), fmt)
+        assert "Identity" not in {n.op_type for n in model.graph.node}
+        assert lint_tensorrt(model, fmt) == []
+
+
 def test_qdq_sits_on_the_inputs_of_weighted_ops_only():
-    model = emit_onnx(dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64)), TENSORRT)
+    model = emit_onnx(dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64)), TENSORRT_FP32)
     producers = {out: n for n in model.graph.node for out in n.output}
     matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
     assert [producers[i].op_type for i in matmul.input] == ["DequantizeLinear", "DequantizeLinear"]
@@ -49,13 +103,23 @@ def test_qdq_sits_on_the_inputs_of_weighted_ops_only():
 
 def test_a_block_keeps_layernorm_and_softmax_in_float(vit_t_block):
     block, tokens = vit_t_block
-    model = emit_onnx(block, tokens, TENSORRT)
+    model = emit_onnx(block, tokens, TENSORRT_FP32)
     ops = {n.op_type for n in model.graph.node}
     assert {"LayerNormalization", "Softmax", "QuantizeLinear"} <= ops
-    assert lint_tensorrt(model) == []
+    assert lint_tensorrt(model, TENSORRT_FP32) == []
     with torch.no_grad():
         expected = block(tokens)
     assert float((_run(model, tokens) - expected).abs().mean()) < 1e-3
+    # The shipped form: softmax, GELU and the attention matmuls in FP16, LayerNorm and the Q after it in FP32.
+    shipped = onnx.shape_inference.infer_shapes(emit_onnx(block, tokens, TENSORRT))
+    assert lint_tensorrt(shipped) == []
+    types = {v.name: v.type.tensor_type.elem_type for v in shipped.graph.value_info}
+    out_types = {n.op_type: set() for n in shipped.graph.node}
+    for n in shipped.graph.node:
+        out_types[n.op_type] |= {types.get(o) for o in n.output}
+    assert out_types["Softmax"] == out_types["Erf"] == {TensorProto.FLOAT16}
+    assert out_types["LayerNormalization"] == {TensorProto.FLOAT}
+    assert all(types[n.output[0]] == TensorProto.FLOAT16 for n in shipped.graph.node if n.op_type == "MatMul")
 
 
 def test_cpu_target_puts_8x8_biases_into_the_integer_gemm():
@@ -82,7 +146,7 @@ def test_int4_weights_use_opset_21_block_quantization():
     assert weight.data_type == TensorProto.INT4
     with torch.no_grad():
         torch.testing.assert_close(_run(model, x), layer(x), rtol=0, atol=1e-5)
-    assert lint_tensorrt(model) == []
+    assert lint_tensorrt(model, ONNXRUNTIME_CPU) == []
 
 
 def _with_constant(model: onnx.ModelProto, name: str, value: np.ndarray) -> onnx.ModelProto:
@@ -243,3 +307,110 @@ def test_the_task_check_defaults_to_the_runs_own_validation_data(run_folder, tmp
     finally:
         (run / "config.json").unlink()
     assert training_dataset(run) == (None, None)
+
+
+# --- TensorRT targets: uniform exports, dynamic batch, the fused-attention rule --------------------
+
+
+def test_tensorrt_targets_share_one_deployment_format():
+    from qsamc.targets import get_target
+
+    assert {get_target(name).deployment for name in ("a100", "h100", "orin")} == {TENSORRT}
+
+
+@pytest.mark.parametrize(("target", "bits"), [("a100", (8, 8)), ("h100", (4, 8)), ("orin", (4, 32))],
+                         ids=["a100-W8A8", "h100-W4A8", "orin-W4A16"])
+def test_uniform_exports_of_every_tensorrt_target_verify(run_folder, tmp_path, target, bits):
+    """Each TensorRT target exports one uniform subnet (they share one format, so each bit pair exports the
+    same on all three). W4A16: 4-bit weights with FP16 activations, INT4 weight-only GEMMs."""
+    from qsamc.pipeline import export_subnet
+
+    run, _, _, spec = run_folder
+    subnet = spec.space.uniform_bits(spec.space.max_subnet(), *bits)
+    subnet.save(tmp_path / "subnet.json")
+    report = export_subnet(run, tmp_path / "subnet.json", target, "onnx", tmp_path / "out", samples=1)
+    assert report.lint == [] and report.fidelity["ok"] and all(p["ok"] for p in report.parts)
+    model = onnx.load(tmp_path / "out" / "encoder.onnx")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert model.opset_import[0].version == (21 if bits == (4, 32) else 19)  # INT4 weight-only: block Q/DQ
+    session = ort_session(model)
+    x = torch.randn(4, 3, subnet.resolution, subnet.resolution, generator=torch.Generator().manual_seed(1))
+    batched = session.run(None, {"image": x.numpy()})[0]
+    single = np.concatenate([session.run(None, {"image": x[i : i + 1].numpy()})[0] for i in range(4)])
+    np.testing.assert_allclose(batched, single, rtol=0, atol=1e-2 * np.abs(single).max())
+
+
+def _attention_graph(tokens: int, head_dim: int, quantize: tuple[str, ...]) -> onnx.ModelProto:
+    """softmax(q @ k) @ v on (1, tokens, head_dim) activations, with Q/DQ in front of the named operands."""
+    nodes, inits = [], [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+                        numpy_helper.from_array(np.array(0, np.int8), "z")]
+
+    def maybe_qdq(name: str) -> str:
+        if name not in quantize:
+            return name
+        nodes.extend([helper.make_node("QuantizeLinear", [name, "s", "z"], [f"{name}_q"], name=f"{name}_Q"),
+                      helper.make_node("DequantizeLinear", [f"{name}_q", "s", "z"], [f"{name}_dq"], name=f"{name}_DQ")])
+        return f"{name}_dq"
+
+    q, kt, v = maybe_qdq("q"), maybe_qdq("kt"), maybe_qdq("v")
+    nodes.append(helper.make_node("MatMul", [q, kt], ["scores"], name="qk"))
+    nodes.append(helper.make_node("Softmax", ["scores"], ["p"], axis=-1, name="softmax"))
+    p = maybe_qdq("p")
+    nodes.append(helper.make_node("MatMul", [p, v], ["out"], name="pv"))
+    fp16 = TensorProto.FLOAT16
+    inputs = [helper.make_tensor_value_info("q", fp16, [1, tokens, head_dim]),
+              helper.make_tensor_value_info("kt", fp16, [1, head_dim, tokens]),
+              helper.make_tensor_value_info("v", fp16, [1, tokens, head_dim])]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float16), "s"), inits[1]]
+    graph = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info("out", fp16, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_lint_admits_int8_attention_only_as_tensorrt_fuses_it():
+    whole = ("q", "kt", "p", "v")
+    assert lint_tensorrt(_attention_graph(196, 64, ())) == []  # float attention: FP16 MHA
+    assert lint_tensorrt(_attention_graph(196, 64, whole)) == []  # a 14x14 window, head size 64
+    partial = lint_tensorrt(_attention_graph(196, 64, ("q", "kt", "v")))
+    assert partial == ["attention MatMul node 'pv' has Q/DQ on one input only; TensorRT fuses INT8 attention only "
+                       "with Q/DQ on q and k, on the softmax output and on v"]
+    assert lint_tensorrt(_attention_graph(4096, 64, whole)) == [
+        f"attention MatMul node '{n}' is quantized over 4096 tokens with head size 64, outside fused INT8 attention "
+        "(at most 512 tokens, head size 16/32/64): keep it in the float type" for n in ("qk", "pv")]
+    vit_h = lint_tensorrt(_attention_graph(196, 80, whole))
+    assert len(vit_h) == 2 and all("head size 80" in p for p in vit_h)
+    assert any("no fused INT8 attention" in p for p in lint_tensorrt(_attention_graph(196, 64, whole), ONNXRUNTIME_CPU))
+
+
+def test_a_scale_fp16_cannot_hold_keeps_its_dequantize_in_fp32():
+    """A weight scale below FP16's normal range (2^-14) would lose its grid in FP16: that DequantizeLinear
+    stays FP32, its output is Cast to FP16 for the GEMM, and the model still matches."""
+    from qsamc.float16 import to_float16
+
+    layer, x = dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64))
+    with torch.no_grad():
+        layer.weight.mul_(2.0**-12)
+        layer.weight_quantizer[8].scale.mul_(2.0**-12)  # 2^-7 * 2^-12: subnormal in FP16
+    model = emit_onnx(layer, x, TENSORRT)
+    assert lint_tensorrt(model) == []
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.input[0])
+    assert types[weight_dq.output[0]] == TensorProto.FLOAT
+    consumer = next(n for n in model.graph.node if weight_dq.output[0] in n.input)
+    assert consumer.op_type == "Cast" and {a.name: a.i for a in consumer.attribute}["to"] == TensorProto.FLOAT16
+    with torch.no_grad():
+        expected = layer(x)
+    torch.testing.assert_close(_run(model, x), expected, rtol=0, atol=2.0**-10 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="need opset 19"):
+        to_float16(emit_onnx(layer, x, TENSORRT_FP32))
+
+
+def test_batch_profile_is_checked_and_reaches_trtexec():
+    from qsamc.errors import ConfigError
+    from qsamc.tensorrt_engine import BatchProfile, trtexec_command
+
+    with pytest.raises(ConfigError, match=r"^the batch profile needs 1 <= min <= opt <= max, got min 4, opt 2, max 8$"):
+        BatchProfile(4, 2, 8)
+    command = trtexec_command(Path("e.onnx"), Path("e.plan"), Path("t.cache"), BatchProfile(1, 4, 16), 256)
+    assert ("--minShapes=image:1x3x256x256 --optShapes=image:4x3x256x256 --maxShapes=image:16x3x256x256 "
+            in command) and command.startswith("trtexec --onnx=e.onnx --stronglyTyped ")

@@ -532,3 +532,54 @@ def test_step_sizes_learn_at_a_rate_relative_to_their_size_and_without_weight_de
     w8 = next(m for (k, b), m in scales.items() if k == "LsqWeightQuantizer" and b == 8)
     w2 = next(m for (k, b), m in scales.items() if k == "LsqWeightQuantizer" and b == 2)
     assert by_param[id(w8.scale)] < by_param[id(w2.scale)] / 16
+
+
+# --- devices and precision: the CUDA code paths, exercised on the CPU through the same code ----------
+
+
+def test_training_device_resolves_the_device_and_the_autocast_type(tmp_path):
+    cpu = tiny_config(tmp_path, device="cpu")
+    assert T.training_device(cpu) == (torch.device("cpu"), None)
+    assert T.training_device(replace(cpu, precision="bf16")) == (torch.device("cpu"), torch.bfloat16)
+    if not torch.cuda.is_available():
+        assert T.training_device(tiny_config(tmp_path)) == (torch.device("cpu"), None)  # auto: fp32 on the CPU
+        with pytest.raises(ConfigError, match="^device cuda was asked for, but torch sees no CUDA GPU here$"):
+            T.training_device(tiny_config(tmp_path, device="cuda"))
+    with pytest.raises(ConfigError, match="^precision must be one of auto, fp32, bf16, got 'fp16'$"):
+        tiny_config(tmp_path, precision="fp16")
+
+
+def test_quantizers_stay_fp32_under_bf16_autocast_and_the_recomputing_backward_runs_in_it():
+    """Under autocast the layer's GEMM runs in bf16, but its input and weight are quantized in FP32 (an
+    8-bit grid needs more than bf16's 8-bit mantissa), and backward recomputes under the same autocast."""
+    from lowering_helpers import dyadic_input, dyadic_layer
+
+    layer = dyadic_layer(8, 8).train()
+    x = dyadic_input((2, 5, 64)).requires_grad_(True)
+    seen = []
+    quantizer = layer.act_quantizer[8]
+    hook = quantizer.register_forward_hook(lambda _m, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    hook.remove()
+    assert seen and set(seen) == {(torch.float32, torch.float32)}  # forward and the recompute in backward
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert quantizer.scale.grad.dtype == torch.float32 and quantizer.scale.dtype == torch.float32
+    # the same gradients as an FP32 step, to bf16 precision of the GEMMs
+    reference = dyadic_layer(8, 8).train()
+    x32 = x.detach().clone().requires_grad_(True)
+    reference(x32).sum().backward()
+    torch.testing.assert_close(x.grad, x32.grad, rtol=2e-2, atol=2e-2 * float(x32.grad.abs().max()))
+
+
+def test_bf16_training_runs_end_to_end_on_the_cpu(tmp_path):
+    result = train(tiny_config(tmp_path, iterations=2, phase1_iterations=1, checkpoint_every=2, device="cpu",
+                               precision="bf16"), show_progress=False)
+    losses = [float(row["loss"]) for row in metric_rows(tmp_path)]
+    assert len(losses) == 2 and all(map(lambda v: v == v and v < 10, losses))
+    model, _, _ = load_supernet(tmp_path)
+    assert {p.dtype for n, p in model.named_parameters() if "quantizer" in n} == {torch.float32}
+    assert json.loads((tmp_path / "config.json").read_text())["precision"] == "bf16"
+    assert 0 <= result.max_subnet.miou <= 1
