@@ -145,13 +145,14 @@ def main() -> None:
     started = time.perf_counter()
 
     if "reference" in stages and stage("reference", reference / "supernet.pt", args.fresh):
-        train(load_train_config(None, {"model": MODEL, "out": str(reference), **data, **REFERENCE}))
+        # A stage that runs replaces what an earlier (killed or --fresh) run left in its folder.
+        train(load_train_config(None, {"model": MODEL, "out": str(reference), **data, **REFERENCE}), overwrite=True)
     if "baselines" in stages and stage("baselines", baselines / "baselines.json", args.fresh):
         run_baselines(reference, data["dataset"], Path(data["data_root"]), baselines, effective_bits=(6.0, 5.0),
                       progress=lambda line: print(f"  {line}", flush=True))
     if "supernet" in stages and stage("supernet", supernet / "supernet.pt", args.fresh):
         train(load_train_config(None, {"model": MODEL, "out": str(supernet), "checkpoint": str(reference),
-                                       **data, **SUPERNET}))
+                                       **data, **SUPERNET}), overwrite=True)
     if "profile" in stages and stage("profile", table, args.fresh):
         profile_target("cpu", MODEL, table, ProfileSettings())
 

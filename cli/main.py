@@ -115,12 +115,15 @@ def ir(model: str = typer.Option("vit_b", help=MODEL_HELP),
 def train(ctx: typer.Context,
           config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML run config."),
           resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+          overwrite: bool = typer.Option(False, help="Replace the run already in --out (its checkpoints and results)."),
           quiet: bool = typer.Option(False, help="No progress bar.")):
-    """Fine-tune a SAM encoder once into a mixed-precision quantized supernet."""
+    """Fine-tune a SAM encoder once into a mixed-precision quantized supernet. Ctrl-C stops at the next
+    iteration with a checkpoint saved (`--resume` continues it)."""
     from qsamc.train import train as run_training
     from qsamc.train_config import resolve_train_config
 
-    result = run_training(resolve_train_config(config, ctx.args, resume), resume=resume, show_progress=not quiet)
+    result = run_training(resolve_train_config(config, ctx.args, resume), resume=resume, show_progress=not quiet,
+                          overwrite=overwrite)
     console.print(f"supernet written to {result.run}/supernet.pt ({result.iterations} iterations)")
     for name, ev in (("max subnet" if result.min_subnet else "FP32 model", result.max_subnet), ("min subnet", result.min_subnet)):
         if ev is not None:
@@ -153,7 +156,8 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            restrict: bool = typer.Option(False, help="Search only the bit-widths the target deploys well."),
            estimate: bool = typer.Option(False, help="Without a latency table, use a roofline estimate from datasheet peaks."),
            latency_table: Optional[Path] = typer.Option(None, help="Latency table (default: where `qsamc profile` writes it)."),
-           dataset: str = typer.Option("synthetic", help="Validation dataset format: synthetic, ade20k, camvid."),
+           dataset: Optional[str] = typer.Option(None, help="Validation dataset format: synthetic, ade20k, camvid. "
+                                                 "Default: the one the supernet was trained on (its config.json)."),
            data_root: Optional[Path] = typer.Option(None, help="Dataset folder (not for synthetic)."),
            val_limit: int = typer.Option(64, help="Validation images per evaluation."),
            batch_size: int = typer.Option(8, help="Validation batch size."),
@@ -379,7 +383,7 @@ def main() -> None:
         app()
     except QsamcError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(error, "exit_code", 2))
 
 
 if __name__ == "__main__":

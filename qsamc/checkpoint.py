@@ -11,6 +11,7 @@ state dicts are read with `weights_only=True`: a checkpoint is untrusted input.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import tempfile
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qsamc.errors import CheckpointError
+from qsamc.errors import ConfigError, CheckpointError
 from qsamc.head import SegmentationModel
 from qsamc.lora import LoraConfig
 from qsamc.quant import WeightInit
@@ -47,6 +48,35 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_folder(path: Path, option: str = "--out") -> None:
+    """Before any work: `path` is a folder that can be made and written (one sentence otherwise)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; give a folder")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path} cannot be made: {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path} cannot be written: {base} is not writable")
+
+
+def check_output_file(path: Path, option: str = "--out") -> None:
+    """Before any work: `path` names a file (not a folder) whose folder can be made and written."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path} cannot be written: {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path} cannot be written: {base} is not writable")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
@@ -55,6 +85,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
 
     _atomic_write(path, write)
+
+
+def save_figure(fig, path: Path, **options) -> None:
+    """A matplotlib figure written atomically (rendered in memory, then `atomic_write_bytes`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", **options)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -195,6 +195,10 @@ class SegmentationDataset(Dataset[Sample], abc.ABC):
     def __getitem__(self, index: int) -> Sample:
         return self.sample(index, self.epoch)
 
+    def check_files(self) -> None:
+        """Cheap checks of every file before a long run reads them (headers and sizes, not pixels):
+        DataError naming the first bad one. Generated data has no files."""
+
     def sample(self, index: int, epoch: int) -> Sample:
         """The sample at `index` as augmented in `epoch`: a pure function of (seed, epoch, index)."""
         sample = self.read(index)
@@ -263,6 +267,19 @@ class FolderDataset(SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def check_files(self) -> None:
+        for image_path, mask_path in self.pairs:
+            sizes = []
+            for path, what in ((image_path, "image"), (mask_path, "mask")):
+                try:
+                    with Image.open(path) as img:
+                        sizes.append(img.size)
+                except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                    raise DataError(f"{what} {path} is unreadable or corrupt ({exc}).") from None
+            if sizes[0] != sizes[1]:
+                raise DataError(f"mask {mask_path} is {sizes[1][0]}x{sizes[1][1]} but its image is "
+                                f"{sizes[0][0]}x{sizes[0][1]}.")
 
     def read(self, index: int) -> Sample:
         image_path, mask_path = self.pairs[index]

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qsamc.checkpoint import save_figure
 from qsamc.formats import DeploymentFormat
 from qsamc.ir import IR
 
@@ -59,7 +60,7 @@ def plot_precision_map(layers: list[LayerPrecision], path: Path, title: str) -> 
     ax.legend(handles=[Patch(color=c, label=n) for n, c in zip(containers, colours)], ncol=5, fontsize=6,
               loc="upper center", bbox_to_anchor=(0.5, -0.55))
     ax.set_title(title, fontsize=8)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    save_figure(fig, path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from qsamc.checkpoint import save_figure
 from qsamc.cost import CostModel
 from qsamc.search import Candidate, SearchResult
 from qsamc.space import SearchSpace, Subnet
@@ -104,7 +105,7 @@ def plot_pareto(result: SearchResult, costs: Sequence[CostModel], path: Path) ->
         ax.set_title(f"{m}: {result.evaluations} subnets evaluated")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

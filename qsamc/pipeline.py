@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qsamc.checkpoint import load_supernet
+from qsamc.checkpoint import check_output_file, check_output_folder, load_supernet
 from qsamc.cost import BitopsCost, CostModel, RooflineLatency, parse_budget
 from qsamc.data import build_dataset
 from qsamc.errors import BudgetError, ConfigError
@@ -67,6 +67,7 @@ def subnet_bitops(model: str, use_max: bool, use_min: bool, subnet_file: Path | 
 
 def write_ir(model: str, out: Path, subnet_file: Path | None = None) -> list[Path]:
     """What `qsamc ir` writes: `ir.json` and `ir.dot`, with bits and costs when a subnet is given."""
+    check_output_folder(out)
     space = default_space(model)
     if subnet_file is not None:
         subnet = space.validate(load_subnet(subnet_file))
@@ -100,13 +101,19 @@ def latency_cost(ir: IR, space: SearchSpace, target: Target, table: Path | None,
 
 def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool, budgets: list[str], out: Path,
                *, restrict: bool = False, estimate: bool = False, table: Path | None = None,
-               dataset: str = "synthetic", data_root: Path | None = None, val_limit: int | None = 64,
+               dataset: str | None = None, data_root: Path | None = None, val_limit: int | None = 64,
                batch_size: int = 8, config: EvolutionConfig = EvolutionConfig(),
                on_generation=None, float_macs: FloatMacs = "fp32", split: str = "val") -> tuple[SearchResult, list[Path]]:
     """What `qsamc search` does; returns the result and the files written (none on ranks > 0).
     `float_macs="exclude"` leaves the attention matmuls out of BitOPs (the paper's convention); `split`
-    is the dataset split whose images score the subnets (`train` keeps val for reporting only)."""
+    is the dataset split whose images score the subnets (`train` keeps val for reporting only). `dataset`
+    None: the one the run was trained on (its config.json; synthetic for a run without one)."""
     target = get_target(target_name)
+    check_output_folder(out)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if val_limit is not None and val_limit < 1:
+        raise ConfigError(f"--val-limit must be at least 1, got {val_limit}")
     parsed = [parse_budget(b) for b in budgets]
     metrics = {"bitops": use_bitops, "latency": use_latency}
     if not any(metrics.values()):
@@ -125,7 +132,14 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     if metrics["latency"]:
         costs.append(latency_cost(ir, space, target, table, estimate))
     parsed = parsed or default_ladder(space, costs[0])
-    data = ValidationSet(build_dataset(dataset, data_root, split), val_limit, batch_size)
+    if dataset is None:
+        dataset, data_root = training_dataset(run)
+        dataset = dataset or "synthetic"
+    images = build_dataset(dataset, data_root, split)
+    if images.num_classes != spec.num_classes:
+        raise ConfigError(f"the supernet in {run} predicts {spec.num_classes} classes but the {dataset} data has "
+                          f"{images.num_classes}: pass the dataset it was trained on (--dataset, --data-root)")
+    data = ValidationSet(images, val_limit, batch_size)
     result = search(space, costs, SubnetFitness(model, data), parsed, config,
                     on_generation=on_generation if rank == 0 else None)
     written = write_search(result, space, target, costs, out) if rank == 0 else []
@@ -137,10 +151,11 @@ def profile_target(target_name: str, model: str, out: Path | None, settings: Pro
                    progress=None) -> tuple[LatencyTable, Path, list[Validation]]:
     """What `qsamc profile` does: build (and optionally validate) the latency table of a target."""
     target = get_target(target_name)
+    path = out or default_table_path(target, model)
+    check_output_file(path)
     space = default_space(model)
     space = target.restrict_space(space) if restrict else space
     table = build_table(space, target, settings, calibration, progress)
-    path = out or default_table_path(target, model)
     table.save(path)
     checks = validate_table(table, space, target, validate, settings=settings) if validate else []
     return table, path, checks
@@ -192,11 +207,10 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     target = get_target(target_name)
     if fmt not in target.formats:
         raise TargetError(f"target {target.name} has no '{fmt}' format; it exports {', '.join(target.formats)}")
+    check_output_folder(out)
     subnet = load_subnet(subnet_file)
     model, ir, spec = load_supernet(run)
     subnet = spec.space.validate(subnet)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder for the model and its report")
     if dataset is None:  # the run's own validation data, where its config says what it was
         dataset, data_root = training_dataset(run)
     validation = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit) if dataset else None
@@ -269,6 +283,7 @@ def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> dic
     from qsamc.train import train
     from qsamc.train_config import load_train_config
 
+    check_output_folder(out)
     run = out / "supernet"
     trained = train(load_train_config(None, {"out": str(run), **QUICKSTART_TRAINING}), show_progress=show_progress)
     searched, written = run_search(run, "cpu", True, False, [], out / "search", val_limit=16,

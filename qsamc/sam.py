@@ -10,6 +10,7 @@ import importlib.util
 import pickle
 import sys
 import types
+import warnings
 import zipfile
 from dataclasses import dataclass
 from functools import partial
@@ -155,21 +156,32 @@ def read_prompt_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """A non-empty dict of tensors from an untrusted file, or one sentence saying why not."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: its zip archive has no central directory")
+    if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint file (neither a torch.save archive nor a pickle)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        # weights_only refusals are a multi-paragraph message with ANSI codes; keep the sentence that
-        # names what was refused. (A text file fails the legacy unpickler with a KeyError.)
-        if "WeightsUnpickler error:" in str(exc):
-            detail = str(exc).split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
-            reason = detail.split(". ")[0].rstrip(".")
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch state dict (truncated, corrupt or "
-            f"holding code): {reason}"
-        ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refused something: name it, and never suggest weights_only=False for an untrusted file
+        lines = [line.strip() for line in str(exc).replace("WeightsUnpickler error:", "\n").splitlines()]
+        lines = [line for line in lines if line]
+        named = [line for line in lines if "unsupported" in line.lower() or "GLOBAL" in line]
+        reason = (named or lines or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+        reason = reason.removeprefix("Trying to load ")
+        raise CheckpointError(f"checkpoint {path} holds something other than tensors, which qsamc never loads "
+                              f"from an untrusted file ({reason})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)

@@ -16,7 +16,12 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import contextlib
+import fcntl
 import os
+import shutil
+import signal
+import threading
 import random
 import resource
 import time
@@ -28,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from qsamc.checkpoint import (SupernetSpec, atomic_torch_save, atomic_write_json, build_model,
+from qsamc.checkpoint import (SupernetSpec, check_output_folder, atomic_torch_save, atomic_write_json, build_model,
                               save_supernet)
 from qsamc.data import build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
@@ -221,9 +226,14 @@ def _load_checkpoint(run: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
         raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(exc).__name__})") from None
+    needed = ("iteration", "model", "optimizer", "scheduler")
+    if not isinstance(state, dict) or not all(k in state for k in needed):
+        raise CheckpointError(f"cannot resume: {path} is not a qsamc training checkpoint (it needs "
+                              f"{', '.join(needed)})")
+    return state
 
 
 def training_device(config: TrainConfig, rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
@@ -236,8 +246,83 @@ def training_device(config: TrainConfig, rank: int = 0) -> tuple[torch.device, t
     return device, torch.bfloat16 if bf16 else None
 
 
-def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
+class TrainingInterrupted(QsamcError):
+    """Ctrl-C or SIGTERM: the run stopped at an iteration boundary with its checkpoint saved."""
+
+    exit_code = 130
+
+
+# What a run folder holds; `--overwrite` removes exactly these before a new run starts.
+RUN_FILES = ("config.json", "supernet.json", "supernet.pt", "validation.json", "metrics.csv", "checkpoints")
+
+
+def prepare_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
+    """Check where the run goes before any work: a folder (not a file), and one that holds no other run
+    unless `overwrite` (which removes that run's files) or `resume` (which continues it)."""
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--out {run} is a file; give a folder for the run")
+    check_output_folder(run)
+    held = [name for name in RUN_FILES if (run / name).exists()]
+    if resume or not held:
+        return
+    if not overwrite:
+        raise ConfigError(f"{run} already holds a training run ({', '.join(held)}); continue it with --resume or "
+                          "replace it with --overwrite")
+    for name in held:
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """One writer per run folder: an exclusive lock on `run/.lock` for the whole run. The OS releases it
+    when the process dies, so a killed run never leaves it stuck."""
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another qsamc train is writing to {run}; wait for it to finish or choose another "
+                              "--out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop at the next iteration boundary (a second one stops at once)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train(config: TrainConfig, resume: bool = False, show_progress: bool = True, overwrite: bool = False) -> TrainResult:
+    run = Path(config.out)
     rank, world = _distributed(config.device)
+    if rank == 0:
+        prepare_run_folder(run, resume, overwrite)
+    with run_lock(run) if rank == 0 else contextlib.nullcontext():
+        return _train(config, resume, show_progress, rank, world)
+
+
+def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, world: int) -> TrainResult:
     device, autocast_dtype = training_device(config, rank)
     run = Path(config.out)
     torch.manual_seed(config.seed)
@@ -245,6 +330,8 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     # 1. Data, space, model with quantizers.
     train_set = build_dataset(config.dataset, config.data_root, "train", augment=True, seed=config.seed)
     val_set = build_dataset(config.dataset, config.data_root, "val", seed=config.seed)
+    for split in (train_set, val_set):  # a bad file is found now, not after every iteration has run
+        split.check_files()
     space = default_space(config.model, config.granularity)  # type: ignore[arg-type]
     spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel)
     model, ir = build_model(SupernetSpec(space, train_set.num_classes, None, config.per_channel), config.checkpoint,
@@ -295,8 +382,9 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     bar = progress_bar(config.iterations, "training supernet", enabled=show_progress and rank == 0,
                        fields={"loss": "-", "lr": "-", "mem": "-"})
     tick = time.perf_counter()
+    stop = _StopRequest()
     try:
-        with bar:
+        with bar, stop:
             bar.advance(start)
             for iteration in range(start, config.iterations):
                 # 3. Progressive boundary: attach LoRA, freeze W0, new optimizer over LoRA + quantizers.
@@ -343,10 +431,14 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                     tick = now
                     bar.update(advance=1, loss=f"{total:.4f}", lr=f"{lr:.2e}", mem=f"{memory:.0f}MB")
                     # 5. Atomic checkpoints: a kill at any moment leaves the previous one intact.
-                    if done % config.checkpoint_every == 0 or done == config.iterations:
+                    if done % config.checkpoint_every == 0 or done == config.iterations or stop.signal:
                         atomic_torch_save({"iteration": done, "model": model.state_dict(),
                                            "optimizer": optimizer.state_dict(),
                                            "scheduler": scheduler.state_dict()}, _checkpoint_path(run))
+                if stop.signal and done < config.iterations:
+                    raise TrainingInterrupted(
+                        f"{stop.signal} stopped training after iteration {done} of {config.iterations}; its checkpoint is "
+                        f"saved in {_checkpoint_path(run)}: continue with qsamc train --resume --out {run}")
     finally:
         if logger is not None:
             logger.close()

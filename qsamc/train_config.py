@@ -28,6 +28,8 @@ SCHEDULES = ("progressive", "lora", "full", "fp32")
 SAMPLINGS = ("uniform", "sandwich")
 DISTILLATIONS = ("none", "reference")
 DEVICES = ("auto", "cpu", "cuda")
+# The encoder's linear layers LoRA can adapt (every block has them).
+LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -98,6 +100,15 @@ class TrainConfig:
             (self.schedule != "progressive" or 0 < self.phase1_iterations < self.iterations,
              f"progressive training needs 0 < phase1_iterations < iterations, got {self.phase1_iterations} of {self.iterations}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.seed >= 0, f"seed must be 0 or more, got {self.seed}"),
+            (self.val_limit >= 1, f"val_limit must be at least 1, got {self.val_limit}"),
+            (self.calibration_batches >= 1, f"calibration_batches must be at least 1, got {self.calibration_batches}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number above 0, got {self.lr}"),
+            (math.isfinite(self.lora_lr) and self.lora_lr > 0, f"lora_lr must be a finite number above 0, got {self.lora_lr}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be a finite number >= 0, got {self.weight_decay}"),
+            (all(m in LORA_MODULES for m in self.lora_modules) and len(self.lora_modules) > 0,
+             f"lora_modules must name some of {', '.join(LORA_MODULES)}, got {', '.join(self.lora_modules) or 'none'}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {self.checkpoint_every}"),
             (self.multiplex_modules in (3, 4, 5), f"multiplex_modules must be 3, 4 or 5, got {self.multiplex_modules}"),
             (self.lora_switch in ("weight", "act"), f"lora_switch must be 'weight' or 'act', got '{self.lora_switch}'"),
@@ -229,9 +240,14 @@ def default_phase1_resolution(config: TrainConfig) -> int:
 
 def resolve_train_config(path: str | Path | None, flags: list[str], resume: bool) -> TrainConfig:
     """What `qsamc train` runs: file + flags; with `resume`, the config saved in the run folder."""
-    config = load_train_config(path, parse_flags(flags))
+    parsed = parse_flags(flags)
+    config = load_train_config(path, parsed)
     if not resume:
         return config
+    others = [name for name in parsed if name != "out"]
+    if others:
+        raise ConfigError(f"--resume continues the run with its saved config; it takes --out (or --config) only, "
+                          f"not --{others[0].replace('_', '-')} (start a new run for other settings)")
     saved = Path(config.out) / "config.json"
     if not saved.is_file():
         raise ConfigError(f"cannot resume: {saved} does not exist (pass the run's --out or its --config)")

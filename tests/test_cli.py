@@ -175,3 +175,18 @@ def test_console_script(tmp_path):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == "error: unknown model 'vit_x'; known models are vit_b, vit_h, vit_l, vit_t\n"
+
+
+@pytest.mark.parametrize("command", ["search", "profile", "export", "ir", "quickstart", "train"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(run_cli, tmp_path, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("earlier work")
+    out = blocker / "inside"  # a folder under a file: cannot be made
+    args = {"search": ["search", "--supernet", tmp_path / "missing-run", "--target", "cpu", "--bitops"],
+            "profile": ["profile", "--target", "cpu"],
+            "export": ["export", "--supernet", tmp_path / "missing-run", "--subnet", tmp_path / "s.json", "--target", "cpu"],
+            "ir": ["ir", "--model", "vit_t"], "quickstart": ["quickstart"], "train": ["train", "--quiet"]}[command]
+    code, _, stderr = run_cli(*args, "--out", out / "t.json" if command == "profile" else out)
+    assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert f"{blocker} is a file" in stderr
+    assert blocker.read_text() == "earlier work"

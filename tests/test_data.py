@@ -327,3 +327,18 @@ def test_bad_configs_and_split() -> None:
         build_dataset("synthetic", None, "test")
     with pytest.raises(DataError, match="takes no dataset folder"):
         build_dataset("synthetic", "/somewhere", "train")
+
+
+def test_a_corrupt_validation_image_stops_training_before_the_first_iteration(tmp_path: Path) -> None:
+    from qsamc.train import train
+    from qsamc.train_config import load_train_config
+
+    root = tmp_path / "camvid"
+    _camvid_tree(root, "train")
+    _camvid_tree(root, "val")
+    (root / "val" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a PNG header, then nothing
+    config = load_train_config(None, {"dataset": "camvid", "data_root": str(root), "out": str(tmp_path / "run"),
+                                      "iterations": 2, "phase1_iterations": 1, "batch_size": 1})
+    with pytest.raises(DataError, match=rf"^image {re.escape(str(root / 'val' / 'a.png'))} is unreadable or corrupt"):
+        train(config, show_progress=False)
+    assert not (tmp_path / "run" / "metrics.csv").exists()

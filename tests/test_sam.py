@@ -181,7 +181,7 @@ def test_truncated_checkpoint(tmp_path, vit_t_state):
     with pytest.raises(CheckpointError) as info:
         sam.build_encoder("vit_t", path)
     assert one_sentence(str(info.value))
-    assert str(info.value).startswith(f"checkpoint {path} is not a readable PyTorch state dict")
+    assert str(info.value).startswith(f"checkpoint {path} is truncated or corrupt")
 
 
 def test_checkpoint_holding_a_list(tmp_path):
@@ -213,21 +213,59 @@ def test_checkpoint_pickling_an_arbitrary_class_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as info:
         sam.build_encoder("vit_t", path)
     assert str(info.value) == (
-        f"checkpoint {path} is not a readable PyTorch state dict (truncated, corrupt or holding code): "
-        f"Unsupported global: GLOBAL {__name__}.Payload was not an allowed global by default")
+        f"checkpoint {path} holds something other than tensors, which qsamc never loads from an untrusted file "
+        f"(Unsupported global: GLOBAL {__name__}.Payload was not an allowed global by default)")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint but a text file\n", b"\x80\x02garbage"])
-def test_checkpoint_that_is_not_a_torch_file(tmp_path, content):
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "is not a PyTorch checkpoint file (neither a torch.save archive nor a pickle)"),
+    (b"not a checkpoint but a text file\n", "is not a PyTorch checkpoint file (neither a torch.save archive nor a pickle)"),
+    (b"\x80\x02garbage", "holds something other than tensors, which qsamc never loads from an untrusted file "
+                         "(Unsupported operand 103)"),
+])
+def test_checkpoint_that_is_not_a_torch_file(tmp_path, content, message):
     path = tmp_path / "junk.pth"
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as info:
         sam.read_state_dict(path)
     assert one_sentence(str(info.value))
-    assert str(info.value).startswith(f"checkpoint {path} is not a readable PyTorch state dict")
+    assert str(info.value) == f"checkpoint {path} {message}"
 
 
 def test_missing_checkpoint(tmp_path):
     path = tmp_path / "nope.pth"
     with pytest.raises(CheckpointError, match=r"^checkpoint .*nope\.pth does not exist$"):
         sam.build_encoder("vit_t", path)
+
+
+def test_unreadable_checkpoints_are_one_sentence_naming_the_file_and_the_fault(tmp_path):
+    import os
+    import pickle
+
+    from qsamc.errors import CheckpointError
+    from qsamc.sam import read_tensors
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo never",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil(), protocol=2))
+    torch.save({"a": torch.zeros(3)}, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("hello\n")
+    (tmp_path / "folder.pt").mkdir()
+    expected = {
+        "evil.pt": "holds something other than tensors, which qsamc never loads from an untrusted file (",
+        "cut.pt": "is truncated or corrupt: its zip archive has no central directory",
+        "text.pt": "is not a PyTorch checkpoint file (neither a torch.save archive nor a pickle)",
+        "folder.pt": "is a folder, not a checkpoint file",
+    }
+    for name, message in expected.items():
+        with pytest.raises(CheckpointError) as error:
+            read_tensors(tmp_path / name)
+        text = str(error.value)
+        assert text.startswith(f"checkpoint {tmp_path / name} {message}") and "\n" not in text
+        assert "weights_only=False" not in text
+    with pytest.raises(CheckpointError, match=r"\(unsupported GLOBAL posix.system whose module posix is blocked\)$"):
+        read_tensors(tmp_path / "evil.pt")

@@ -123,3 +123,31 @@ def test_profile_tensorrt_without_tensorrt_is_one_sentence(qsamc, tmp_path):
 def test_profile_clock_needs_one_thread(qsamc, tmp_path):
     code, _, stderr = qsamc("profile", "--target", "cpu", "--threads", "2", "--out", str(tmp_path / "t.json"))
     assert code == 2 and "use --threads 1, or --clock wall" in stderr
+
+
+@pytest.mark.parametrize("option, message", [("--batch-size", "error: --batch-size must be at least 1, got 0\n"),
+                                             ("--val-limit", "error: --val-limit must be at least 1, got 0\n")])
+def test_search_refuses_empty_evaluations_before_any_work(run_folder, tmp_path, qsamc, option, message):
+    code, _, stderr = qsamc("search", "--supernet", str(run_folder), "--target", "cpu", "--bitops",
+                            "--out", str(tmp_path / "o"), option, "0")
+    assert code == 2 and stderr == message and not (tmp_path / "o").exists()
+
+
+def test_search_defaults_to_the_runs_dataset_and_refuses_another_class_count(run_folder, tmp_path, qsamc):
+    from pathlib import Path
+
+    camvid = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
+    code, _, stderr = qsamc("search", "--supernet", str(run_folder), "--target", "cpu", "--bitops", "--dataset",
+                            "camvid", "--data-root", str(camvid), "--out", str(tmp_path / "o"), *TINY_SEARCH)
+    assert code == 2 and stderr == (f"error: the supernet in {run_folder} predicts 4 classes but the camvid data has 11: "
+                                    "pass the dataset it was trained on (--dataset, --data-root)\n")
+    from qsamc.pipeline import training_dataset
+
+    (run_folder / "config.json").write_text(json.dumps({"dataset": "camvid", "data_root": str(camvid)}))
+    try:
+        assert training_dataset(run_folder) == ("camvid", camvid)
+        code, _, stderr = qsamc("search", "--supernet", str(run_folder), "--target", "cpu", "--bitops",
+                                "--out", str(tmp_path / "o"), *TINY_SEARCH)
+        assert code == 2 and "but the camvid data has 11" in stderr  # the run's own data, read from its folder
+    finally:
+        (run_folder / "config.json").unlink()

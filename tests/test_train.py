@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -583,3 +584,104 @@ def test_bf16_training_runs_end_to_end_on_the_cpu(tmp_path):
     assert {p.dtype for n, p in model.named_parameters() if "quantizer" in n} == {torch.float32}
     assert json.loads((tmp_path / "config.json").read_text())["precision"] == "bf16"
     assert 0 <= result.max_subnet.miou <= 1
+
+
+# --- run folders: never clobbered, one writer, Ctrl-C saves ------------------------------------------
+
+
+def test_a_fresh_train_into_a_run_folder_refuses_and_overwrite_replaces_it(progressive_run, tmp_path):
+    reference, _ = progressive_run
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    refused = cli("train", *FLAGS, "--quiet", "--out", str(run))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr == (f"error: {run} already holds a training run (config.json, supernet.json, supernet.pt, "
+                              "validation.json, metrics.csv, checkpoints); continue it with --resume or replace it "
+                              "with --overwrite\n")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    replaced = cli("train", *FLAGS, "--iterations", "2", "--phase1-iterations", "1", "--checkpoint-every", "2",
+                   "--quiet", "--out", str(run), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert [r["iteration"] for r in metric_rows(run)] == ["1", "2"]  # the new run only, not mixed with the old
+    (tmp_path / "file").write_text("x")
+    assert cli("train", "--quiet", "--out", str(tmp_path / "file")).stderr == \
+        f"error: --out {tmp_path / 'file'} is a file; give a folder for the run\n"
+
+
+def test_one_writer_per_run_folder_and_a_dead_writer_leaves_no_stuck_lock(tmp_path):
+    run = tmp_path / "run"
+    with T.run_lock(run):
+        with pytest.raises(ConfigError, match=f"^another qsamc train is writing to {run}; wait for it"):
+            with T.run_lock(run):
+                pass
+        other = cli("train", *FLAGS, "--quiet", "--out", str(run))  # another process, same folder
+        assert other.returncode == 2 and other.stderr.startswith(f"error: another qsamc train is writing to {run}")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time, qsamc.train as T
+        from pathlib import Path
+        with T.run_lock(Path({str(run)!r})):
+            print("locked", flush=True); time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    holder.stdout.close()
+    with T.run_lock(run):  # the OS released the killed process's lock
+        pass
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_at_the_iteration_boundary_and_resume_finishes(tmp_path, signum):
+    run = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, "-m", "qsamc.cli.main", "train", *FLAGS, "--checkpoint-every", "100",
+                                "--iterations", "30", "--quiet", "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not (run / "metrics.csv").exists() or len(metric_rows(run)) < 1:
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "no iteration finished"
+            time.sleep(0.02)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    stopped_at = load_state(run / "checkpoints" / "last.pt")["iteration"]
+    assert process.returncode == 130 and 1 <= stopped_at < 30
+    assert stderr == (f"error: {signal.Signals(signum).name} stopped training after iteration {stopped_at} of 30; its "
+                      f"checkpoint is saved in {run / 'checkpoints' / 'last.pt'}: continue with qsamc train --resume "
+                      f"--out {run}\n")
+    assert len(metric_rows(run)) == stopped_at
+    resumed = cli("train", "--out", str(run), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["iteration"] for r in metric_rows(run)] == [str(i) for i in range(1, 31)]
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--seed", "-1", "seed must be 0 or more, got -1"),
+    ("--lr", "nan", "lr must be a finite number above 0, got nan"),
+    ("--val-limit", "0", "val_limit must be at least 1, got 0"),
+    ("--lora-modules", "nonexistent.mod", "lora_modules must name some of attn.qkv, attn.proj, mlp.lin1, mlp.lin2, "
+                                          "got nonexistent.mod"),
+])
+def test_unchecked_values_are_refused_before_anything_is_written(tmp_path, flag, value, message):
+    result = cli("train", "--quiet", "--out", str(tmp_path / "run"), flag, value)
+    assert result.returncode == 2 and result.stderr == f"error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_takes_the_saved_config_and_refuses_other_flags(progressive_run, tmp_path):
+    reference, _ = progressive_run
+    with pytest.raises(ConfigError, match=r"^--resume continues the run with its saved config; it takes --out \(or "
+                                          r"--config\) only, not --lr \(start a new run for other settings\)$"):
+        resolve_train_config(None, ["--out", str(reference), "--lr", "0.5"], resume=True)
+    assert resolve_train_config(None, ["--out", str(reference)], resume=True).iterations == 6
+
+
+def test_resume_from_a_plain_state_dict_is_one_sentence(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"weight": torch.zeros(2)}, run / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"^cannot resume: .*last.pt is not a qsamc training checkpoint \(it needs "
+                                              r"iteration, model, optimizer, scheduler\)$"):
+        T._load_checkpoint(run)
