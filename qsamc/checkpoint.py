@@ -48,6 +48,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
+    """Delete the temporary files (`.<name>.XXXXXX`) that a write killed before its rename left behind."""
+    if not folder.is_dir():
+        return
+    for name in names:
+        for stale in folder.glob(f".{name}.*"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+
+
 def _nearest_existing(path: Path) -> Path:
     path = path.absolute()
     while not path.exists() and path != path.parent:

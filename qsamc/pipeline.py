@@ -177,6 +177,10 @@ def training_dataset(run: Path) -> tuple[str | None, Path | None]:
     return dataset, None if root is None else Path(root)
 
 
+# Every file an export may write (timing.cache is TensorRT's build cache: kept and reused).
+EXPORT_FILES = ("encoder.onnx", "decoder.onnx", "precision.png", "encoder.plan", "timing.cache", "report.json")
+
+
 def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2,
                   promptable: bool = False, sam_checkpoint: Path | None = None, dataset: str | None = None,
                   data_root: Path | None = None, val_limit: int | None = 32, batch=None):
@@ -192,7 +196,7 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     on the encoder's own embeddings of the sample images (report["decoder"]).
     The encoder's batch axis is dynamic: the whole-model check runs batch 1 and batch 4; `batch` is the
     TensorRT engine's profile (`tensorrt_engine.BatchProfile`, default 1 / 1 / 8)."""
-    from qsamc.checkpoint import atomic_write_bytes, atomic_write_json
+    from qsamc.checkpoint import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
     from qsamc.emit import export_static
     from qsamc.errors import TargetError
     from qsamc.export_report import ExportReport, layer_precisions, plot_precision_map
@@ -251,7 +255,14 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
         latency={"onnxruntime_cpu": ort_latency(session, images[0])},
         fidelity=fidelity.to_json(), lint=lint, parts=[p.to_json() for p in parts], task=task)
     paths = {"onnx": out / "encoder.onnx", "report": out / "report.json", "precision_map": out / "precision.png"}
+    # All or nothing: the old report and files go first, every file is written atomically, and the
+    # report, written last, is what says an export is whole (a kill before it leaves no report).
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, EXPORT_FILES)
+    (out / "report.json").unlink(missing_ok=True)  # first: no report ever describes another export's files
+    for name in EXPORT_FILES:
+        if name not in ("report.json", "timing.cache"):
+            (out / name).unlink(missing_ok=True)
     atomic_write_bytes(paths["onnx"], data)
     if promptable:
         paths["decoder"] = out / "decoder.onnx"

@@ -33,8 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from qsamc.checkpoint import (SupernetSpec, check_output_folder, atomic_torch_save, atomic_write_json, build_model,
-                              save_supernet)
+from qsamc.checkpoint import (SupernetSpec, atomic_torch_save, atomic_write_json, build_model, check_output_folder,
+                              remove_stale_temporaries, save_supernet)
 from qsamc.data import build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
 from qsamc.evaluate import Evaluation, ValidationSet, evaluate_subnet
@@ -262,6 +262,8 @@ def prepare_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
     if run.exists() and not run.is_dir():
         raise ConfigError(f"--out {run} is a file; give a folder for the run")
     check_output_folder(run)
+    remove_stale_temporaries(run, RUN_FILES)  # left by a write that a kill interrupted
+    remove_stale_temporaries(run / "checkpoints", ("last.pt",))
     held = [name for name in RUN_FILES if (run / name).exists()]
     if resume or not held:
         return

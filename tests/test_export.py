@@ -414,3 +414,28 @@ def test_batch_profile_is_checked_and_reaches_trtexec():
     command = trtexec_command(Path("e.onnx"), Path("e.plan"), Path("t.cache"), BatchProfile(1, 4, 16), 256)
     assert ("--minShapes=image:1x3x256x256 --optShapes=image:4x3x256x256 --maxShapes=image:16x3x256x256 "
             in command) and command.startswith("trtexec --onnx=e.onnx --stronglyTyped ")
+
+
+def test_an_export_into_an_earlier_export_is_all_or_nothing(run_folder, tmp_path, monkeypatch):
+    """A kill (here: a failure) after the first new file leaves no report: never a report describing
+    another export's files. Temporaries a killed write left are removed; a whole export ends with its report."""
+    import qsamc.export_report as export_report
+    from qsamc.pipeline import export_subnet
+
+    run, out = run_folder[0], tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text('{"subnet": "an earlier one"}')
+    (out / "encoder.onnx").write_text("an earlier model")
+    (out / ".encoder.onnx.x1y2z3").write_text("left by a killed write")
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_report, "plot_precision_map", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_subnet(run, run / "w8a8.json", "cpu", "onnx", out, samples=1)
+    assert not (out / "report.json").exists() and not (out / ".encoder.onnx.x1y2z3").exists()
+    monkeypatch.undo()
+    report = export_subnet(run, run / "w8a8.json", "cpu", "onnx", out, samples=1)
+    assert json.loads((out / "report.json").read_text())["files"] == report.files
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx", "precision.png", "report.json"]
