@@ -65,26 +65,27 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_output_folder(path: Path, option: str = "--out") -> None:
-    """Before any work: `path` is a folder that can be made and written (one sentence otherwise)."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path} is a file; give a folder")
-    base = _nearest_existing(path)
+def _check_writable(path: Path, folder: Path, option: str, verb: str) -> None:
+    """`folder` (`path` itself, or the folder a file goes in) can be made and written."""
+    base = _nearest_existing(folder)
     if not base.is_dir():
-        raise ConfigError(f"{option} {path} cannot be made: {base} is a file")
+        raise ConfigError(f"{option} {path} cannot be {verb}: {base} is a file")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {path} cannot be written: {base} is not writable")
+
+
+def check_output_folder(path: Path, option: str = "--out", purpose: str = "") -> None:
+    """Before any work: `path` is a folder that can be made and written (one sentence otherwise)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; give a folder{purpose}")
+    _check_writable(path, path, option, "made")
 
 
 def check_output_file(path: Path, option: str = "--out") -> None:
     """Before any work: `path` names a file (not a folder) whose folder can be made and written."""
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a folder; give a file name")
-    base = _nearest_existing(path.parent)
-    if not base.is_dir():
-        raise ConfigError(f"{option} {path} cannot be written: {base} is a file")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path} cannot be written: {base} is not writable")
+    _check_writable(path, path.parent, option, "written")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -131,9 +131,9 @@ def _resolve_constant_identities(model: onnx.ModelProto) -> None:
     """Point every consumer of `Identity(constant)` at the constant itself and drop the Identity."""
     constants = {i.name for i in model.graph.initializer}
     constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    source: dict[str, str] = {}
+    source: dict[str, str] = {}  # Identity output -> the constant it repeats (chains followed)
     for node in model.graph.node:
-        if node.op_type == "Identity" and node.input[0] in constants | set(source):
+        if node.op_type == "Identity" and (node.input[0] in constants or node.input[0] in source):
             source[node.output[0]] = source.get(node.input[0], node.input[0])
     outputs = {o.name for o in model.graph.output}
     keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in source

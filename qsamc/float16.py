@@ -33,6 +33,15 @@ _FP16_NORMAL_MIN = 2.0 ** -14
 _FP16_MAX = 65504.0
 
 
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every graph constant of `model` (initializers and `Constant` node values), by tensor name."""
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
 def fp16_safe_scale(values: np.ndarray) -> bool:
     magnitude = np.abs(values.astype(np.float64))
     return bool(np.all((magnitude >= _FP16_NORMAL_MIN) & (magnitude <= _FP16_MAX)))
@@ -50,16 +59,8 @@ def to_float16(model: onnx.ModelProto, fp32_ops: frozenset[str] = FP32_OPS) -> o
         raise ValueError(f"FP16 Q/DQ scales need opset {MIN_OPSET} or later, not {opset}")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    initializers = {i.name: i for i in graph.initializer}
-    constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-
-    def constant(name: str) -> np.ndarray | None:
-        if name in initializers:
-            return numpy_helper.to_array(initializers[name])
-        node = constant_nodes.get(name)
-        if node is not None and node.attribute[0].name == "value":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
+    values = constant_values(model)
+    constant = values.get
 
     def is_fp32_node(node: onnx.NodeProto) -> bool:
         if node.op_type in fp32_ops:
@@ -104,7 +105,7 @@ def to_float16(model: onnx.ModelProto, fp32_ops: frozenset[str] = FP32_OPS) -> o
     # FP32 islands: an island's float output is `<name>_fp32`, read as it is by other islands and through
     # one Cast down by everything else; an island's activation input from outside is Cast up (its other
     # inputs are its constants).
-    constants = set(initializers) | set(constant_nodes) | kept
+    constants = set(values) | kept
     integers = _integer_tensors(model)
     island_outputs = {o for n in islands for i, o in enumerate(n.output) if _output_is_float(n, i)}
     nodes: list[onnx.NodeProto] = []

@@ -177,8 +177,8 @@ def training_dataset(run: Path) -> tuple[str | None, Path | None]:
     return dataset, None if root is None else Path(root)
 
 
-# Every file an export may write (timing.cache is TensorRT's build cache: kept and reused).
-EXPORT_FILES = ("encoder.onnx", "decoder.onnx", "precision.png", "encoder.plan", "timing.cache", "report.json")
+# The files an export replaces, the report first; TensorRT's timing.cache is kept and reused.
+REPLACED_FILES = ("report.json", "encoder.onnx", "decoder.onnx", "precision.png", "encoder.plan")
 
 
 def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2,
@@ -258,11 +258,9 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     # All or nothing: the old report and files go first, every file is written atomically, and the
     # report, written last, is what says an export is whole (a kill before it leaves no report).
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out, EXPORT_FILES)
-    (out / "report.json").unlink(missing_ok=True)  # first: no report ever describes another export's files
-    for name in EXPORT_FILES:
-        if name not in ("report.json", "timing.cache"):
-            (out / name).unlink(missing_ok=True)
+    remove_stale_temporaries(out, (*REPLACED_FILES, "timing.cache"))
+    for name in REPLACED_FILES:  # the report first: no report ever describes another export's files
+        (out / name).unlink(missing_ok=True)
     atomic_write_bytes(paths["onnx"], data)
     if promptable:
         paths["decoder"] = out / "decoder.onnx"

@@ -207,11 +207,15 @@ class _Logger:
             self.tensorboard.close()
 
 
+def _uses_cuda(device: str) -> bool:
+    """Whether `config.device` resolves to a GPU: `cuda`, or `auto` where torch sees one."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def _distributed(device: str = "auto") -> tuple[int, int]:
     """(rank, world) under torchrun; (0, 1) otherwise. CPU ranks use gloo, GPU ranks NCCL."""
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if _uses_cuda(device) else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -240,7 +244,7 @@ def training_device(config: TrainConfig, rank: int = 0) -> tuple[torch.device, t
     """(device, autocast dtype or None) for this rank: `config.device` and `config.precision` resolved."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was asked for, but torch sees no CUDA GPU here")
-    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    cuda = _uses_cuda(config.device)
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
     return device, torch.bfloat16 if bf16 else None
@@ -259,9 +263,7 @@ RUN_FILES = ("config.json", "supernet.json", "supernet.pt", "validation.json", "
 def prepare_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
     """Check where the run goes before any work: a folder (not a file), and one that holds no other run
     unless `overwrite` (which removes that run's files) or `resume` (which continues it)."""
-    if run.exists() and not run.is_dir():
-        raise ConfigError(f"--out {run} is a file; give a folder for the run")
-    check_output_folder(run)
+    check_output_folder(run, purpose=" for the run")
     remove_stale_temporaries(run, RUN_FILES)  # left by a write that a kill interrupted
     remove_stale_temporaries(run / "checkpoints", ("last.pt",))
     held = [name for name in RUN_FILES if (run / name).exists()]

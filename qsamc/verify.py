@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from qsamc.errors import QsamcError
-from qsamc.float16 import FP32_OPS, LAYOUT_OPS, fp16_safe_scale
+from qsamc.float16 import FP32_OPS, LAYOUT_OPS, constant_values, fp16_safe_scale
 from qsamc.formats import TENSORRT, AttentionRule, DeploymentFormat
 
 TENSORRT_OPSETS = (9, 24)
@@ -49,14 +49,6 @@ class ExportError(QsamcError):
     """An export that does not verify: the ONNX model disagrees with the subnet or TensorRT rejects it."""
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     types = {i.name: i.data_type for i in model.graph.initializer}
     for node in model.graph.node:
@@ -74,7 +66,7 @@ def lint_tensorrt(model: onnx.ModelProto, deployment: DeploymentFormat = TENSORR
     lo, hi = TENSORRT_OPSETS
     if opset is None or not lo <= opset <= hi:
         problems.append(f"opset {opset} is outside TensorRT 10's range {lo}..{hi}")
-    constants, types = _constants(model), _elem_types(model)
+    constants, types = constant_values(model), _elem_types(model)
     for node in model.graph.node:
         where = f"{node.op_type} node '{node.name}'"
         if node.domain not in ("", "ai.onnx"):
