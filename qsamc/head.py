@@ -59,18 +59,23 @@ class SegmentationHead(nn.Module):
             if isinstance(layer, QuantConv2d):
                 self.calibrate_weight(layer)
 
-    def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        """Class logits upsampled to `size`, or at the token grid when `size` is None (training's
+        losses upsample them chunk by chunk, `qsamc.losses`)."""
         logits = self.classifier(self.act(self.conv(features)))
+        if size is None:
+            return logits
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 class SegmentationModel(nn.Module):
-    """Supernet encoder + task head: images at the subnet's resolution -> per-pixel class logits."""
+    """Supernet encoder + task head: images at the subnet's resolution -> per-pixel class logits
+    (`upsample=False`: at the token grid)."""
 
     def __init__(self, supernet: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.supernet = supernet
         self.head = SegmentationHead(supernet.neck[0].out_channels, num_classes)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.supernet(images), images.shape[-2:])
+    def forward(self, images: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+        return self.head(self.supernet(images), images.shape[-2:] if upsample else None)

@@ -63,23 +63,30 @@ def _autocast_on(device_type: str) -> bool:
     return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
 
 
+def _activate(activation: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if activation is None else activation(x)
+
+
 class _RecomputingQuantLinear(torch.autograd.Function):
     """y = x_q @ W_q^T + b that saves only the layer input and leaf parameters for backward.
 
     The quantized input x_q, the merged weight W0 + delta and its quantized copy W_q are recomputed
     in backward (elementwise work and one rank-r matmul) instead of being stored: per layer that is
-    two weight-sized tensors and one activation-sized tensor less at the training peak. Gradients of
+    two weight-sized tensors and one activation-sized tensor less at the training peak. With an
+    `activation`, the input is that activation's input, and the activation is recomputed as well. Gradients of
     the recomputed parts come from autograd itself, so LSQ+, LoRA routing and STE stay in one place.
     """
 
     @staticmethod
-    def forward(ctx, layer: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None, *params: torch.Tensor):
+    def forward(ctx, layer: QuantLinear, activation: nn.Module | None, x: torch.Tensor, bias: torch.Tensor | None,
+                *params: torch.Tensor):
         with torch.no_grad():
-            y = F.linear(layer.quantize_input(x), layer.quantize_weight(layer.active_weight()), bias)
+            y = F.linear(layer.quantize_input(_activate(activation, x)), layer.quantize_weight(layer.active_weight()),
+                         bias)
         # Backward recomputes under the forward's autocast state (autograd does not restore it).
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device)) if _autocast_on(device) else None
-        ctx.layer, ctx.has_bias = layer, bias is not None
+        ctx.layer, ctx.activation, ctx.has_bias = layer, activation, bias is not None
         ctx.save_for_backward(x, *params)
         return y
 
@@ -87,11 +94,12 @@ class _RecomputingQuantLinear(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, *params = ctx.saved_tensors
         layer = ctx.layer
+        needs_x = ctx.needs_input_grad[2]
         autocast = (torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]) if ctx.autocast
                     else contextlib.nullcontext())
         with torch.enable_grad(), autocast:
-            x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[1])
-            x_q = layer.quantize_input(x_leaf)
+            x_leaf = x.detach().requires_grad_(needs_x)
+            x_q = layer.quantize_input(_activate(ctx.activation, x_leaf))
             w_q = layer.quantize_weight(layer.active_weight())
         with autocast:  # the two GEMMs in the forward's precision, their results in the operands' types
             flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
@@ -99,14 +107,14 @@ class _RecomputingQuantLinear(torch.autograd.Function):
             grad_w = (flat_grad.t() @ x_q.detach().reshape(-1, x_q.shape[-1])).to(w_q.dtype)
         # Back-propagate through whichever recomputed parts depend on something that wants a gradient.
         pairs = [(o, g) for o, g in ((w_q, grad_w), (x_q, grad_xq)) if o.requires_grad]
-        wants = [need for need in ctx.needs_input_grad[3:]]
-        inputs = ([x_leaf] if ctx.needs_input_grad[1] else []) + [p for p, need in zip(params, wants) if need]
+        wants = [need for need in ctx.needs_input_grad[4:]]
+        inputs = ([x_leaf] if needs_x else []) + [p for p, need in zip(params, wants) if need]
         found = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
                      if pairs and inputs else [None] * len(inputs))
-        grad_x = next(found) if ctx.needs_input_grad[1] else None
+        grad_x = next(found) if needs_x else None
         param_grads = [next(found) if need else None for need in wants]
-        grad_bias = flat_grad.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (None, grad_x, grad_bias, *param_grads)
+        grad_bias = flat_grad.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return (None, None, grad_x, grad_bias, *param_grads)
 
 
 class QuantLinear(QuantMixin, nn.Linear):
@@ -134,12 +142,14 @@ class QuantLinear(QuantMixin, nn.Linear):
             w = w[: self.active_out, : self.active_in]
         return w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: nn.Module | None = None) -> torch.Tensor:
+        """y = Q(activation(x)) @ Q(W)^T + b. Passing the preceding activation (the MLP's GELU) instead of
+        applying it first lets training keep only its input for backward, not its output too."""
         bias = self.bias[: self.active_out] if self.bias is not None else None
         if self.training and torch.is_grad_enabled():
             params = [p for p in self.parameters() if p.requires_grad and p is not self.bias]
-            return _RecomputingQuantLinear.apply(self, x, bias, *params)
-        return F.linear(self.quantize_input(x), self.quantize_weight(self.active_weight()), bias)
+            return _RecomputingQuantLinear.apply(self, activation, x, bias, *params)
+        return F.linear(self.quantize_input(_activate(activation, x)), self.quantize_weight(self.active_weight()), bias)
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):

@@ -4,7 +4,9 @@
 and the neck are the encoder's own modules (same names, same weights), with their linears and convs
 swapped for `QuantLinear` / `QuantConv2d`. `set_subnet` selects one subnet; the forward pass then
 computes exactly that subnet: the interpolated positional embedding for its resolution, the kept
-blocks of each stage, the first k MLP units of each block, and each layer's bits.
+blocks of each stage, the first k MLP units of each block, and each layer's bits. Each block's attention
+and MLP become their training-kernel forms (`qsamc.training_kernels`): the same function, with less
+kept for backward when training.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qsamc.training_kernels import SupernetAttention, SupernetMLP
 from qsamc.layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
 from qsamc.sam import build_encoder
 from qsamc.space import SearchSpace, Subnet, default_space
@@ -29,6 +32,7 @@ class Supernet(nn.Module):
         self.neck = encoder.neck
         self.patch_embed.proj = QuantConv2d.from_float(self.patch_embed.proj)
         for block in self.blocks:
+            block.attn, block.mlp = SupernetAttention.from_sam(block.attn), SupernetMLP.from_sam(block.mlp)
             for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "lin1"), (block.mlp, "lin2")):
                 setattr(parent, name, QuantLinear.from_float(getattr(parent, name)))
         for index in (0, 2):

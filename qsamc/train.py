@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from qsamc.checkpoint import (SupernetSpec, atomic_torch_save, atomic_write_json, build_model, check_output_folder,
@@ -39,6 +38,7 @@ from qsamc.data import build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
 from qsamc.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.head import SegmentationModel
+from qsamc.losses import distillation_loss, segmentation_loss
 from qsamc.passes import AttachLoraPass, CalibrateActivationsPass
 from qsamc.progress import progress_bar
 from qsamc.quant import LsqActQuantizer, LsqWeightQuantizer
@@ -56,10 +56,6 @@ class TrainResult:
     iterations: int
     max_subnet: Evaluation  # the fp32 schedule: its FP32 model
     min_subnet: Evaluation | None  # None for the fp32 schedule
-
-
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return F.cross_entropy(logits, masks, ignore_index=ignore_index)
 
 
 def training_space(config: TrainConfig, space: SearchSpace, iteration: int) -> SearchSpace:
@@ -99,17 +95,9 @@ def batch_indices(config: TrainConfig, size: int, iteration: int, rank: int, wor
     return epoch, order[start : start + config.batch_size]
 
 
-def distillation_loss(logits: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean per-pixel KL(reference || subnet) of the class distributions, over labelled pixels
-    (inplace distillation, as BigNAS / OFA, here from the frozen FP32 reference)."""
-    target = F.log_softmax(reference, dim=1)
-    kl = (target.exp() * (target - F.log_softmax(logits, dim=1))).sum(dim=1)
-    valid = masks != ignore_index
-    return (kl * valid).sum() / valid.sum().clamp_min(1)
-
-
 class Teacher:
-    """The frozen FP32 reference that `distill="reference"` distils from, at the student's resolution."""
+    """The frozen FP32 reference that `distill="reference"` distils from, at the student's resolution
+    (its logits at the token grid, as the student's)."""
 
     def __init__(self, model: SegmentationModel, space: SearchSpace) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -119,7 +107,7 @@ class Teacher:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self.model.supernet.configure(fp32_subnet(self.space, images.shape[-1]))
-        return self.model(images)
+        return self.model(images, upsample=False)
 
 
 def peak_memory_mb() -> float:
@@ -409,7 +397,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
                     images, masks = (t.to(device) for t in make_batch(samples, subnet.resolution))
                     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                         enabled=autocast_dtype is not None):
-                        logits = wrapped(images)
+                        logits = wrapped(images, upsample=False)
                         loss = segmentation_loss(logits.float(), masks, train_set.ignore_index)
                         if teacher is not None:
                             loss = loss + config.distill_weight * distillation_loss(

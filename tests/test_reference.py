@@ -16,7 +16,8 @@ from qsamc.checkpoint import SupernetSpec, build_model, load_supernet
 from qsamc.errors import CheckpointError, ConfigError
 from qsamc.quant import MSE_CANDIDATES, LsqWeightQuantizer, _grid
 from qsamc.space import default_space
-from qsamc.train import distillation_loss, fp32_subnet, train
+from qsamc.losses import distillation_loss
+from qsamc.train import fp32_subnet, train
 from qsamc.train_config import load_train_config, parse_flags
 
 FLAGS = ["--iterations", "3", "--phase1-iterations", "2", "--batch-size", "1", "--val-limit", "2", "--calibration-batches", "1",

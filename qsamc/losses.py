@@ -1,0 +1,79 @@
+"""Training losses on the head's low-resolution logits, upsampled to the masks a few rows at a time.
+
+The task loss is the mean per-pixel cross-entropy of the logits bilinearly upsampled to the input size
+(the head's `F.interpolate`, align_corners=False). Upsampling 150 classes to 512 x 512 first would
+materialise 150 x 512^2 floats, then the same again for the log-softmax autograd keeps, and twice more
+for their gradients. Here bilinear upsampling is written as its two 1-D interpolation matrices
+(rows x in-rows, in-columns x columns), and each chunk of output rows is upsampled, scored and summed on
+its own and recomputed in backward: autograd keeps the low-resolution logits and a scalar per chunk.
+The value equals upsample-then-loss to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Floats of upsampled logits per chunk (8 MB in FP32): small next to the encoder's activations.
+CHUNK_ELEMENTS = 2**21
+
+PixelLoss = Callable[..., torch.Tensor]  # (upsampled logits..., masks) -> per-pixel loss, 0 where ignored
+
+
+def interpolation_matrix(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+    """(size_out, size_in) weights of 1-D linear interpolation, align_corners=False: the factor of
+    bilinear upsampling along one axis."""
+    eye = torch.eye(size_in, device=device)[None]
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0].t().contiguous()
+
+
+def _upsample_rows(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return rows @ (logits @ cols.t())
+
+
+def _chunk_sum(pixel_loss: PixelLoss, rows: torch.Tensor, cols: torch.Tensor, first: int, masks: torch.Tensor,
+               *logits: torch.Tensor) -> torch.Tensor:
+    band = rows.shape[1]
+    return pixel_loss(*(_upsample_rows(x[:, :, first : first + band], rows, cols) for x in logits), masks).sum()
+
+
+def mean_over_pixels(pixel_loss: PixelLoss, logits: tuple[torch.Tensor, ...], masks: torch.Tensor,
+                     ignore_index: int) -> torch.Tensor:
+    """Mean of `pixel_loss` over the labelled pixels of `masks`, on `logits` (each [B, C, h, w])
+    bilinearly upsampled to the masks' size, one chunk of rows at a time."""
+    batch, classes, height, width = logits[0].shape
+    out_h, out_w = masks.shape[-2:]
+    rows = interpolation_matrix(height, out_h, masks.device).to(logits[0].dtype)
+    cols = interpolation_matrix(width, out_w, masks.device).to(logits[0].dtype)
+    chunk = max(1, CHUNK_ELEMENTS // (batch * classes * out_w))
+    total = logits[0].new_zeros(())
+    for start in range(0, out_h, chunk):
+        weights = rows[start : start + chunk]
+        used = weights.abs().sum(0).nonzero()  # the input rows these output rows read: a narrow band
+        first, last = int(used[0]), int(used[-1]) + 1
+        part = masks[:, start : start + chunk]
+        if any(x.requires_grad for x in logits) and torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_sum, pixel_loss, weights[:, first:last], cols, first, part, *logits,
+                                       use_reentrant=False)
+        else:
+            total = total + _chunk_sum(pixel_loss, weights[:, first:last], cols, first, part, *logits)
+    return total / (masks != ignore_index).sum().clamp_min(1)
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean cross-entropy over labelled pixels of `logits` upsampled to `masks` (the task loss)."""
+    def cross_entropy(up: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(up, part, ignore_index=ignore_index, reduction="none")
+    return mean_over_pixels(cross_entropy, (logits,), masks, ignore_index)
+
+
+def distillation_loss(logits: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean per-pixel KL(reference || subnet) of the class distributions, over labelled pixels
+    (inplace distillation, as BigNAS / OFA, here from the frozen FP32 reference)."""
+    def kl(student: torch.Tensor, teacher: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        target = F.log_softmax(teacher, dim=1)
+        return (target.exp() * (target - F.log_softmax(student, dim=1))).sum(dim=1) * (part != ignore_index)
+    return mean_over_pixels(kl, (logits, reference), masks, ignore_index)

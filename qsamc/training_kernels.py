@@ -1,0 +1,108 @@
+"""Training kernels of the supernet's blocks: the same functions as segment-anything's, with less kept for backward.
+
+Each module computes exactly what the SAM module it replaces computes (same parameters, same state-dict
+keys) and, in eval mode or without gradients, runs SAM's own code: that is what the IR traces, what
+BitOPs count and what export emits. Only training (train mode with gradients on) takes the kernels.
+
+`SupernetMLP`: lin2 receives lin1's output and applies the GELU itself (`QuantLinear(x, activation)`),
+so backward keeps the GELU's input once instead of its input and output.
+
+`SupernetAttention`: one function, two implementations:
+- the reference (segment-anything's `Attention.forward`): scores = scale q k^T + rel_h + rel_w, softmax,
+  @v. The IR traces it, BitOPs count it, `FlopCounterMode` checks it, and export emits it (eval mode).
+- the training kernel (train mode with gradients on): the decomposed rel-pos term is folded into the
+  q.k product, so the whole core is one mask-free `scaled_dot_product_attention` (the flash kernel on
+  CPU and CUDA), recomputed in backward. No N x N map is ever stored for backward: per block only the
+  qkv output and the rel-pos tables are kept, where the reference stores the softmax output (12 heads x
+  1024^2 floats for a global block at 512 px), its input scores and the rel-pos einsums' inputs.
+
+The fold: rel_h[n, i] (n a query, i a key row) and rel_w[n, j] are dot products of q with rel-pos rows,
+and a key at (i, j) selects column i of rel_h and column j of rel_w. So with
+q' = [scale q, rel_h, rel_w] and k' = [k, onehot(row), onehot(col)], q' . k' is exactly the reference's
+score. A float mask would be the obvious route, but a mask that needs a gradient sends SDPA to its math
+kernel, which stores the map. v is zero-padded to q's width: the flash kernel needs one head width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qsamc.sam import Attention, MLPBlock, get_rel_pos
+
+# Flash kernels want head widths in multiples of 8.
+_WIDTH_MULTIPLE = 8
+
+
+def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor | None,
+                     rel_pos_w: torch.Tensor | None, size: tuple[int, int], scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + rel_h + rel_w) v for q, k, v of shape (batch x heads, h*w, head_dim), as one
+    mask-free attention call (the fold above). Without rel-pos tables it is plain scaled attention."""
+    if rel_pos_h is None:
+        return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)[:, 0]
+    h, w = size
+    n, tokens, dim = q.shape
+    grid = q.reshape(n, h, w, dim)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, rel_pos_h)).reshape(n, tokens, h)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, rel_pos_w)).reshape(n, tokens, w)
+    width = dim + h + w
+    pad = -width % _WIDTH_MULTIPLE
+    index = torch.arange(tokens, device=q.device)
+    selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(k.dtype)
+    q_fold = F.pad(torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1), (0, pad))
+    k_fold = F.pad(torch.cat([k, selectors.expand(n, -1, -1)], dim=-1), (0, pad))
+    v_fold = F.pad(v, (0, width + pad - dim))
+    out = F.scaled_dot_product_attention(q_fold[:, None], k_fold[:, None], v_fold[:, None], scale=1.0)
+    return out[:, 0, :, :dim]
+
+
+class TrainingKernel:
+    """Whether a module takes its training kernel now. `TrainingKernel.enabled = False` trains through
+    segment-anything's code instead (what `benchmarks/train_memory.py` compares against)."""
+
+    enabled = True
+
+    def uses_kernel(self) -> bool:
+        return self.training and TrainingKernel.enabled and torch.is_grad_enabled()
+
+
+class SupernetAttention(TrainingKernel, Attention):
+    """segment-anything's `Attention` (same parameters and state-dict keys) with the training kernel."""
+
+    @classmethod
+    def from_sam(cls, attention: Attention) -> SupernetAttention:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads, new.scale, new.use_rel_pos = attention.num_heads, attention.scale, attention.use_rel_pos
+        new.qkv, new.proj = attention.qkv, attention.proj
+        if attention.use_rel_pos:
+            new.rel_pos_h, new.rel_pos_w = attention.rel_pos_h, attention.rel_pos_w
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_kernel():
+            return super().forward(x)
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+        tables = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
+        out = checkpoint(relpos_attention, q, k, v, *tables, (h, w), self.scale, use_reentrant=False)
+        return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+class SupernetMLP(TrainingKernel, MLPBlock):
+    """segment-anything's `MLPBlock` whose GELU is recomputed in lin2's backward when training."""
+
+    @classmethod
+    def from_sam(cls, mlp: MLPBlock) -> SupernetMLP:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.lin1, new.lin2, new.act = mlp.lin1, mlp.lin2, mlp.act
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_kernel():
+            return super().forward(x)
+        return self.lin2(self.lin1(x), activation=self.act)
