@@ -14,6 +14,7 @@ from rich.table import Table
 
 from qsamc.errors import QsamcError, TargetError
 from qsamc.sam import MODEL_ZOO
+from qsamc.threads import ENV as threads_env, apply_threads
 from qsamc.train_config import describe_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,6 +35,20 @@ class FloatMacs(str, Enum):
 
 
 MODEL_HELP = f"Encoder config: {', '.join(MODEL_ZOO)}."
+# Commands that do enough work to say how many threads they run (first line of their output).
+_WORKING_COMMANDS = {"train", "search", "profile", "export", "baseline", "quickstart"}
+
+
+@app.callback()
+def options(ctx: typer.Context,
+            threads: Optional[int] = typer.Option(
+                None, "--threads",
+                help=f"Threads for torch and ONNX Runtime (or {threads_env}=N; default: the cores no other "
+                     "process is busy on when the command starts).")):
+    """qsamc: compile SAM image encoders into mixed-precision quantized subnets."""
+    choice = apply_threads(threads)
+    if ctx.invoked_subcommand in _WORKING_COMMANDS:
+        console.print(choice.describe(), highlight=False)
 
 
 def human(value: float, unit: str = "") -> str:

@@ -29,6 +29,7 @@ from qsamc.cost import Budget, CostModel, cheapest, format_cost, set_group_bits
 from qsamc.errors import BudgetError, ConfigError
 from qsamc.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.space import SearchSpace, Subnet
+from qsamc.threads import adapt as adapt_threads
 
 Fitness = Callable[[Subnet], Evaluation]
 Objective = Literal["loss", "miou"]
@@ -112,6 +113,7 @@ class SubnetFitness:
         self.model, self.data = model, data
 
     def __call__(self, subnet: Subnet) -> Evaluation:
+        adapt_threads()
         return evaluate_subnet(self.model, subnet, self.data)
 
 

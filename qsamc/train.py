@@ -43,6 +43,7 @@ from qsamc.passes import AttachLoraPass, CalibrateActivationsPass
 from qsamc.progress import progress_bar
 from qsamc.quant import LsqActQuantizer, LsqWeightQuantizer
 from qsamc.space import SearchSpace, Subnet, default_space
+from qsamc.threads import adapt as adapt_threads
 from qsamc.train_config import TrainConfig, default_phase1_resolution
 
 
@@ -379,6 +380,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
         with bar, stop:
             bar.advance(start)
             for iteration in range(start, config.iterations):
+                adapt_threads()  # follow the free cores (qsamc.threads)
                 # 3. Progressive boundary: attach LoRA, freeze W0, new optimizer over LoRA + quantizers.
                 if lora_from is not None and iteration == lora_from and not lora_attached:
                     AttachLoraPass(config.lora, seed=config.seed + 1)(ir)

@@ -34,6 +34,10 @@ from qsamc.sam import Attention, MLPBlock, get_rel_pos
 
 # Flash kernels want head widths in multiples of 8.
 _WIDTH_MULTIPLE = 8
+# Attention maps smaller than this (floats, over the batch, windows and heads) train through the reference:
+# there the extra ops and the recompute cost more time (9% of the vit_t quickstart's training) than the
+# few MB of map are worth. A windowed vit_b block at 512 px has 9 x 12 x 196^2 = 4.1 M; vit_t's are < 0.5 M.
+FOLD_FROM_ELEMENTS = 2**21
 
 
 def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor | None,
@@ -85,6 +89,8 @@ class SupernetAttention(TrainingKernel, Attention):
         if not self.uses_kernel():
             return super().forward(x)
         b, h, w, _ = x.shape
+        if b * self.num_heads * (h * w) ** 2 < FOLD_FROM_ELEMENTS:
+            return super().forward(x)
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
         tables = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)

@@ -11,13 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from conftest import randomize_
-from qsamc import losses
+from qsamc import losses, training_kernels
 from qsamc.checkpoint import SupernetSpec, build_model
 from qsamc.lora import LoraConfig
 from qsamc.losses import distillation_loss, segmentation_loss
 from qsamc.sam import Attention
 from qsamc.space import default_space
 from qsamc.training_kernels import SupernetAttention, TrainingKernel, relpos_attention
+
+
+@pytest.fixture(autouse=True)
+def fold_every_attention(monkeypatch):
+    """Take the attention kernel at any size (by default small maps train through the reference)."""
+    monkeypatch.setattr(training_kernels, "FOLD_FROM_ELEMENTS", 0)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,6 +73,17 @@ def test_attention_kernel_runs_the_flash_kernel_and_keeps_no_token_by_token_map(
     ops = {event.key for event in profile.key_averages()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
+def test_small_attention_maps_train_through_the_reference(monkeypatch):
+    monkeypatch.setattr(training_kernels, "FOLD_FROM_ELEMENTS", 2 * 2 * 49**2 + 1)
+    reference = randomize_(Attention(16, 2, use_rel_pos=True, input_size=(7, 7)))
+    kernel = SupernetAttention.from_sam(copy.deepcopy(reference)).train()
+    x = torch.randn(2, 7, 7, 16)
+    with torch.profiler.profile() as profile:
+        out = kernel(x)
+    assert torch.equal(out, reference(x))
+    assert "aten::scaled_dot_product_attention" not in {event.key for event in profile.key_averages()}
 
 
 def test_attention_kernel_without_rel_pos_is_plain_scaled_attention():
