@@ -43,7 +43,7 @@ def export(ir, subnet, example):
 
 
 def profile(model, feed, threads):
-    session = ort_session(model, threads, profile=True)
+    session = ort_session(model, threads, profile=True, spinning=True)
     session.run(None, feed)
     session.run(None, feed)
     path = session.end_profiling()
@@ -78,7 +78,7 @@ def main() -> None:
               "W8A8": export(ir, space.uniform_bits(subnet, 8, 8), images[0])}
 
     feed = {"image": images[0].numpy()}
-    sessions = {name: ort_session(m, args.threads) for name, m in models.items()}
+    sessions = {name: ort_session(m, args.threads, spinning=True) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     for name, session in sessions.items():
         session.run(None, feed)

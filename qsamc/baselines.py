@@ -324,7 +324,7 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
     if "ort-static" in methods:
         path = ort_static(reference, images, out)
         import onnx
-        session = ort_session(onnx.load(path))
+        session = ort_session(onnx.load(path), spinning=True)
         head = deployed_head(reference, images)
         latency = ort_latency(session, images[0][:1], runs=latency_runs)
         add("ort-static", "ORT quantize_static W8A8", reference.subnet(8, 8),

@@ -229,7 +229,7 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     batched = torch.randn(4, 3, subnet.resolution, subnet.resolution, generator=generator)
     static, reference, model_proto = export_static(ir, spec.space, subnet, target.deployment, images[0])
     lint = lint_tensorrt(model_proto, target.deployment)
-    session = ort_session(model_proto)
+    session = ort_session(model_proto, spinning=True)  # it also times the model
     fidelity = measure_fidelity(session, reference, [*images, batched], min(b.a for b in subnet.bits),
                                 target.deployment.float_type)
     parts = check_parts(reference, static.root, subnet, images[0], target.deployment)

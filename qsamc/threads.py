@@ -12,8 +12,8 @@ at full speed. So a command runs with:
 With one thread, torch never waits at a barrier; with more, OpenMP's short default spin is the fastest
 when the cores are free (a sleeping wait policy cost 15-25% of the quickstart's training here).
 ONNX Runtime sessions that verify or evaluate take the current count with spinning off
-(`session.intra_op.allow_spinning=0`); latency tables keep their own `--threads` and spinning: they
-time what a deployment runs.
+(`session.intra_op.allow_spinning=0`); sessions that time a model (the export report's latency, the
+baselines', latency tables with their own `--threads`) spin: they time what a deployment runs.
 """
 
 from __future__ import annotations

@@ -196,15 +196,15 @@ def _lint_qdq(node: onnx.NodeProto, where: str, constants: dict[str, np.ndarray]
 
 
 def ort_session(model: onnx.ModelProto, threads: int | None = None, profile: bool = False,
-                exact: bool = False) -> ort.InferenceSession:
-    """A CPU session for verification and evaluation: the command's thread count (`qsamc.threads`),
-    waiting threads asleep rather than spinning. INT4 MatMulNBits computes with float activations
+                exact: bool = False, spinning: bool = False) -> ort.InferenceSession:
+    """A CPU session with the command's thread count (`qsamc.threads`). Waiting threads sleep rather than
+    spin, except with `spinning` (sessions that time a model: a deployment spins). INT4 MatMulNBits computes with float activations
     (accuracy level 1): its default (4) quantizes them to INT8 on the fly, which the subnet never did.
     `exact`: graph optimisations off, so no fused integer kernel runs and the graph is evaluated as
     written (what the part check falls back to, to tell a lowering defect from a CPU's kernels)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or current_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact

@@ -99,7 +99,7 @@ def test_adapt_follows_a_process_that_starts_later_but_never_overrides_a_fixed_c
         process.wait()
 
 
-def test_verification_sessions_take_the_count_and_do_not_spin():
+def test_verification_sessions_take_the_count_and_do_not_spin_but_timing_sessions_do():
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
@@ -109,3 +109,5 @@ def test_verification_sessions_take_the_count_and_do_not_spin():
     options = ort_session(model).get_session_options()
     assert options.intra_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    timing = ort_session(model, spinning=True).get_session_options()  # sessions that time a model spin
+    assert timing.get_session_config_entry("session.intra_op.allow_spinning") == "1"
