@@ -23,9 +23,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from qsamc.passes import BitopsModel, CountBitopsPass
-from qsamc.analysis import analysis_ir
-from qsamc.space import default_space
-from qsamc.supernet import Supernet
+from qsamc.ir.frontend import analysis_ir
+from qsamc.supernet.space import default_space
+from qsamc.supernet.encoder import Supernet
 
 
 def flop_counter_macs(model: str, subnet) -> int:

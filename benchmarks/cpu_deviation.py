@@ -26,13 +26,13 @@ from dataclasses import replace
 import onnxruntime as ort
 import torch
 
-from qsamc.checkpoint import load_supernet
-from qsamc.emit import emit_onnx
+from qsamc.training.runs import load_supernet
+from qsamc.export.emit import emit_onnx
 from qsamc.formats import ONNXRUNTIME_CPU
-from qsamc.pass_manager import PassManager
+from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import (ExtractSubnetPass, FoldOffsetIntoNormPass, FoldWeightQuantizersPass,
                           LowerActivationOffsetsPass, QuantizeBiasPass)
-from qsamc.verify import check_parts, measure_fidelity, ort_session
+from qsamc.export.verify import check_parts, measure_fidelity, ort_session
 from search_quality import calibrated_supernet  # the same calibrated, untrained vit_t
 
 

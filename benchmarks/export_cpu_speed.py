@@ -21,14 +21,14 @@ from dataclasses import replace
 
 import torch
 
-from qsamc.checkpoint import SupernetSpec, build_model
-from qsamc.emit import emit_onnx
+from qsamc.training.runs import SupernetSpec, build_model
+from qsamc.export.emit import emit_onnx
 from qsamc.formats import ONNXRUNTIME_CPU
-from qsamc.pass_manager import PassManager
+from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import (CalibrateActivationsPass, ExtractSubnetPass, FoldOffsetIntoNormPass,
                           FoldWeightQuantizersPass, LowerActivationOffsetsPass, QuantizeBiasPass)
-from qsamc.space import default_space
-from qsamc.verify import ort_session
+from qsamc.supernet.space import default_space
+from qsamc.export.verify import ort_session
 
 # Node-name scopes of the searched, quantized layers (the TorchScript exporter names nodes by module path;
 # ONNX Runtime's fused nodes keep a member's name). Everything else stays float in both models.

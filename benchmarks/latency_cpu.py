@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from qsamc.cost import BitopsCost
-from qsamc.latency import (
+from qsamc.search.cost import BitopsCost
+from qsamc.profiling.latency import (
     LatencyTable, ProfileSettings, build_table, validate_table,
 )
-from qsamc.analysis import analysis_ir
-from qsamc.space import default_space
+from qsamc.ir.frontend import analysis_ir
+from qsamc.supernet.space import default_space
 from qsamc.targets import get_target
 
 

@@ -35,16 +35,16 @@ import sys
 import time
 from pathlib import Path
 
-from qsamc.analysis import count_bitops
+from qsamc.ir.frontend import count_bitops
 from qsamc.baselines import run_baselines
-from qsamc.checkpoint import atomic_write_json, load_supernet
-from qsamc.latency import LatencyTable, ProfileSettings, TableLatency
+from qsamc.training.runs import atomic_write_json, load_supernet
+from qsamc.profiling.latency import LatencyTable, ProfileSettings, TableLatency
 from qsamc.pipeline import export_subnet, profile_target, run_search
-from qsamc.search import EvolutionConfig
-from qsamc.space import Subnet, load_subnet
+from qsamc.search.evolution import EvolutionConfig
+from qsamc.supernet.space import Subnet, load_subnet
 from qsamc.targets import get_target
-from qsamc.train import train
-from qsamc.train_config import load_train_config
+from qsamc.training.train import train
+from qsamc.training.config import load_train_config
 
 MODEL = "vit_t"
 REFERENCE = {"schedule": "fp32", "iterations": 1500, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 250,
@@ -93,7 +93,7 @@ def evaluate_subnets(run: Path, subnets: dict[str, Subnet], data: dict, out: Pat
 
 
 def load_supernet_spec(run: Path):
-    from qsamc.checkpoint import SupernetSpec
+    from qsamc.training.runs import SupernetSpec
 
     return SupernetSpec.from_json(json.loads((run / "supernet.json").read_text()))
 

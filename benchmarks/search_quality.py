@@ -18,13 +18,13 @@ import time
 
 import torch
 
-from qsamc.checkpoint import SupernetSpec, build_model, load_supernet
-from qsamc.cost import BitopsCost
-from qsamc.data import build_dataset
-from qsamc.evaluate import ValidationSet
+from qsamc.training.runs import SupernetSpec, build_model, load_supernet
+from qsamc.search.cost import BitopsCost
+from qsamc.task.data import build_dataset
+from qsamc.task.evaluate import ValidationSet
 from qsamc.passes import CalibrateActivationsPass
-from qsamc.search import EvolutionConfig, SubnetFitness, default_ladder, search
-from qsamc.space import default_space
+from qsamc.search.evolution import EvolutionConfig, SubnetFitness, default_ladder, search
+from qsamc.supernet.space import default_space
 
 
 def calibrated_supernet():

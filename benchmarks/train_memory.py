@@ -3,7 +3,7 @@
 Each method runs in fresh subprocesses on the same config: `vit_b` at 512, batch 1, the max-depth subnet
 with every layer at W4A4 (so multiplex's low-bit adapters are active), AdamW. QFA* trains every weight;
 the LoRA methods freeze the pre-trained weights (phase 2). The loss is the trainer's
-(`qsamc.losses.segmentation_loss` on the head's token-grid logits).
+(`qsamc.task.losses.segmentation_loss` on the head's token-grid logits).
 
 Two figures of memory on a CPU:
 - live peak: the process's peak RSS with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_),
@@ -47,12 +47,12 @@ def one_method(model: str, resolution: int, steps: int, lora: dict | None, check
     import torch
     import torch.nn.functional as F
 
-    from qsamc.checkpoint import SupernetSpec, build_model
-    from qsamc.lora import LoraConfig
-    from qsamc.losses import segmentation_loss
-    from qsamc.space import default_space
-    from qsamc.train import _trainable, peak_memory_mb
-    from qsamc.training_kernels import TrainingKernel
+    from qsamc.training.runs import SupernetSpec, build_model
+    from qsamc.supernet.lora import LoraConfig
+    from qsamc.task.losses import segmentation_loss
+    from qsamc.supernet.space import default_space
+    from qsamc.training.train import _trainable, peak_memory_mb
+    from qsamc.supernet.kernels import TrainingKernel
 
     TrainingKernel.enabled = not reference
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from rich.table import Table
 from qsamc.errors import QsamcError, TargetError
 from qsamc.sam import MODEL_ZOO
 from qsamc.threads import ENV as threads_env, apply_threads
-from qsamc.train_config import describe_fields
+from qsamc.training.config import describe_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="qsamc: compile SAM image encoders into mixed-precision quantized subnets.")
@@ -134,8 +134,8 @@ def train(ctx: typer.Context,
           quiet: bool = typer.Option(False, help="No progress bar.")):
     """Fine-tune a SAM encoder once into a mixed-precision quantized supernet. Ctrl-C stops at the next
     iteration with a checkpoint saved (`--resume` continues it)."""
-    from qsamc.train import train as run_training
-    from qsamc.train_config import resolve_train_config
+    from qsamc.training.train import train as run_training
+    from qsamc.training.config import resolve_train_config
 
     result = run_training(resolve_train_config(config, ctx.args, resume), resume=resume, show_progress=not quiet,
                           overwrite=overwrite)
@@ -186,9 +186,9 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
     """Evolutionary search for the best subnet under BitOPs and/or latency budgets on a target."""
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from qsamc.cost import format_cost
+    from qsamc.search.cost import format_cost
     from qsamc.pipeline import run_search
-    from qsamc.search import EvolutionConfig
+    from qsamc.search.evolution import EvolutionConfig
 
     config = EvolutionConfig(population, top_k, mutations, crossovers, mutation_prob, generations, objective.value, seed)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} generations"),
@@ -234,7 +234,7 @@ def profile(target: str = typer.Option(..., help="Hardware target whose latency 
 
     from rich.progress import Progress
 
-    from qsamc.latency import ProfileSettings
+    from qsamc.profiling.latency import ProfileSettings
     from qsamc.pipeline import profile_target
 
     settings = ProfileSettings(threads, warmup, repeats, clock.value)
@@ -282,7 +282,7 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
     """Lower one subnet to the target's integer formats, emit and verify ONNX with a dynamic batch axis
     (and a TensorRT engine with that batch profile)."""
     from qsamc.pipeline import export_subnet
-    from qsamc.tensorrt_engine import BatchProfile
+    from qsamc.export.tensorrt_engine import BatchProfile
 
     batch = BatchProfile(min_batch, opt_batch, max_batch)
     report = export_subnet(supernet, subnet, target, format.value, out, promptable=promptable,

@@ -1,4 +1,4 @@
-"""IR passes, one per file. Each honours `qsamc.pass_manager.Pass`: `pass_(ir) -> PassResult`."""
+"""IR passes, one per file. Each honours `qsamc.ir.pass_manager.Pass`: `pass_(ir) -> PassResult`."""
 
 from qsamc.passes.annotate_precision import AnnotatePrecisionPass
 from qsamc.passes.annotate_structure import AnnotateStructurePass

@@ -11,9 +11,9 @@ Rules:
 
 from __future__ import annotations
 
-from qsamc.ir import IR
-from qsamc.pass_manager import Pass, PassResult
-from qsamc.space import SearchSpace, Subnet
+from qsamc.ir.graph import IR
+from qsamc.ir.pass_manager import Pass, PassResult
+from qsamc.supernet.space import SearchSpace, Subnet
 
 
 class AnnotatePrecisionPass(Pass):

@@ -17,10 +17,10 @@ Rules:
 
 from __future__ import annotations
 
-from qsamc.ir import IR
-from qsamc.layers import QuantConv2d, QuantLinear
-from qsamc.pass_manager import Pass, PassResult
-from qsamc.space import SearchSpace
+from qsamc.ir.graph import IR
+from qsamc.supernet.layers import QuantConv2d, QuantLinear
+from qsamc.ir.pass_manager import Pass, PassResult
+from qsamc.supernet.space import SearchSpace
 
 
 class AnnotateStructurePass(Pass):

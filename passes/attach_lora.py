@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from qsamc.ir import IR
-from qsamc.lora import Lora, LoraConfig
-from qsamc.pass_manager import Pass, PassResult
+from qsamc.ir.graph import IR
+from qsamc.supernet.lora import Lora, LoraConfig
+from qsamc.ir.pass_manager import Pass, PassResult
 
 
 class AttachLoraPass(Pass):

@@ -14,9 +14,9 @@ from typing import Iterable
 
 import torch
 
-from qsamc.ir import IR
-from qsamc.pass_manager import Pass, PassResult
-from qsamc.space import Subnet
+from qsamc.ir.graph import IR
+from qsamc.ir.pass_manager import Pass, PassResult
+from qsamc.supernet.space import Subnet
 
 
 class CalibrateActivationsPass(Pass):

@@ -26,9 +26,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qsamc.ir import IR
-from qsamc.pass_manager import Pass, PassResult
-from qsamc.space import SearchSpace, Subnet
+from qsamc.ir.graph import IR
+from qsamc.ir.pass_manager import Pass, PassResult
+from qsamc.supernet.space import SearchSpace, Subnet
 
 FloatMacs = Literal["fp32", "exclude"]
 FLOAT_MAC_CONVENTIONS = ("fp32", "exclude")

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qsamc.ir import IR
-from qsamc.layers import QuantConv2d, QuantLinear
-from qsamc.pass_manager import Pass, PassResult
-from qsamc.quant import QuantizerBank
-from qsamc.space import Subnet
-from qsamc.static import StaticEncoder, replace_module
-from qsamc.supernet import Supernet, quant_modules
+from qsamc.ir.graph import IR
+from qsamc.supernet.layers import QuantConv2d, QuantLinear
+from qsamc.ir.pass_manager import Pass, PassResult
+from qsamc.supernet.quant import QuantizerBank
+from qsamc.supernet.space import Subnet
+from qsamc.export.static import StaticEncoder, replace_module
+from qsamc.supernet.encoder import Supernet, quant_modules
 
 
 def _single_bits_bank(bank: QuantizerBank | None, bits: int, device: torch.device) -> QuantizerBank | None:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from qsamc.ir import IR
-from qsamc.lowered import SymmetricActQuantizer
-from qsamc.pass_manager import Pass, PassResult
+from qsamc.ir.graph import IR
+from qsamc.export.lowered import SymmetricActQuantizer
+from qsamc.ir.pass_manager import Pass, PassResult
 
 
 def _producing_norm(ir: IR, node: str) -> str | None:

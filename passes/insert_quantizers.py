@@ -12,10 +12,10 @@ Rules:
 
 from __future__ import annotations
 
-from qsamc.ir import IR
-from qsamc.pass_manager import Pass, PassResult
-from qsamc.quant import QuantizerBank, WeightInit
-from qsamc.space import SearchSpace
+from qsamc.ir.graph import IR
+from qsamc.ir.pass_manager import Pass, PassResult
+from qsamc.supernet.quant import QuantizerBank, WeightInit
+from qsamc.supernet.space import SearchSpace
 
 
 class InsertQuantizersPass(Pass):

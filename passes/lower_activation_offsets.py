@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qsamc.ir import IR
-from qsamc.lowered import IntConv2d, IntLinear, SymmetricActQuantizer
-from qsamc.pass_manager import Pass, PassResult
-from qsamc.quant import LsqActQuantizer, _MIN_SCALE
+from qsamc.ir.graph import IR
+from qsamc.export.lowered import IntConv2d, IntLinear, SymmetricActQuantizer
+from qsamc.ir.pass_manager import Pass, PassResult
+from qsamc.supernet.quant import LsqActQuantizer, _MIN_SCALE
 
 
 @torch.no_grad()

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from qsamc.formats import ONNXRUNTIME_CPU, DeploymentFormat
-from qsamc.ir import IR
-from qsamc.lowered import IntLinear, SymmetricActQuantizer
-from qsamc.pass_manager import Pass, PassResult
+from qsamc.ir.graph import IR
+from qsamc.export.lowered import IntLinear, SymmetricActQuantizer
+from qsamc.ir.pass_manager import Pass, PassResult
 
 _INT32_MAX = 2**31 - 1
 

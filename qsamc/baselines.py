@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qsamc.analysis import count_bitops
-from qsamc.checkpoint import SupernetSpec, atomic_write_json, load_supernet, read_head_state, reference_weights
-from qsamc.data import Sample, build_dataset, make_batch
+from qsamc.ir.frontend import count_bitops
+from qsamc.training.runs import SupernetSpec, atomic_write_json, load_supernet, read_head_state, reference_weights
+from qsamc.task.data import Sample, build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
-from qsamc.evaluate import Evaluation, ValidationSet, evaluate
-from qsamc.head import HEAD_BITS, SegmentationHead
+from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate
+from qsamc.task.head import HEAD_BITS, SegmentationHead
 from qsamc.sam import build_encoder
-from qsamc.space import LayerBits, Subnet
+from qsamc.supernet.space import LayerBits, Subnet
 
 METHODS = ("modelopt-ptq", "modelopt-autoquantize", "ort-static")
 PTQ_BITS = ((8, 8), (4, 8), (4, 4))
@@ -223,7 +223,7 @@ def modelopt_autoquantize(reference: Reference, batches: list[tuple[torch.Tensor
 
 def fp32_encoder_onnx(reference: Reference):
     """The reference encoder's FP32 ONNX model, emitted by qsamc's own export path (all layers float)."""
-    from qsamc.emit import export_static
+    from qsamc.export.emit import export_static
     from qsamc.formats import ONNXRUNTIME_CPU
 
     model, ir, spec = load_supernet(reference.run)
@@ -285,7 +285,7 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
                   effective_bits: tuple[float, ...] = (6.0,), calibration: int = 32, val_limit: int | None = None,
                   latency_runs: int = 10, progress: Callable[[str], None] = lambda _: None) -> list[BaselineResult]:
     """What `qsamc baseline` does: load the FP32 reference -> each method -> score on val -> results.json."""
-    from qsamc.verify import onnx_encoder_forward, ort_latency, ort_session
+    from qsamc.export.verify import onnx_encoder_forward, ort_latency, ort_session
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -10,7 +10,7 @@ Facts (TensorRT developer guide, "Working with Quantized Types"; ONNX Runtime qu
 TensorRT 10 explicit quantization takes symmetric Q/DQ only (zero-point 0), INT8 weights and
 activations, INT4 weight-only GEMMs (block-quantized, opset 21), and runs every other layer in the type
 the ONNX model gives it when built strongly typed (so qsamc types the float parts FP16,
-`qsamc.float16`). TensorRT fuses INT8 multi-head attention only for sequences of at most 512 tokens
+`qsamc.export.float16`). TensorRT fuses INT8 multi-head attention only for sequences of at most 512 tokens
 and head sizes 16, 32 or 64, with Q/DQ on q, k, the softmax output and v (NVIDIA/TensorRT issues 4167,
 2981, 3724): `AttentionRule`. ONNX Runtime's CPU provider fuses S8S8 INT8 Q/DQ (QLinearMatMul,
 MatMulIntegerToFloat, QLinearConv) and INT4 block-quantized weights into MatMulNBits. qsamc emits no FP8:

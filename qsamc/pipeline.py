@@ -1,6 +1,6 @@
 """The pipelines behind the CLI commands, each one short linear function a newcomer reads top to bottom.
 
-analysis (`qsamc space`, `qsamc bitops`, `qsamc ir`): `qsamc.analysis` builds the supernet on the meta
+analysis (`qsamc space`, `qsamc bitops`, `qsamc ir`): `qsamc.ir.frontend` builds the supernet on the meta
 device (no weights are needed to count) -> trace -> annotate structure and precision -> count BitOPs.
 search (`qsamc search`) and latency tables (`qsamc profile`): at the end of this file.
 """
@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from qsamc.checkpoint import check_output_file, check_output_folder, load_supernet
-from qsamc.cost import BitopsCost, CostModel, RooflineLatency, parse_budget
-from qsamc.data import build_dataset
+from qsamc.training.runs import check_output_file, check_output_folder, load_supernet
+from qsamc.search.cost import BitopsCost, CostModel, RooflineLatency, parse_budget
+from qsamc.task.data import build_dataset
 from qsamc.errors import BudgetError, ConfigError
-from qsamc.evaluate import ValidationSet
-from qsamc.analysis import analysis_ir, count_bitops
-from qsamc.ir import IR
-from qsamc.latency import (
+from qsamc.task.evaluate import ValidationSet
+from qsamc.ir.frontend import analysis_ir, count_bitops
+from qsamc.ir.graph import IR
+from qsamc.profiling.latency import (
     LatencyTable, ProfileSettings, TableLatency, Validation, build_table, default_table_path, validate_table,
 )
-from qsamc.pareto import write_search
+from qsamc.search.pareto import write_search
 from qsamc.passes import BitopsModel, BitopsReport
 from qsamc.passes.count_bitops import FloatMacs
-from qsamc.space import SearchSpace, Subnet, default_space, load_subnet
-from qsamc.search import EvolutionConfig, SearchResult, SubnetFitness, default_ladder, init_distributed, search
+from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
+from qsamc.search.evolution import EvolutionConfig, SearchResult, SubnetFitness, default_ladder, init_distributed, search
 from qsamc.targets import Target, get_target
 
 
@@ -191,18 +191,18 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     data) -> write model, report and precision map
     -> build the TensorRT engine (`trt`). Nothing is written until all checks pass. Returns the
     `ExportReport`; `report.engine["missing"]` says why no engine was built.
-    `promptable`: also SAM's prompt encoder + mask decoder as `decoder.onnx` (`qsamc.promptable`), with
+    `promptable`: also SAM's prompt encoder + mask decoder as `decoder.onnx` (`qsamc.export.promptable`), with
     weights from the whole SAM checkpoint `sam_checkpoint` or freshly initialised, verified in ONNX Runtime
     on the encoder's own embeddings of the sample images (report["decoder"]).
     The encoder's batch axis is dynamic: the whole-model check runs batch 1 and batch 4; `batch` is the
     TensorRT engine's profile (`tensorrt_engine.BatchProfile`, default 1 / 1 / 8)."""
-    from qsamc.checkpoint import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
-    from qsamc.emit import export_static
+    from qsamc.training.runs import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+    from qsamc.export.emit import export_static
     from qsamc.errors import TargetError
-    from qsamc.export_report import ExportReport, layer_precisions, plot_precision_map
-    from qsamc import tensorrt_engine
-    from qsamc.evaluate import evaluate, evaluate_subnet
-    from qsamc.verify import (TASK_TOLERANCE, check_export, check_parts, lint_tensorrt, measure_fidelity,
+    from qsamc.export.report import ExportReport, layer_precisions, plot_precision_map
+    from qsamc.export import tensorrt_engine
+    from qsamc.task.evaluate import evaluate, evaluate_subnet
+    from qsamc.export.verify import (TASK_TOLERANCE, check_export, check_parts, lint_tensorrt, measure_fidelity,
                               onnx_encoder_forward, ort_latency, ort_session)
 
     if sam_checkpoint is not None and not promptable:
@@ -220,7 +220,7 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     validation = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit) if dataset else None
 
     if promptable:  # read the SAM checkpoint before the slow part: its errors come first
-        from qsamc.promptable import DecoderSpec, build_promptable, export_decoder
+        from qsamc.export.promptable import DecoderSpec, build_promptable, export_decoder
         decoder_spec = DecoderSpec.for_subnet(subnet.model, subnet.resolution)
         decoder_model, decoder_weights = build_promptable(decoder_spec, sam_checkpoint)
 
@@ -289,8 +289,8 @@ QUICKSTART_SEARCH = EvolutionConfig(population=16, top_k=4, mutations=8, crossov
 def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> dict:
     """What `qsamc quickstart` does: train -> search (BitOPs ladder, cpu target) -> export the best subnet
     of the middle budget to a verified Q/DQ ONNX model. Returns what each stage produced."""
-    from qsamc.train import train
-    from qsamc.train_config import load_train_config
+    from qsamc.training.train import train
+    from qsamc.training.config import load_train_config
 
     check_output_folder(out)
     run = out / "supernet"

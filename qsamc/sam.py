@@ -1,7 +1,7 @@
 """SAM image encoders: the model zoo, the torchvision-free import, and checkpoint loading.
 
 This is the first step of every pipeline: build segment-anything's `ImageEncoderViT` for a named
-config and load its weights. The supernet (`qsamc.supernet`) is built by transforming this encoder.
+config and load its weights. The supernet (`qsamc.supernet.encoder`) is built by transforming this encoder.
 """
 
 from __future__ import annotations

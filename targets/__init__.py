@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from qsamc.errors import TargetError
 from qsamc.formats import DeploymentFormat
-from qsamc.space import SearchSpace
+from qsamc.supernet.space import SearchSpace
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from qsamc import sam
-from qsamc.ir import IR
-from qsamc.analysis import build_ir
-from qsamc.space import default_space
-from qsamc.supernet import Supernet
+from qsamc.ir.graph import IR
+from qsamc.ir.frontend import build_ir
+from qsamc.supernet.space import default_space
+from qsamc.supernet.encoder import Supernet
 
 # Same structure as the vit_* configs at the native 1024 input (64x64 tokens, window 14, so windowed
 # blocks pad 64 -> 70), but 32 wide and 4 deep: two stages of (windowed, global).
@@ -67,7 +67,7 @@ def vit_t_ir(vit_t_ir_session):
 @pytest.fixture(scope="session")
 def vit_b_ir():
     """The annotated IR of vit_b, traced on the meta device (no weights). Do not mutate."""
-    from qsamc.analysis import analysis_ir
+    from qsamc.ir.frontend import analysis_ir
 
     return analysis_ir(default_space("vit_b"))
 

@@ -7,12 +7,12 @@ from functools import lru_cache
 
 import torch
 
-from qsamc.checkpoint import SupernetSpec, build_model
-from qsamc.layers import QuantConv2d, QuantLinear
-from qsamc.lora import LoraConfig
+from qsamc.training.runs import SupernetSpec, build_model
+from qsamc.supernet.layers import QuantConv2d, QuantLinear
+from qsamc.supernet.lora import LoraConfig
 from qsamc.passes import CalibrateActivationsPass
-from qsamc.quant import QuantizerBank
-from qsamc.space import default_space
+from qsamc.supernet.quant import QuantizerBank
+from qsamc.supernet.space import default_space
 
 ACT_SCALE = 2.0**-3
 WEIGHT_SCALE = 2.0**-6

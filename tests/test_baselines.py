@@ -12,13 +12,13 @@ import torch
 
 pytest.importorskip("modelopt.torch.quantization")
 
-from qsamc.analysis import count_bitops
+from qsamc.ir.frontend import count_bitops
 from qsamc.baselines import (calibration_images, load_reference, modelopt_ptq, parse_bits, run_baselines,
                              _modelopt_bits)
-from qsamc.checkpoint import load_supernet
+from qsamc.training.runs import load_supernet
 from qsamc.errors import CheckpointError, ConfigError
-from qsamc.train import fp32_subnet, train
-from qsamc.train_config import load_train_config, parse_flags
+from qsamc.training.train import fp32_subnet, train
+from qsamc.training.config import load_train_config, parse_flags
 
 FLAGS = ["--iterations", "2", "--phase1-iterations", "1", "--batch-size", "1", "--val-limit", "2", "--calibration-batches", "1",
          "--schedule", "fp32", "--lr", "1e-3"]

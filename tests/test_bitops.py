@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from qsamc.ir import IR
+from qsamc.ir.graph import IR
 from qsamc.passes import BitopsModel, CountBitopsPass
-from qsamc.analysis import analysis_ir
-from qsamc.space import LayerBits, default_space
-from qsamc.supernet import Supernet
+from qsamc.ir.frontend import analysis_ir
+from qsamc.supernet.space import LayerBits, default_space
+from qsamc.supernet.encoder import Supernet
 
 
 def private(ir: IR) -> IR:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from qsamc.cli import main as cli
-from qsamc.ir import IR
+from qsamc.ir.graph import IR
 from qsamc.passes import BitopsModel, CountBitopsPass
-from qsamc.analysis import analysis_ir
-from qsamc.space import default_space
+from qsamc.ir.frontend import analysis_ir
+from qsamc.supernet.space import default_space
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
-"""Cost models (qsamc/cost.py): budget parsing, BitOPs, the roofline estimate and the cheapest subnet."""
+"""Cost models (qsamc/search/cost.py): budget parsing, BitOPs, the roofline estimate and the cheapest subnet."""
 
 import pytest
 
-from qsamc.cost import Budget, BitopsCost, RooflineLatency, cheapest, format_cost, parse_budget
+from qsamc.search.cost import Budget, BitopsCost, RooflineLatency, cheapest, format_cost, parse_budget
 from qsamc.errors import BudgetError, TargetError
 from qsamc.passes import BitopsModel
-from qsamc.analysis import analysis_ir
-from qsamc.space import default_space
+from qsamc.ir.frontend import analysis_ir
+from qsamc.supernet.space import default_space
 from qsamc.targets import get_target
 
 

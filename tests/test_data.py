@@ -1,4 +1,4 @@
-"""Tests for qsamc.data: readers, SAM preprocessing, augmentation, metric and data errors."""
+"""Tests for qsamc.task.data: readers, SAM preprocessing, augmentation, metric and data errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qsamc.data import (
+from qsamc.task.data import (
     DATASETS,
     IGNORE_INDEX,
     PIXEL_MEAN,
@@ -330,8 +330,8 @@ def test_bad_configs_and_split() -> None:
 
 
 def test_a_corrupt_validation_image_stops_training_before_the_first_iteration(tmp_path: Path) -> None:
-    from qsamc.train import train
-    from qsamc.train_config import load_train_config
+    from qsamc.training.train import train
+    from qsamc.training.config import load_train_config
 
     root = tmp_path / "camvid"
     _camvid_tree(root, "train")

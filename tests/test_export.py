@@ -15,11 +15,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lowering_helpers import calibrated_vit_t, dyadic_input, dyadic_layer
-from qsamc.checkpoint import save_supernet
-from qsamc.emit import emit_onnx
+from qsamc.training.runs import save_supernet
+from qsamc.export.emit import emit_onnx
 from qsamc.formats import ONNXRUNTIME_CPU, TENSORRT
-from qsamc.space import load_subnet
-from qsamc.verify import lint_tensorrt, ort_session
+from qsamc.supernet.space import load_subnet
+from qsamc.export.verify import lint_tensorrt, ort_session
 
 # TensorRT's rules with FP32 float parts: the lowering alone, exact to the last bit.
 TENSORRT_FP32 = dataclasses.replace(TENSORRT, float_type="fp32")
@@ -186,7 +186,7 @@ def run_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_t_block(run_folder):
     """Block 2 (global attention) of a lowered vit_t subnet and the tokens it reads."""
-    from qsamc.pass_manager import PassManager
+    from qsamc.ir.pass_manager import PassManager
     from qsamc.passes import ExtractSubnetPass, FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass
 
     _, _, ir, spec = run_folder
@@ -273,7 +273,7 @@ def test_a_broken_lowering_fails_the_export_in_its_part(run_folder, tmp_path, mo
     blocks 0 and 2 of stage 0, the global block last). The export must refuse, name the part, and
     write nothing."""
     import qsamc.passes.lower_activation_offsets as offsets
-    from qsamc.verify import ExportError
+    from qsamc.export.verify import ExportError
 
     original, calls = offsets.lower_activation_offset, []
 
@@ -384,7 +384,7 @@ def test_lint_admits_int8_attention_only_as_tensorrt_fuses_it():
 def test_a_scale_fp16_cannot_hold_keeps_its_dequantize_in_fp32():
     """A weight scale below FP16's normal range (2^-14) would lose its grid in FP16: that DequantizeLinear
     stays FP32, its output is Cast to FP16 for the GEMM, and the model still matches."""
-    from qsamc.float16 import to_float16
+    from qsamc.export.float16 import to_float16
 
     layer, x = dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64))
     with torch.no_grad():
@@ -407,7 +407,7 @@ def test_a_scale_fp16_cannot_hold_keeps_its_dequantize_in_fp32():
 
 def test_batch_profile_is_checked_and_reaches_trtexec():
     from qsamc.errors import ConfigError
-    from qsamc.tensorrt_engine import BatchProfile, trtexec_command
+    from qsamc.export.tensorrt_engine import BatchProfile, trtexec_command
 
     with pytest.raises(ConfigError, match=r"^the batch profile needs 1 <= min <= opt <= max, got min 4, opt 2, max 8$"):
         BatchProfile(4, 2, 8)
@@ -419,7 +419,7 @@ def test_batch_profile_is_checked_and_reaches_trtexec():
 def test_an_export_into_an_earlier_export_is_all_or_nothing(run_folder, tmp_path, monkeypatch):
     """A kill (here: a failure) after the first new file leaves no report: never a report describing
     another export's files. Temporaries a killed write left are removed; a whole export ends with its report."""
-    import qsamc.export_report as export_report
+    import qsamc.export.report as export_report
     from qsamc.pipeline import export_subnet
 
     run, out = run_folder[0], tmp_path / "out"

@@ -1,4 +1,4 @@
-"""The graph IR (qsamc.ir), the structure and precision annotations, the verifier and the pass manager."""
+"""The graph IR (qsamc.ir.graph), the structure and precision annotations, the verifier and the pass manager."""
 
 import json
 import random
@@ -8,12 +8,12 @@ import networkx as nx
 import pytest
 from torch import nn
 
-from qsamc.ir import IR, IRVerificationError, verify_ir
-from qsamc.layers import QuantConv2d, QuantLinear
-from qsamc.pass_manager import Pass, PassManager, PassResult
+from qsamc.ir.graph import IR, IRVerificationError, verify_ir
+from qsamc.supernet.layers import QuantConv2d, QuantLinear
+from qsamc.ir.pass_manager import Pass, PassManager, PassResult
 from qsamc.passes import AnnotatePrecisionPass, AnnotateStructurePass
 from qsamc.sam import Attention, LayerNorm2d
-from qsamc.space import default_space
+from qsamc.supernet.space import default_space
 
 WINDOWED = [i for i in range(12) if i not in (2, 5, 8, 11)]
 

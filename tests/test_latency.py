@@ -1,4 +1,4 @@
-"""Measured latency tables (qsamc/latency.py, qsamc/qdq_onnx.py) with real ONNX Runtime sessions."""
+"""Measured latency tables (qsamc/profiling/latency.py, qsamc/export/parts.py) with real ONNX Runtime sessions."""
 
 import dataclasses
 import json
@@ -11,17 +11,17 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from qsamc.cost import Budget
-from qsamc.emit import emit_onnx
+from qsamc.search.cost import Budget
+from qsamc.export.emit import emit_onnx
 from qsamc.errors import ConfigError
-from qsamc.evaluate import Evaluation
-from qsamc.latency import (
+from qsamc.task.evaluate import Evaluation
+from qsamc.profiling.latency import (
     LatencyTable, OnnxRuntimeTimer, PartKeys, _part_jobs, ProfileSettings, TableLatency, build_table, reference_supernet,
     validate_table,
 )
-from qsamc.qdq_onnx import lowered_subnet, part_onnx
-from qsamc.search import EvolutionConfig, search
-from qsamc.space import default_space
+from qsamc.export.parts import lowered_subnet, part_onnx
+from qsamc.search.evolution import EvolutionConfig, search
+from qsamc.supernet.space import default_space
 from qsamc.targets import get_target
 
 FAST = ProfileSettings(warmup=2, repeats=5)

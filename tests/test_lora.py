@@ -1,4 +1,4 @@
-"""Quantization-aware LoRA (qsamc.lora, paper Alg. 1 and 2, Fig. 2, Tab. 5) on layers built in the test."""
+"""Quantization-aware LoRA (qsamc.supernet.lora, paper Alg. 1 and 2, Fig. 2, Tab. 5) on layers built in the test."""
 
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qsamc.layers import QuantLinear
-from qsamc.lora import MULTIPLEX_GROUPS, Lora, LoraConfig, LowRank
-from qsamc.quant import QuantizerBank, weight_range
+from qsamc.supernet.layers import QuantLinear
+from qsamc.supernet.lora import MULTIPLEX_GROUPS, Lora, LoraConfig, LowRank
+from qsamc.supernet.quant import QuantizerBank, weight_range
 
 BITS = (2, 3, 4, 8, 32)
 IN, OUT, RANK, ALPHA = 12, 10, 4, 6.0

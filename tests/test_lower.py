@@ -12,17 +12,17 @@ import torch.nn.functional as F
 
 from lowering_helpers import calibrated_vit_t, dyadic_input, dyadic_layer
 from qsamc.formats import ONNXRUNTIME_CPU, TENSORRT
-from qsamc.ir import IR, verify_ir
-from qsamc.lora import Lora
-from qsamc.lowered import IntConv2d, IntLinear, SymmetricActQuantizer
-from qsamc.pass_manager import PassManager
+from qsamc.ir.graph import IR, verify_ir
+from qsamc.supernet.lora import Lora
+from qsamc.export.lowered import IntConv2d, IntLinear, SymmetricActQuantizer
+from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import (CountBitopsPass, ExtractSubnetPass, FoldOffsetIntoNormPass, FoldWeightQuantizersPass,
                           LowerActivationOffsetsPass)
 from qsamc.passes.fold_weight_quantizers import fold_weight_quantizer
 from qsamc.passes.lower_activation_offsets import lower_activation_offset
 from qsamc.passes.quantize_bias import quantize_bias
-from qsamc.supernet import quant_modules
-from qsamc.space import LayerBits
+from qsamc.supernet.encoder import quant_modules
+from qsamc.supernet.space import LayerBits
 
 
 @pytest.fixture(scope="module")

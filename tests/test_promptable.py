@@ -13,9 +13,9 @@ from conftest import randomize_
 from lowering_helpers import calibrated_vit_t
 
 from qsamc import sam
-from qsamc.checkpoint import save_supernet
+from qsamc.training.runs import save_supernet
 from qsamc.errors import CheckpointError
-from qsamc.promptable import (
+from qsamc.export.promptable import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     DecoderSpec,
@@ -23,7 +23,7 @@ from qsamc.promptable import (
     export_decoder,
     onnx_model,
 )
-from qsamc.verify import ort_session
+from qsamc.export.verify import ort_session
 
 
 def _prompt(spec: DecoderSpec, embedding: np.ndarray, points: int, orig=(90, 120)) -> dict[str, np.ndarray]:

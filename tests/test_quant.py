@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qsamc.quant import LsqActQuantizer, LsqWeightQuantizer, QuantizerBank, act_range, weight_range
+from qsamc.supernet.quant import LsqActQuantizer, LsqWeightQuantizer, QuantizerBank, act_range, weight_range
 
 
 def weight_q(bits, scale, channels=None):

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import qsamc.train as T
-from qsamc.checkpoint import SupernetSpec, build_model, load_supernet
+import qsamc.training.train as T
+from qsamc.training.runs import SupernetSpec, build_model, load_supernet
 from qsamc.errors import CheckpointError, ConfigError
-from qsamc.quant import MSE_CANDIDATES, LsqWeightQuantizer, _grid
-from qsamc.space import default_space
-from qsamc.losses import distillation_loss
-from qsamc.train import fp32_subnet, train
-from qsamc.train_config import load_train_config, parse_flags
+from qsamc.supernet.quant import MSE_CANDIDATES, LsqWeightQuantizer, _grid
+from qsamc.supernet.space import default_space
+from qsamc.task.losses import distillation_loss
+from qsamc.training.train import fp32_subnet, train
+from qsamc.training.config import load_train_config, parse_flags
 
 FLAGS = ["--iterations", "3", "--phase1-iterations", "2", "--batch-size", "1", "--val-limit", "2", "--calibration-batches", "1",
          "--checkpoint-every", "3"]

@@ -1,4 +1,4 @@
-"""Evolutionary search (qsamc/search.py) with a cheap deterministic fitness: budgets, repair, determinism."""
+"""Evolutionary search (qsamc/search/evolution.py) with a cheap deterministic fitness: budgets, repair, determinism."""
 
 import random
 from dataclasses import replace
@@ -7,12 +7,12 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from qsamc.cost import BitopsCost, Budget, cheapest
+from qsamc.search.cost import BitopsCost, Budget, cheapest
 from qsamc.errors import BudgetError, ConfigError
-from qsamc.evaluate import Evaluation
-from qsamc.analysis import analysis_ir
-from qsamc.search import EvolutionConfig, Searcher, budget_sets, default_ladder, evaluate_population, search
-from qsamc.space import default_space
+from qsamc.task.evaluate import Evaluation
+from qsamc.ir.frontend import analysis_ir
+from qsamc.search.evolution import EvolutionConfig, Searcher, budget_sets, default_ladder, evaluate_population, search
+from qsamc.supernet.space import default_space
 from qsamc.targets import get_target
 
 SMALL = EvolutionConfig(population=12, top_k=4, mutations=6, crossovers=6, generations=3, seed=3)

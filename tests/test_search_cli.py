@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from qsamc.checkpoint import SupernetSpec, build_model, load_supernet, save_supernet
-from qsamc.cost import BitopsCost, Budget
-from qsamc.data import SyntheticConfig, build_dataset
-from qsamc.evaluate import ValidationSet, evaluate_subnet
+from qsamc.training.runs import SupernetSpec, build_model, load_supernet, save_supernet
+from qsamc.search.cost import BitopsCost, Budget
+from qsamc.task.data import SyntheticConfig, build_dataset
+from qsamc.task.evaluate import ValidationSet, evaluate_subnet
 from qsamc.passes import CalibrateActivationsPass
-from qsamc.search import EvolutionConfig, SubnetFitness, search
-from qsamc.space import default_space, load_subnet
+from qsamc.search.evolution import EvolutionConfig, SubnetFitness, search
+from qsamc.supernet.space import default_space, load_subnet
 
 TINY_SEARCH = ["--population", "4", "--top-k", "2", "--mutations", "2", "--crossovers", "2", "--generations", "2",
                "--val-limit", "2", "--batch-size", "2"]

@@ -1,4 +1,4 @@
-"""The search space and the Subnet value (qsamc.space): defaults, JSON, validation, sampling, counting."""
+"""The search space and the Subnet value (qsamc.supernet.space): defaults, JSON, validation, sampling, counting."""
 
 import json
 import random
@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from qsamc.errors import SubnetError
-from qsamc.space import LayerBits, SearchSpace, Subnet, default_space, load_subnet
+from qsamc.supernet.space import LayerBits, SearchSpace, Subnet, default_space, load_subnet
 
 
 def with_bits(subnet: Subnet, changes: dict[str, tuple[int, int]]) -> Subnet:

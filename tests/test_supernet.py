@@ -1,4 +1,4 @@
-"""The elastic, quantizable supernet (qsamc.supernet): it computes exactly the subnet that is set."""
+"""The elastic, quantizable supernet (qsamc.supernet.encoder): it computes exactly the subnet that is set."""
 
 import copy
 import random
@@ -11,10 +11,10 @@ from torch import nn
 
 from conftest import encoder_and_supernet
 from qsamc.errors import SubnetError
-from qsamc.layers import QuantConv2d, QuantLinear
+from qsamc.supernet.layers import QuantConv2d, QuantLinear
 from qsamc.sam import build_encoder, sam_modeling
-from qsamc.space import default_space
-from qsamc.supernet import Supernet
+from qsamc.supernet.space import default_space
+from qsamc.supernet.encoder import Supernet
 
 window_partition = sam_modeling.image_encoder.window_partition
 window_unpartition = sam_modeling.image_encoder.window_unpartition

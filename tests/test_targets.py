@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from qsamc.errors import TargetError
-from qsamc.space import default_space
+from qsamc.supernet.space import default_space
 from qsamc.targets import get_target, known_targets
 
 

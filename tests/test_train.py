@@ -1,4 +1,4 @@
-"""`qsamc train` (qsamc.train, qsamc.train_config): schedules, freezing, sampling, resume, divergence, DDP.
+"""`qsamc train` (qsamc.training.train, qsamc.training.config): schedules, freezing, sampling, resume, divergence, DDP.
 
 The runs are tiny (vit_t, batch 1, a handful of iterations on the embedded synthetic dataset). Spies wrap
 the trainer's own functions (they call the originals and only record), so what is checked is what the
@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import qsamc.train as T
-from qsamc.checkpoint import load_supernet
+import qsamc.training.train as T
+from qsamc.training.runs import load_supernet
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
-from qsamc.space import default_space
-from qsamc.train import TrainingDiverged, batch_indices, sample_subnets, train
-from qsamc.train_config import TrainConfig, default_phase1_resolution, load_train_config, parse_flags, resolve_train_config
+from qsamc.supernet.space import default_space
+from qsamc.training.train import TrainingDiverged, batch_indices, sample_subnets, train
+from qsamc.training.config import TrainConfig, default_phase1_resolution, load_train_config, parse_flags, resolve_train_config
 
 # The reference run: 3 iterations of phase 1, then 3 with LoRA; its checkpoints land at 3 (the boundary) and 6.
 FLAGS = ["--iterations", "6", "--phase1-iterations", "3", "--checkpoint-every", "3", "--batch-size", "1",
@@ -382,7 +382,7 @@ DDP_PROBE = textwrap.dedent("""
     # each iteration, and the parameters the rank ends training with.
     import json, os, sys
     import torch
-    import qsamc.train as T
+    import qsamc.training.train as T
 
     rank, out = int(os.environ["RANK"]), sys.argv[1]
     record = {"world": int(os.environ["WORLD_SIZE"]), "subnets": {}, "indices": {}}
@@ -515,8 +515,8 @@ def test_cli_resume_without_a_run_is_one_sentence(tmp_path, monkeypatch, capsys)
 def test_step_sizes_learn_at_a_rate_relative_to_their_size_and_without_weight_decay():
     """Adam moves a parameter by about its learning rate per step: an 8-bit weight step size (~1e-4)
     needs a learning rate ~1e-4 times smaller than the weights', a 2-bit one a larger one."""
-    from qsamc.checkpoint import SupernetSpec, build_model
-    from qsamc.quant import LsqActQuantizer, LsqWeightQuantizer
+    from qsamc.training.runs import SupernetSpec, build_model
+    from qsamc.supernet.quant import LsqActQuantizer, LsqWeightQuantizer
 
     model, _ = build_model(SupernetSpec(default_space("vit_t"), 4, None))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -618,7 +618,7 @@ def test_one_writer_per_run_folder_and_a_dead_writer_leaves_no_stuck_lock(tmp_pa
         other = cli("train", *FLAGS, "--quiet", "--out", str(run))  # another process, same folder
         assert other.returncode == 2 and other.stderr.startswith(f"error: another qsamc train is writing to {run}")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time, qsamc.train as T
+        import time, qsamc.training.train as T
         from pathlib import Path
         with T.run_lock(Path({str(run)!r})):
             print("locked", flush=True); time.sleep(60)

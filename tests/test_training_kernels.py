@@ -1,4 +1,4 @@
-"""Training kernels (qsamc/training_kernels.py) and chunked losses (qsamc/losses.py): the same functions as
+"""Training kernels (qsamc/supernet/kernels.py) and chunked losses (qsamc/task/losses.py): the same functions as
 segment-anything's code and upsample-then-loss, with less kept for backward."""
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import randomize_
-from qsamc import losses, training_kernels
-from qsamc.checkpoint import SupernetSpec, build_model
-from qsamc.lora import LoraConfig
-from qsamc.losses import distillation_loss, segmentation_loss
+from qsamc.task import losses
+from qsamc.supernet import kernels as training_kernels
+from qsamc.training.runs import SupernetSpec, build_model
+from qsamc.supernet.lora import LoraConfig
+from qsamc.task.losses import distillation_loss, segmentation_loss
 from qsamc.sam import Attention
-from qsamc.space import default_space
-from qsamc.training_kernels import SupernetAttention, TrainingKernel, relpos_attention
+from qsamc.supernet.space import default_space
+from qsamc.supernet.kernels import SupernetAttention, TrainingKernel, relpos_attention
 
 
 @pytest.fixture(autouse=True)

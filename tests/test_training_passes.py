@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from conftest import randomize_
-from qsamc.head import HEAD_BITS, SegmentationHead
-from qsamc.ir import IR
-from qsamc.layers import QUANT_LAYER_TYPES
-from qsamc.lora import Lora, LoraConfig
+from qsamc.task.head import HEAD_BITS, SegmentationHead
+from qsamc.ir.graph import IR
+from qsamc.supernet.layers import QUANT_LAYER_TYPES
+from qsamc.supernet.lora import Lora, LoraConfig
 from qsamc.passes import AttachLoraPass, CalibrateActivationsPass, InsertQuantizersPass
-from qsamc.analysis import build_ir
-from qsamc.quant import QuantizerBank
-from qsamc.supernet import Supernet
+from qsamc.ir.frontend import build_ir
+from qsamc.supernet.quant import QuantizerBank
+from qsamc.supernet.encoder import Supernet
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from qsamc.ir import IR, verify_ir
+from qsamc.ir.graph import IR, verify_ir
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Measured latency tables: `qsamc profile` builds them, search's latency constraint reads them.
 
 A table holds one entry per fused part of the encoder, timed on the target's backend as the Q/DQ ONNX
-that export emits for that part (`qsamc.qdq_onnx`), each the median of repeated runs after warm-up:
+that export emits for that part (`qsamc.export.parts`), each the median of repeated runs after warm-up:
   patch_embed | resolution | conv kernel          patch embedding + positional embedding
   attention   | grid | window | qkv, proj kernels  norm1, window partition, qkv, attention, proj, residual
   mlp         | grid | hidden | lin1, lin2 kernels norm2, lin1, GELU, lin2, residual
@@ -13,7 +13,7 @@ residual add, which no backend fuses across. Each timed run also pays the runtim
 call; entries store the time net of that cost (`overhead`, timed on an empty graph).
 
 Whole subnets are the ground truth: cut from a supernet and exported by export's own stages
-(`ExtractSubnetPass`, the lowering passes, `qsamc.emit.emit_onnx`), then timed the same way. Each part
+(`ExtractSubnetPass`, the lowering passes, `qsamc.export.emit.emit_onnx`), then timed the same way. Each part
 is cut from such a lowered subnet (one whose layers take the part's kernels) and emitted by the same
 `emit_onnx`, one thread (~50 ms per part; vit_t's ~830 parts in under a minute). A part timed alone runs from warm
 caches; inside a whole model its weights come from further away, so whole models run ~10-20% slower
@@ -46,14 +46,14 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from qsamc import tensorrt_engine
-from qsamc.checkpoint import SupernetSpec, build_model
-from qsamc.emit import emit_onnx
+from qsamc.export import tensorrt_engine
+from qsamc.training.runs import SupernetSpec, build_model
+from qsamc.export.emit import emit_onnx
 from qsamc.errors import ConfigError, TargetError
-from qsamc.ir import IR
+from qsamc.ir.graph import IR
 from qsamc.passes import CalibrateActivationsPass
-from qsamc.qdq_onnx import lowered_subnet, one_torch_thread, part_onnx
-from qsamc.space import LayerBits, SearchSpace, Subnet, default_space
+from qsamc.export.parts import lowered_subnet, one_torch_thread, part_onnx
+from qsamc.supernet.space import LayerBits, SearchSpace, Subnet, default_space
 from qsamc.targets import Target
 
 TABLE_FORMAT = "qsamc.latency_table"
@@ -101,7 +101,7 @@ class Timer(Protocol):
 
 class OnnxRuntimeTimer:
     """Median time of `session.run` on ONNX Runtime's CPU execution provider, in a session configured
-    as export's (`qsamc.verify.ort_session`: all optimizations, MatMulNBits accuracy level 1)."""
+    as export's (`qsamc.export.verify.ort_session`: all optimizations, MatMulNBits accuracy level 1)."""
 
     name = "onnxruntime"
 
@@ -143,7 +143,7 @@ class OnnxRuntimeTimer:
 
 class TensorRTTimer:
     """Median GPU time of per-part TensorRT engines, built from the same Q/DQ ONNX by export's own
-    builder (`qsamc.tensorrt_engine`: strongly typed, one timing cache shared by all parts).
+    builder (`qsamc.export.tensorrt_engine`: strongly typed, one timing cache shared by all parts).
     Timed with CUDA events around `execute_async_v3`."""
 
     name = "tensorrt"

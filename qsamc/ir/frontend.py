@@ -1,6 +1,6 @@
 """The analysis pipeline: supernet -> traced IR -> structure and precision annotations -> BitOPs.
 
-Training (`qsamc.checkpoint.build_model`), search, export and the `space` / `bitops` / `ir` commands
+Training (`qsamc.training.runs.build_model`), search, export and the `space` / `bitops` / `ir` commands
 all start here, so this module depends on nothing above the IR and its passes.
 """
 
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from qsamc.ir import IR, trace
-from qsamc.pass_manager import PassManager
+from qsamc.ir.graph import IR, trace
+from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import AnnotatePrecisionPass, AnnotateStructurePass, BitopsReport, CountBitopsPass
 from qsamc.passes.count_bitops import FloatMacs
-from qsamc.space import SearchSpace, Subnet
-from qsamc.supernet import Supernet
+from qsamc.supernet.space import SearchSpace, Subnet
+from qsamc.supernet.encoder import Supernet
 
 
 def build_ir(supernet: Supernet, subnet: Subnet | None = None, verify: bool | None = None) -> IR:

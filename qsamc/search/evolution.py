@@ -25,10 +25,10 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.distributed as dist
 
-from qsamc.cost import Budget, CostModel, cheapest, format_cost, set_group_bits
+from qsamc.search.cost import Budget, CostModel, cheapest, format_cost, set_group_bits
 from qsamc.errors import BudgetError, ConfigError
-from qsamc.evaluate import Evaluation, ValidationSet, evaluate_subnet
-from qsamc.space import SearchSpace, Subnet
+from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
+from qsamc.supernet.space import SearchSpace, Subnet
 from qsamc.threads import adapt as adapt_threads
 
 Fitness = Callable[[Subnet], Evaluation]

@@ -9,10 +9,10 @@ Last export stage, and the one entry point the latency-table profiler shares wit
 (`fold_weight_quantizer`, `lower_activation_offset`, `quantize_bias`), and layers already lowered (`IntLinear`,
 `IntConv2d`) are emitted as they are; pass a block of the lowered encoder to get exactly the export's
 graph, LayerNorm folding included. The integer layers write their own QuantizeLinear / DequantizeLinear
-(`qsamc.lowered`); the TorchScript exporter writes the rest (LayerNorm, Softmax, GELU stay float).
+(`qsamc.export.lowered`); the TorchScript exporter writes the rest (LayerNorm, Softmax, GELU stay float).
 
 Opset 17 (per-channel Q/DQ needs 13, one LayerNormalization op needs 17), 19 where the deployment's
-float type is FP16 (FP16 Q/DQ scales, `qsamc.float16`), 21 when an INT4 weight is present (block
+float type is FP16 (FP16 Q/DQ scales, `qsamc.export.float16`), 21 when an INT4 weight is present (block
 quantization); the IR version is the lowest that the opset needs, which the installed ONNX Runtime reads
 (onnx >= 1.23 would otherwise write IR 14). Scales are always graph constants: the TorchScript exporter
 writes an `Identity` of the first for each repeated constant (two layers whose scales are equal), which
@@ -31,16 +31,16 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from qsamc.float16 import to_float16
+from qsamc.export.float16 import to_float16
 from qsamc.formats import DeploymentFormat
-from qsamc.layers import QUANT_LAYER_TYPES
-from qsamc.lowered import INT_LAYER_TYPES, ChannelLayerNorm, IntLinear
+from qsamc.supernet.layers import QUANT_LAYER_TYPES
+from qsamc.export.lowered import INT_LAYER_TYPES, ChannelLayerNorm, IntLinear
 from qsamc.passes.fold_weight_quantizers import fold_weight_quantizer
 from qsamc.passes.lower_activation_offsets import lower_activation_offset
 from qsamc.passes.quantize_bias import fuses_int32_bias, quantize_bias
-from qsamc.quant import LsqActQuantizer
+from qsamc.supernet.quant import LsqActQuantizer
 from qsamc.sam import LayerNorm2d
-from qsamc.static import replace_module
+from qsamc.export.static import replace_module
 
 BASE_OPSET = 17
 FP16_OPSET = 19
@@ -65,7 +65,7 @@ def export_static(ir, space, subnet, deployment: DeploymentFormat, example_input
     reference the ONNX model must reproduce) -> lowering passes and BitOPs through the PassManager ->
     emit (with a dynamic batch axis unless told otherwise). Returns (lowered static IR, reference module,
     ONNX model)."""
-    from qsamc.pass_manager import PassManager
+    from qsamc.ir.pass_manager import PassManager
     from qsamc.passes import CountBitopsPass, ExtractSubnetPass
 
     static = ExtractSubnetPass(subnet)(ir).ir

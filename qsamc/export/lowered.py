@@ -6,7 +6,7 @@ holding integer weights plus scales in the container the target deploys (INT8, I
 (zero-point 0). The modules compute in PyTorch exactly what their ONNX form computes, and they emit that
 form themselves: each Q/DQ is an autograd function whose `symbolic` writes QuantizeLinear /
 DequantizeLinear, so the TorchScript exporter places Q/DQ where TensorRT recommends (on the inputs of
-weighted ops, never on their outputs) for a whole encoder or any part of it (`qsamc.emit`).
+weighted ops, never on their outputs) for a whole encoder or any part of it (`qsamc.export.emit`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qsamc.formats import Deployment
-from qsamc.quant import weight_range
+from qsamc.supernet.quant import weight_range
 
 # INT8 saturation bounds: a grid that spans them needs no Clip in front of QuantizeLinear.
 _INT8 = weight_range(8)
@@ -52,7 +52,7 @@ class WeightDQ(torch.autograd.Function):
 
     `axis` is the per-channel axis (ignored for a 0-d scale); `block` > 0 means block quantization along
     axis 0 (the INT4 form ONNX Runtime turns into MatMulNBits): `scale` is (K / block, N). INT4 weights
-    and their zero-points are written as INT8 here and narrowed by `qsamc.emit` (torch has no INT4 tensors
+    and their zero-points are written as INT8 here and narrowed by `qsamc.export.emit` (torch has no INT4 tensors
 to export). Zero-points are explicit everywhere: a missing one reads as UINT8 to ONNX Runtime's Q/DQ
 rewrites.
     """
@@ -193,7 +193,7 @@ class ChannelNorm(torch.autograd.Function):
     """SAM's LayerNorm2d (over the channels of NCHW), computed as segment-anything computes it.
 
     ONNX: Transpose(NHWC) -> LayerNormalization(axis -1) -> Transpose(NCHW), one normalisation op a
-    runtime keeps whole (TensorRT and `qsamc.float16` keep it in FP32) where the exporter would otherwise
+    runtime keeps whole (TensorRT and `qsamc.export.float16` keep it in FP32) where the exporter would otherwise
     write nine elementwise ops, whose squared deviations FP16 can overflow.
     """
 

@@ -24,7 +24,7 @@ import torch
 from onnx import TensorProto
 
 from qsamc.errors import QsamcError
-from qsamc.float16 import FP32_OPS, LAYOUT_OPS, constant_values, fp16_safe_scale
+from qsamc.export.float16 import FP32_OPS, LAYOUT_OPS, constant_values, fp16_safe_scale
 from qsamc.formats import TENSORRT, AttentionRule, DeploymentFormat
 from qsamc.threads import current as current_threads
 
@@ -87,7 +87,7 @@ def lint_tensorrt(model: onnx.ModelProto, deployment: DeploymentFormat = TENSORR
 
 
 # Nodes an FP16 model may still run in FP32: the LayerNorm islands and their layout ops and Q (see
-# `qsamc.float16`), the Casts around them, and Q/DQ whose scale FP16 cannot hold.
+# `qsamc.export.float16`), the Casts around them, and Q/DQ whose scale FP16 cannot hold.
 _FP32_ALLOWED = frozenset({*FP32_OPS, *LAYOUT_OPS, "Cast", "Constant", "QuantizeLinear"})
 
 
@@ -347,8 +347,8 @@ def check_parts(reference: torch.nn.Module, lowered: torch.nn.Module, subnet, im
     the whole shipped model and its task metric (`measure_fidelity`, the task-level check)."""
     from dataclasses import replace
 
-    from qsamc.emit import emit_onnx
-    from qsamc.qdq_onnx import AttentionPart, MlpPart, NeckPart, PatchPart, one_torch_thread
+    from qsamc.export.emit import emit_onnx
+    from qsamc.export.parts import AttentionPart, MlpPart, NeckPart, PatchPart, one_torch_thread
 
     deployment = replace(deployment, float_type="fp32")
 

@@ -5,7 +5,7 @@ and the neck are the encoder's own modules (same names, same weights), with thei
 swapped for `QuantLinear` / `QuantConv2d`. `set_subnet` selects one subnet; the forward pass then
 computes exactly that subnet: the interpolated positional embedding for its resolution, the kept
 blocks of each stage, the first k MLP units of each block, and each layer's bits. Each block's attention
-and MLP become their training-kernel forms (`qsamc.training_kernels`): the same function, with less
+and MLP become their training-kernel forms (`qsamc.supernet.kernels`): the same function, with less
 kept for backward when training.
 """
 
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qsamc.training_kernels import SupernetAttention, SupernetMLP
-from qsamc.layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
+from qsamc.supernet.kernels import SupernetAttention, SupernetMLP
+from qsamc.supernet.layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
 from qsamc.sam import build_encoder
-from qsamc.space import SearchSpace, Subnet, default_space
+from qsamc.supernet.space import SearchSpace, Subnet, default_space
 
 
 class Supernet(nn.Module):

@@ -1,7 +1,7 @@
 """The static subnet: one searched subnet of a supernet as a plain, fixed module (the first export stage).
 
 `ExtractSubnetPass` builds a `StaticEncoder` from a supernet and a `Subnet`; the lowering passes then
-rewrite its quantized layers into integer form and `qsamc.emit` writes it to ONNX. It keeps the supernet's
+rewrite its quantized layers into integer form and `qsamc.export.emit` writes it to ONNX. It keeps the supernet's
 module paths (`blocks.5.attn.qkv`: the kept blocks sit in a `ModuleDict` keyed by their supernet index),
 so the supernet's IR, pruned of the dropped blocks, still names real modules of the static model.
 """

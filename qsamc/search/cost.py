@@ -2,7 +2,7 @@
 
 Three models, one interface (`name`, `unit`, `cost(subnet)`):
 1. `BitopsCost`: BitOPs from the foundation's tabulated IR formulas (the paper's constraint).
-2. `TableLatency`: latency measured on the target, summed from a latency table (`qsamc.latency`).
+2. `TableLatency`: latency measured on the target, summed from a latency table (`qsamc.profiling.latency`).
 3. `RooflineLatency`: an *estimate* from the target's datasheet peaks, per IR node
    max(MACs / compute peak, bytes / memory bandwidth), in the containers the target deploys. Only used
    when no table exists and the user asks for it; it ignores launch overheads and fusion.
@@ -19,9 +19,9 @@ from typing import Literal, Protocol
 
 from qsamc.errors import BudgetError, TargetError
 from qsamc.formats import Container
-from qsamc.ir import IR
+from qsamc.ir.graph import IR
 from qsamc.passes.count_bitops import BitopsModel, FloatMacs, node_macs
-from qsamc.space import LayerBits, SearchSpace, Subnet
+from qsamc.supernet.space import LayerBits, SearchSpace, Subnet
 from qsamc.targets import Target
 
 Metric = Literal["bitops", "latency"]

@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from qsamc.errors import ConfigError
-from qsamc.lora import LORA_VARIANTS, LoraConfig
-from qsamc.quant import WEIGHT_INITS
+from qsamc.supernet.lora import LORA_VARIANTS, LoraConfig
+from qsamc.supernet.quant import WEIGHT_INITS
 from qsamc.sam import get_config
-from qsamc.space import GRANULARITIES
+from qsamc.supernet.space import GRANULARITIES
 
 SCHEDULES = ("progressive", "lora", "full", "fp32")
 SAMPLINGS = ("uniform", "sandwich")

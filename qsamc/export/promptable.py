@@ -211,7 +211,7 @@ def sample_prompts(spec: DecoderSpec, embeddings: list[torch.Tensor]) -> list[di
 def verify_decoder(proto: onnx.ModelProto, model: nn.Module, prompts: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Run `decoder.onnx` in a real ONNX Runtime session on `prompts` and compare every output with the
     PyTorch `SamOnnxModel`: max absolute difference, and the same relative to the outputs' scale."""
-    from qsamc.verify import ort_session
+    from qsamc.export.verify import ort_session
 
     session = ort_session(proto)
     wrapper = onnx_model(model)
@@ -223,7 +223,7 @@ def verify_decoder(proto: onnx.ModelProto, model: nn.Module, prompts: list[dict[
         for name, g, e in zip(OUTPUT_NAMES, got, expected):
             e = e.numpy()
             if g.shape != e.shape:
-                from qsamc.verify import ExportError
+                from qsamc.export.verify import ExportError
                 raise ExportError(f"decoder.onnx output '{name}' has shape {g.shape} where SamOnnxModel gives {e.shape}")
             max_abs = max(max_abs, float(np.abs(g - e).max()))
             scale = max(scale, float(np.abs(e).max()))
@@ -238,7 +238,7 @@ def export_decoder(spec: DecoderSpec, model: nn.Module, weights: str,
     """Emit and verify `decoder.onnx`; (model, its report). `embeddings` are the encoder's outputs on the
     sample images (the verification then feeds the decoder what it will see); random ones without.
     Raises `ExportError` when ONNX Runtime and PyTorch disagree beyond the tolerance."""
-    from qsamc.verify import ExportError
+    from qsamc.export.verify import ExportError
 
     proto = emit_decoder(model, spec)
     if embeddings is None:

@@ -26,7 +26,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from qsamc.layers import QuantConv2d, QuantLinear
+from qsamc.supernet.layers import QuantConv2d, QuantLinear
 from qsamc.sam import Attention, LayerNorm2d
 
 KINDS = ("input", "output", "conv", "linear", "attention", "norm", "act", "elementwise")

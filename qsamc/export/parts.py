@@ -5,7 +5,7 @@ table cuts the encoder: the patch embedding with the positional embedding (`Patc
 attention half (`AttentionPart`: norm1, window partition, qkv, attention with rel-pos, proj, residual),
 a block's MLP half (`MlpPart`: norm2, lin1, GELU, lin2, residual), and the neck (`NeckPart`).
 `lowered_subnet` extracts and lowers a subnet with export's own passes, `part_onnx` cuts one part and
-emits it with export's own `qsamc.emit.emit_onnx`: there is no second copy of the Q/DQ rules, so a
+emits it with export's own `qsamc.export.emit.emit_onnx`: there is no second copy of the Q/DQ rules, so a
 table entry times exactly the nodes (and ONNX Runtime fusions) that the part has in an exported encoder.
 """
 
@@ -17,14 +17,14 @@ import onnx
 import torch
 from torch import nn
 
-from qsamc.emit import emit_onnx, lowering_passes
+from qsamc.export.emit import emit_onnx, lowering_passes
 from qsamc.formats import DeploymentFormat
-from qsamc.ir import IR
-from qsamc.pass_manager import PassManager
+from qsamc.ir.graph import IR
+from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import (ExtractSubnetPass)
 from qsamc.sam import sam_modeling
-from qsamc.space import Subnet
-from qsamc.static import StaticEncoder
+from qsamc.supernet.space import Subnet
+from qsamc.export.static import StaticEncoder
 
 _window_partition = sam_modeling.image_encoder.window_partition
 _window_unpartition = sam_modeling.image_encoder.window_unpartition

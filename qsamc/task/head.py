@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qsamc.layers import QuantConv2d
-from qsamc.quant import QuantizerBank, weight_range
+from qsamc.supernet.layers import QuantConv2d
+from qsamc.supernet.quant import QuantizerBank, weight_range
 from qsamc.sam import check_state_dict
 
 HEAD_BITS = 8
@@ -61,7 +61,7 @@ class SegmentationHead(nn.Module):
 
     def forward(self, features: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
         """Class logits upsampled to `size`, or at the token grid when `size` is None (training's
-        losses upsample them chunk by chunk, `qsamc.losses`)."""
+        losses upsample them chunk by chunk, `qsamc.task.losses`)."""
         logits = self.classifier(self.act(self.conv(features)))
         if size is None:
             return logits

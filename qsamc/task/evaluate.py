@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qsamc.data import SegmentationDataset, SegmentationMetric, make_batch
-from qsamc.space import Subnet
+from qsamc.task.data import SegmentationDataset, SegmentationMetric, make_batch
+from qsamc.supernet.space import Subnet
 
 
 @dataclass(frozen=True)

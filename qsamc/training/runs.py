@@ -3,7 +3,7 @@
 A run folder holds:
   supernet.json   what to rebuild: model, search space, LoRA config, classes, quantizer options
   supernet.pt     the weights of encoder + quantizers + LoRA + head (a plain state dict)
-  checkpoints/    resumable training state (see `qsamc.train`)
+  checkpoints/    resumable training state (see `qsamc.training.train`)
 Every file is written atomically (temporary file, then rename), so a crash never leaves half a file, and
 state dicts are read with `weights_only=True`: a checkpoint is untrusted input.
 """
@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from qsamc.errors import ConfigError, CheckpointError
-from qsamc.head import SegmentationModel
-from qsamc.lora import LoraConfig
-from qsamc.quant import WeightInit
+from qsamc.task.head import SegmentationModel
+from qsamc.supernet.lora import LoraConfig
+from qsamc.supernet.quant import WeightInit
 from qsamc.sam import check_state_dict, read_tensors
-from qsamc.space import SearchSpace
+from qsamc.supernet.space import SearchSpace
 
 RUN_FORMAT = "qsamc.supernet"
 RUN_VERSION = 1
@@ -164,8 +164,8 @@ def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_s
     `checkpoint`: a SAM checkpoint (the encoder), or a qsamc FP32 reference run (encoder and head; the
     head's num_classes must match)."""
     from qsamc.passes import AttachLoraPass, InsertQuantizersPass
-    from qsamc.analysis import build_ir
-    from qsamc.supernet import Supernet
+    from qsamc.ir.frontend import build_ir
+    from qsamc.supernet.encoder import Supernet
 
     weights = reference_weights(checkpoint) if checkpoint is not None else None
     supernet = Supernet.build(spec.space.model, weights, spec.space)

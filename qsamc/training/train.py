@@ -32,19 +32,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qsamc.checkpoint import (SupernetSpec, atomic_torch_save, atomic_write_json, build_model, check_output_folder,
+from qsamc.training.runs import (SupernetSpec, atomic_torch_save, atomic_write_json, build_model, check_output_folder,
                               remove_stale_temporaries, save_supernet)
-from qsamc.data import build_dataset, make_batch
+from qsamc.task.data import build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
-from qsamc.evaluate import Evaluation, ValidationSet, evaluate_subnet
-from qsamc.head import SegmentationModel
-from qsamc.losses import distillation_loss, segmentation_loss
+from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
+from qsamc.task.head import SegmentationModel
+from qsamc.task.losses import distillation_loss, segmentation_loss
 from qsamc.passes import AttachLoraPass, CalibrateActivationsPass
 from qsamc.progress import progress_bar
-from qsamc.quant import LsqActQuantizer, LsqWeightQuantizer
-from qsamc.space import SearchSpace, Subnet, default_space
+from qsamc.supernet.quant import LsqActQuantizer, LsqWeightQuantizer
+from qsamc.supernet.space import SearchSpace, Subnet, default_space
 from qsamc.threads import adapt as adapt_threads
-from qsamc.train_config import TrainConfig, default_phase1_resolution
+from qsamc.training.config import TrainConfig, default_phase1_resolution
 
 
 class TrainingDiverged(QsamcError):

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from qsamc.checkpoint import save_figure
-from qsamc.cost import CostModel
-from qsamc.search import Candidate, SearchResult
-from qsamc.space import SearchSpace, Subnet
+from qsamc.training.runs import save_figure
+from qsamc.search.cost import CostModel
+from qsamc.search.evolution import Candidate, SearchResult
+from qsamc.supernet.space import SearchSpace, Subnet
 from qsamc.targets import Target
 
 PARETO_FORMAT = "qsamc.pareto"

@@ -1,7 +1,7 @@
 """The export report: what `qsamc export` writes next to the model (report.json, precision.png) and prints.
 
 BitOPs come from the static subnet's IR (`CountBitopsPass`), deployed precisions from the target's
-deployment rules (`DeploymentFormat.deploy`), fidelity and latency from `qsamc.verify`.
+deployment rules (`DeploymentFormat.deploy`), fidelity and latency from `qsamc.export.verify`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qsamc.checkpoint import save_figure
+from qsamc.training.runs import save_figure
 from qsamc.formats import DeploymentFormat
-from qsamc.ir import IR
+from qsamc.ir.graph import IR
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class ExportReport:
     task: dict[str, Any] | None = None  # validation mIoU through the head, PyTorch vs ONNX Runtime
     files: dict[str, str] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
-    decoder: dict[str, Any] = field(default_factory=dict)  # `--promptable`: decoder.onnx (qsamc.promptable)
+    decoder: dict[str, Any] = field(default_factory=dict)  # `--promptable`: decoder.onnx (qsamc.export.promptable)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,0 +1,1 @@
+"""Latency tables: `qsamc profile` times every fused part on a target's latency backend for search."""
