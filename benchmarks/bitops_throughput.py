@@ -73,13 +73,13 @@ def main() -> None:
     start = time.perf_counter()
     for subnet in few:
         CountBitopsPass(space, subnet)(ir)
-        reports.append(ir.graph.graph["cost"])
+        reports.append(ir.cost.to_json())
     pass_rate = len(few) / (time.perf_counter() - start)
     agree = all(model.cost(s) == (r["macs"], r["bitops"]) for s, r in zip(few, reports))
 
     top = space.max_subnet()
     CountBitopsPass(space, top)(ir)
-    ir_macs = ir.graph.graph["cost"]["macs"]
+    ir_macs = ir.cost.macs
     start = time.perf_counter()
     torch_macs = flop_counter_macs(args.model, top)
     counter_s = time.perf_counter() - start

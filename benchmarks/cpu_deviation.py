@@ -21,40 +21,29 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-from dataclasses import replace
 
-import onnxruntime as ort
 import torch
 
 from qsamc.training.runs import load_supernet
 from qsamc.export.emit import emit_onnx
-from qsamc.formats import ONNXRUNTIME_CPU
 from qsamc.ir.pass_manager import PassManager
-from qsamc.passes import (ExtractSubnetPass, FoldOffsetIntoNormPass, FoldWeightQuantizersPass,
-                          LowerActivationOffsetsPass, QuantizeBiasPass)
-from qsamc.export.verify import check_parts, measure_fidelity, ort_session
+from qsamc.passes import ExtractSubnetPass, QuantizeBiasPass
+from qsamc.targets import get_target
+from qsamc.export.ort import ort_session
+from qsamc.export.verify import check_parts, measure_fidelity
 from search_quality import calibrated_supernet  # the same calibrated, untrained vit_t
 
 
-# The cpu format's rules under another name: everything the same except that no INT32 bias is fused
-# (`fuses_int32_bias` keys on the format's name), so emission keeps the float bias too.
-FLOAT_BIAS = replace(ONNXRUNTIME_CPU, name="onnxruntime-cpu, float bias")
+CPU = get_target("cpu")
 
 
 def lowered(ir, subnet, int32_bias: bool):
+    """The cpu target's lowering, with or without its last pass (INT32 biases)."""
     static = ExtractSubnetPass(subnet)(ir).ir
     reference = copy.deepcopy(static.root)
-    deployment = ONNXRUNTIME_CPU if int32_bias else FLOAT_BIAS
-    passes = [FoldWeightQuantizersPass(deployment), LowerActivationOffsetsPass(), FoldOffsetIntoNormPass()]
-    PassManager(passes + ([QuantizeBiasPass()] if int32_bias else []))(static)
-    return reference, static.root, deployment
-
-
-def unfused_session(model):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    passes = [p for p in CPU.lowering_passes() if int32_bias or not isinstance(p, QuantizeBiasPass)]
+    PassManager(passes)(static)
+    return reference, static.root
 
 
 def main() -> None:
@@ -75,11 +64,11 @@ def main() -> None:
         images = [torch.randn(1, 3, subnet.resolution, subnet.resolution, generator=generator) for _ in range(args.images)]
         min_bits = min(b.a for b in subnet.bits)
         for label, int32_bias, fused in (("shipped", True, True), ("float bias", False, True), ("unfused", True, False)):
-            reference, static, deployment = lowered(ir, subnet, int32_bias)
-            model_proto = emit_onnx(static, images[0], deployment, "image", "image_embeddings")
-            session = ort_session(model_proto) if fused else unfused_session(model_proto)
+            reference, static = lowered(ir, subnet, int32_bias)
+            model_proto = emit_onnx(static, images[0], CPU, "image", "image_embeddings")
+            session = ort_session(model_proto, exact=not fused)
             fidelity = measure_fidelity(session, reference, images, min_bits)
-            parts = check_parts(reference, static, subnet, images[0], deployment) if fused else []
+            parts = check_parts(reference, static, subnet, images[0], CPU) if fused else []
             gemms = sum(n.op_type == "Gemm" for n in model_proto.graph.node)
             worst = max(parts, key=lambda p: p.mean_rel / p.mean_rel_tolerance) if parts else None
             part = "-" if worst is None else f"{worst.part}: {worst.mean_rel:.1e} / {worst.mean_rel_tolerance:.1e}"

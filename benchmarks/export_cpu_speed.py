@@ -23,12 +23,11 @@ import torch
 
 from qsamc.training.runs import SupernetSpec, build_model
 from qsamc.export.emit import emit_onnx
-from qsamc.formats import ONNXRUNTIME_CPU
 from qsamc.ir.pass_manager import PassManager
-from qsamc.passes import (CalibrateActivationsPass, ExtractSubnetPass, FoldOffsetIntoNormPass,
-                          FoldWeightQuantizersPass, LowerActivationOffsetsPass, QuantizeBiasPass)
+from qsamc.passes import CalibrateActivationsPass, ExtractSubnetPass
+from qsamc.targets import get_target
 from qsamc.supernet.space import default_space
-from qsamc.export.verify import ort_session
+from qsamc.export.ort import ort_session
 
 # Node-name scopes of the searched, quantized layers (the TorchScript exporter names nodes by module path;
 # ONNX Runtime's fused nodes keep a member's name). Everything else stays float in both models.
@@ -37,9 +36,9 @@ LAYER_SCOPE = re.compile(r"/(attn/qkv|attn/proj|mlp/lin1|mlp/lin2|patch_embed/pr
 
 def export(ir, subnet, example):
     static = ExtractSubnetPass(subnet)(ir).ir
-    PassManager([FoldWeightQuantizersPass(ONNXRUNTIME_CPU), LowerActivationOffsetsPass(),
-                 FoldOffsetIntoNormPass(), QuantizeBiasPass()])(static)
-    return emit_onnx(static.root, example, ONNXRUNTIME_CPU, "image", "image_embeddings")
+    cpu = get_target("cpu")
+    PassManager(cpu.lowering_passes())(static)
+    return emit_onnx(static.root, example, cpu, "image", "image_embeddings")
 
 
 def profile(model, feed, threads):

@@ -20,9 +20,9 @@ import time
 import torch
 
 from qsamc.search.cost import BitopsCost
-from qsamc.profiling.latency import (
-    LatencyTable, ProfileSettings, build_table, validate_table,
-)
+from qsamc.profiling.profile import build_table, validate_table
+from qsamc.profiling.timers import ProfileSettings
+from qsamc.search.latency_table import LatencyTable
 from qsamc.ir.frontend import analysis_ir
 from qsamc.supernet.space import default_space
 from qsamc.targets import get_target

@@ -37,8 +37,10 @@ from pathlib import Path
 
 from qsamc.ir.frontend import count_bitops
 from qsamc.baselines import run_baselines
-from qsamc.training.runs import atomic_write_json, load_supernet
-from qsamc.profiling.latency import LatencyTable, ProfileSettings, TableLatency
+from qsamc.fileio import atomic_write_json
+from qsamc.training.runs import load_supernet
+from qsamc.profiling.timers import ProfileSettings
+from qsamc.search.latency_table import LatencyTable, TableLatency
 from qsamc.pipeline import export_subnet, profile_target, run_search
 from qsamc.search.evolution import EvolutionConfig
 from qsamc.supernet.space import Subnet, load_subnet
@@ -84,9 +86,9 @@ def evaluate_subnets(run: Path, subnets: dict[str, Subnet], data: dict, out: Pat
                                data_root=Path(data["data_root"]), val_limit=None)
         space = load_supernet_spec(run).space
         rows.append({"label": label, "method": "qsamc", "subnet": subnet.to_json(),
-                     "bitops": bitops_exclude(space, subnet), "latency_ms": report.latency["onnxruntime_cpu"]["best_ms"],
-                     "miou": report.task["pytorch_miou"], "onnx_miou": report.task["onnx_miou"],
-                     "fidelity": report.fidelity, "worst_part": max(report.parts, key=lambda p: p["mean_rel"] / p["mean_rel_tolerance"])})
+                     "bitops": bitops_exclude(space, subnet), "latency_ms": report.latency.best_ms,
+                     "miou": report.task.pytorch_miou, "onnx_miou": report.task.onnx_miou,
+                     "fidelity": report.fidelity.to_json(), "worst_part": report.worst_part().to_json()})
         print(f"  [{index + 1}/{len(subnets)}] {label}: mIoU {rows[-1]['miou']:.4f} (ONNX {rows[-1]['onnx_miou']:.4f}), "
               f"{rows[-1]['latency_ms']:.2f} ms, {time.perf_counter() - started:.0f} s", flush=True)
     return rows

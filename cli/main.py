@@ -2,36 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import sys
+import types
+import typing
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from qsamc.errors import QsamcError, TargetError
+from qsamc.errors import QsamcError
+from qsamc.export.ort import CLOCKS
+from qsamc.passes.count_bitops import FLOAT_MAC_CONVENTIONS
 from qsamc.sam import MODEL_ZOO
+from qsamc.search.evolution import OBJECTIVES
+from qsamc.supernet.space import GRANULARITIES
+from qsamc.targets import get_target, known_targets
+from qsamc.task.data import SPLITS
 from qsamc.threads import ENV as threads_env, apply_threads
-from qsamc.training.config import describe_fields
+from qsamc.training.config import CHOICES, HELP, TrainConfig
+from qsamc.units import human
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="qsamc: compile SAM image encoders into mixed-precision quantized subnets.")
 console = Console()
 
 
-class Granularity(str, Enum):
-    layer = "layer"
-    block = "block"
-    stage = "stage"
-    model = "model"
+def choice(name: str, values: Iterable[str]) -> type[Enum]:
+    """An option's allowed values, taken from the library's own tuple (typer lists them in --help)."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class FloatMacs(str, Enum):
-    fp32 = "fp32"
-    exclude = "exclude"
+Granularity = choice("Granularity", GRANULARITIES)
+FloatMacs = choice("FloatMacs", FLOAT_MAC_CONVENTIONS)
+Split = choice("Split", SPLITS)
+Objective = choice("Objective", OBJECTIVES)
+Clock = choice("Clock", CLOCKS)
+ExportFormat = choice("ExportFormat", sorted({f for name in known_targets() for f in get_target(name).formats}))
 
 
 MODEL_HELP = f"Encoder config: {', '.join(MODEL_ZOO)}."
@@ -51,14 +63,6 @@ def options(ctx: typer.Context,
         console.print(choice.describe(), highlight=False)
 
 
-def human(value: float, unit: str = "") -> str:
-    """1.49e12 -> '1.49 T' (SI prefixes, as BitOPs and MACs are usually quoted)."""
-    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f} {prefix}{unit}"
-    return f"{value:.0f} {unit}".strip()
-
-
 @app.command()
 def space(model: str = typer.Option("vit_l", help=MODEL_HELP),
           granularity: Granularity = typer.Option(Granularity.layer, help="Bits tied per layer, block, stage or model.")):
@@ -69,13 +73,12 @@ def space(model: str = typer.Option("vit_l", help=MODEL_HELP),
     table = Table(title=f"search space of {model} (bits per {granularity.value})")
     table.add_column("operator")
     table.add_column("choices")
-    for operator, choices in info["operators"].items():
+    for operator, choices in info.operators.items():
         table.add_row(operator, choices)
     console.print(table)
-    console.print(f"subnets: 10^{info['log10_subnets']:.1f}   quantized layers: {info['quantized_layers']}")
-    console.print(f"MACs:   {human(info['macs'][0])} .. {human(info['macs'][1])}")
-    console.print(f"BitOPs: {human(info['bitops'][0])} .. {human(info['bitops'][1])} "
-                  f"(attention matmuls at 32x32 bits)")
+    console.print(f"subnets: 10^{info.log10_subnets:.1f}   quantized layers: {info.quantized_layers}")
+    console.print(f"MACs:   {human(info.macs[0])} .. {human(info.macs[1])}")
+    console.print(f"BitOPs: {human(info.bitops[0])} .. {human(info.bitops[1])} (attention matmuls at 32x32 bits)")
 
 
 @app.command()
@@ -125,19 +128,14 @@ def ir(model: str = typer.Option("vit_b", help=MODEL_HELP),
         console.print(f"wrote {path}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             epilog="Every config field is also a flag (defaults shown):\n\n" + describe_fields().replace("\n", "\n\n"))
-def train(ctx: typer.Context,
-          config: Optional[Path] = typer.Option(None, "--config", help="YAML or TOML run config."),
-          resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-          overwrite: bool = typer.Option(False, help="Replace the run already in --out (its checkpoints and results)."),
-          quiet: bool = typer.Option(False, help="No progress bar.")):
+def train(config: Optional[Path], resume: bool, overwrite: bool, quiet: bool, **fields) -> None:
     """Fine-tune a SAM encoder once into a mixed-precision quantized supernet. Ctrl-C stops at the next
     iteration with a checkpoint saved (`--resume` continues it)."""
-    from qsamc.training.train import train as run_training
     from qsamc.training.config import resolve_train_config
+    from qsamc.training.train import train as run_training
 
-    result = run_training(resolve_train_config(config, ctx.args, resume), resume=resume, show_progress=not quiet,
+    options = {k: v.value if isinstance(v, Enum) else v for k, v in fields.items() if v is not None}
+    result = run_training(resolve_train_config(config, options, resume), resume=resume, show_progress=not quiet,
                           overwrite=overwrite)
     console.print(f"supernet written to {result.run}/supernet.pt ({result.iterations} iterations)")
     for name, ev in (("max subnet" if result.min_subnet else "FP32 model", result.max_subnet), ("min subnet", result.min_subnet)):
@@ -145,19 +143,51 @@ def train(ctx: typer.Context,
             console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}, pixel accuracy {ev.pixel_accuracy:.4f}")
 
 
-class Split(str, Enum):
-    train = "train"
-    val = "val"
+def _config_options() -> list[inspect.Parameter]:
+    """One option per `TrainConfig` field: its type, allowed values, help and default (None: not given,
+    so a config file's value stands)."""
+    defaults, hints, panel = TrainConfig(), typing.get_type_hints(TrainConfig), "Training config (also a YAML/TOML file's fields)"
+    params = []
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if isinstance(hint, types.UnionType) else hint
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.name in CHOICES:
+            kind = choice("".join(w.title() for w in f.name.split("_")), CHOICES[f.name])
+        elif typing.get_origin(base) is tuple:
+            kind, default = str, ",".join(default)
+        else:
+            kind = base
+        option = typer.Option(None, f"{flag}/--no-{flag[2:]}" if base is bool else flag, help=HELP[f.name],
+                              show_default=False if default is None else str(default), rich_help_panel=panel)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+    return params
 
 
-class Objective(str, Enum):
-    loss = "loss"
-    miou = "miou"
+def _train_command():
+    own = [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", help="YAML or TOML run config; options override it.")),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, help="Continue the run in --out from its last checkpoint.")),
+        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, help="Replace the run already in --out (its checkpoints and results).")),
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, help="No progress bar.")),
+    ]
+    params = own + _config_options()
+
+    def command(**kwargs) -> None:
+        train(kwargs.pop("config"), kwargs.pop("resume"), kwargs.pop("overwrite"), kwargs.pop("quiet"), **kwargs)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = train.__doc__
+    return command
 
 
-class Clock(str, Enum):
-    cpu = "cpu"
-    wall = "wall"
+app.command("train")(_train_command())
 
 
 @app.command()
@@ -198,8 +228,7 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
         def on_generation(index: int, generation: int, best: float) -> None:
             if index not in tasks:
                 tasks[index] = progress.add_task(f"budget set {index + 1}", total=generations, best="-")
-            shown = f"{objective.value} {best if objective.value == 'loss' else -best:.4f}"
-            progress.update(tasks[index], completed=generation + 1, best=shown)
+            progress.update(tasks[index], completed=generation + 1, best=f"{objective.value} {best:.4f}")
 
         result, written = run_search(supernet, target, bitops, latency, budget or [], out, restrict=restrict,
                                      estimate=estimate, table=latency_table, dataset=dataset, data_root=data_root,
@@ -234,7 +263,7 @@ def profile(target: str = typer.Option(..., help="Hardware target whose latency 
 
     from rich.progress import Progress
 
-    from qsamc.profiling.latency import ProfileSettings
+    from qsamc.profiling.timers import ProfileSettings
     from qsamc.pipeline import profile_target
 
     settings = ProfileSettings(threads, warmup, repeats, clock.value)
@@ -254,11 +283,6 @@ def profile(target: str = typer.Option(..., help="Hardware target whose latency 
         console.print(rows)
         errors = [abs(c.error) for c in checks]
         console.print(f"median absolute error {statistics.median(errors):.1%}, max {max(errors):.1%}")
-
-
-class ExportFormat(str, Enum):
-    onnx = "onnx"
-    trt = "trt"
 
 
 @app.command()
@@ -281,8 +305,8 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
            max_batch: int = typer.Option(8, help="TensorRT optimization profile: largest batch the engine serves.")):
     """Lower one subnet to the target's integer formats, emit and verify ONNX with a dynamic batch axis
     (and a TensorRT engine with that batch profile)."""
-    from qsamc.pipeline import export_subnet
     from qsamc.export.tensorrt_engine import BatchProfile
+    from qsamc.pipeline import export_subnet
 
     batch = BatchProfile(min_batch, opt_batch, max_batch)
     report = export_subnet(supernet, subnet, target, format.value, out, promptable=promptable,
@@ -295,29 +319,28 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
         searched = "W{}A{}".format(row.w_bits if row.w_bits < 32 else "F", row.a_bits if row.a_bits < 32 else "F")
         layers.add_row(row.layer, searched, row.weight, row.act, row.compute)
     console.print(layers)
-    fidelity, cost = report.fidelity, report.cost
+    fidelity, cost, task = report.fidelity, report.cost, report.task
     summary = Table(title="export report", show_header=False)
-    summary.add_row("BitOPs / MACs", f"{human(cost['bitops'])} / {human(cost['macs'])} (attention matmuls at 32x32 bits)")
-    summary.add_row("model size", f"{human(report.sizes['onnx_bytes'], 'B')} (FP32 {human(report.sizes['fp32_bytes'], 'B')})")
-    summary.add_row("ONNX Runtime latency", f"{report.latency['onnxruntime_cpu']['median_ms']:.1f} ms "
-                    f"({report.latency['onnxruntime_cpu']['threads']} threads, this machine)")
-    summary.add_row("fidelity vs fake-quant", f"max {fidelity['max_rel']:.2e}, mean {fidelity['mean_rel']:.2e} of the output scale "
-                    f"(tolerance {fidelity['max_rel_tolerance']:.1e} / {fidelity['mean_rel_tolerance']:.1e})")
-    worst = max(report.parts, key=lambda p: p["mean_rel"] / p["mean_rel_tolerance"])
-    summary.add_row("layer by layer", f"{len(report.parts)} parts verified alone; worst {worst['part']}: max "
-                    f"{worst['max_rel']:.2e}, mean {worst['mean_rel']:.2e} (tolerance {worst['max_rel_tolerance']:.1e} / "
-                    f"{worst['mean_rel_tolerance']:.1e})")
-    deviating = [p for p in report.parts if p["kernels"] == "exact"]
+    summary.add_row("BitOPs / MACs", f"{human(cost.bitops)} / {human(cost.macs)} (attention matmuls at 32x32 bits)")
+    summary.add_row("model size", f"{human(report.onnx_bytes, 'B')} (FP32 {human(report.fp32_bytes, 'B')})")
+    summary.add_row("ONNX Runtime latency", f"{report.latency.median_ms:.1f} ms ({report.latency.threads} threads, this machine)")
+    summary.add_row("fidelity vs fake-quant", f"max {fidelity.max_rel:.2e}, mean {fidelity.mean_rel:.2e} of the output scale "
+                    f"(tolerance {fidelity.max_rel_tolerance:.1e} / {fidelity.mean_rel_tolerance:.1e})")
+    worst = report.worst_part()
+    summary.add_row("layer by layer", f"{len(report.parts)} parts verified alone; worst {worst.part}: max "
+                    f"{worst.max_rel:.2e}, mean {worst.mean_rel:.2e} (tolerance {worst.max_rel_tolerance:.1e} / "
+                    f"{worst.mean_rel_tolerance:.1e})")
+    deviating = [p for p in report.parts if p.kernels == "exact"]
     if deviating:
-        worst_fused = max(deviating, key=lambda p: p["fused_mean_rel"])
+        worst_fused = max(deviating, key=lambda p: p.fused_mean_rel)
         summary.add_row("this CPU's INT8 kernels", f"{len(deviating)} parts deviate in ONNX Runtime's fused kernels (worst "
-                        f"{worst_fused['part']}: max {worst_fused['fused_max_rel']:.2e}, mean {worst_fused['fused_mean_rel']:.2e}); "
+                        f"{worst_fused.part}: max {worst_fused.fused_max_rel:.2e}, mean {worst_fused.fused_mean_rel:.2e}); "
                         "their lowering is exact with the kernels unfused (no VNNI here: VPMADDUBSW saturates)")
-    if not report.task:
+    if task is None:
         summary.add_row("validation mIoU", "not checked: the run's validation data is not at hand (pass --dataset)")
     else:
-        summary.add_row("validation mIoU", f"PyTorch {report.task['pytorch_miou']:.4f}, ONNX Runtime "
-                        f"{report.task['onnx_miou']:.4f} ({report.task['val_images']} images)")
+        summary.add_row("validation mIoU", f"PyTorch {task.pytorch_miou:.4f}, ONNX Runtime {task.onnx_miou:.4f} "
+                        f"({task.val_images} images)")
     summary.add_row("opset / IR version", f"{report.opset} / {report.ir_version}")
     summary.add_row("TensorRT lint", "clean" if not report.lint else f"{len(report.lint)} problems, e.g. {report.lint[0]}")
     if report.decoder:
@@ -327,9 +350,10 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
     console.print(summary)
     for name, path in report.files.items():
         console.print(f"wrote {name}: {path}", soft_wrap=True)
-    if report.engine.get("missing"):
-        console.print(f"build the engine where TensorRT and a GPU exist:\n  {report.engine['trtexec']}", soft_wrap=True)
-        raise TargetError(f"no TensorRT engine was built: {report.engine['missing']}")
+    error = report.engine.error() if report.engine is not None else None
+    if error is not None:
+        console.print(f"build the engine where TensorRT and a GPU exist:\n  {report.engine.trtexec}", soft_wrap=True)
+        raise error
 
 
 @app.command()
@@ -376,29 +400,41 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Output fo
             console.print(f"search, budget set {index + 1}: generation {generation + 1} done, best loss {best:.4f}")
 
     result = run_quickstart(out, show_progress=not quiet, on_generation=on_generation)
-    trained, searched, report = result["trained"], result["searched"], result["export"]
+    trained, searched, report = result.trained, result.searched, result.export
     for name, ev in (("max subnet", trained.max_subnet), ("min subnet", trained.min_subnet)):
         console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}")
     console.rule("2/3 qsamc search --target cpu --bitops (default budget ladder)")
     for r in searched.results:
         console.print(f"budget {', '.join(map(str, r.budgets))}: loss {r.best.evaluation.loss:.4f}, "
                       f"mIoU {r.best.evaluation.miou:.4f}")
-    console.rule(f"3/3 qsamc export --target cpu --format onnx (the subnet found under {result['budget'][0]})")
+    console.rule(f"3/3 qsamc export --target cpu --format onnx (the subnet found under {result.budget})")
     fidelity = report.fidelity
-    console.print(f"BitOPs {human(report.cost['bitops'])}, ONNX Runtime {report.latency['onnxruntime_cpu']['median_ms']:.2f} ms, "
-                  f"fidelity max {fidelity['max_rel']:.2e} / mean {fidelity['mean_rel']:.2e} of the output scale, "
+    console.print(f"BitOPs {human(report.cost.bitops)}, ONNX Runtime {report.latency.median_ms:.2f} ms, "
+                  f"fidelity max {fidelity.max_rel:.2e} / mean {fidelity.mean_rel:.2e} of the output scale, "
                   f"{len(report.parts)} parts verified alone: verified")
-    console.print(f"validation mIoU: PyTorch {report.task['pytorch_miou']:.4f}, ONNX Runtime {report.task['onnx_miou']:.4f}")
-    for path in (*result["search_files"], *report.files.values()):
+    console.print(f"validation mIoU: PyTorch {report.task.pytorch_miou:.4f}, ONNX Runtime {report.task.onnx_miou:.4f}")
+    for path in (*result.search_files, *report.files.values()):
         console.print(f"wrote {path}")
 
 
 def main() -> None:
+    """The console script: every user error, ours or a malformed command line, is one sentence and a
+    non-zero exit."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(1)
+    except typer.TyperException as usage:  # an unknown option, a missing or malformed value; no command
+        if not sys.argv[1:]:  # `qsamc` alone: its help
+            print(usage.format_message())
+            sys.exit(0)
+        print(f"error: {usage.format_message()}", file=sys.stderr)
+        sys.exit(usage.exit_code)
     except QsamcError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(getattr(error, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

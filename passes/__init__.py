@@ -10,7 +10,7 @@ from qsamc.passes.fold_offset_into_norm import FoldOffsetIntoNormPass
 from qsamc.passes.fold_weight_quantizers import FoldWeightQuantizersPass
 from qsamc.passes.insert_quantizers import InsertQuantizersPass
 from qsamc.passes.lower_activation_offsets import LowerActivationOffsetsPass
-from qsamc.passes.quantize_bias import QuantizeBiasPass, fuses_int32_bias
+from qsamc.passes.quantize_bias import QuantizeBiasPass
 
 __all__ = [
     "AnnotatePrecisionPass",
@@ -26,6 +26,5 @@ __all__ = [
     "InsertQuantizersPass",
     "LowerActivationOffsetsPass",
     "QuantizeBiasPass",
-    "fuses_int32_bias",
     "node_macs",
 ]

@@ -4,9 +4,9 @@ Rules:
 1. `conv` and `linear` nodes are quantizable (the paper's patch embedding, qkv, proj, lin1, lin2 and
    neck convolutions); norms, softmax, GELU, attention matmuls and rel-pos stay float (bits None).
 2. Candidate bits are the space's weight and activation choices.
-3. With a subnet, each quantizable node's `bits` is the subnet's (w, a) for its module; without one,
-   `bits` is None. The quantizable set must equal the space's quantized layers: the IR and the space
-   must agree on one picture of the model.
+3. With a subnet, the IR describes it (`IR.subnet`, the one source of each node's bits, `IR.bits_of`).
+   The quantizable set must equal the space's quantized layers: the IR and the space must agree on one
+   picture of the model.
 """
 
 from __future__ import annotations
@@ -26,14 +26,11 @@ class AnnotatePrecisionPass(Pass):
         for _, a in ir.nodes():
             a["quantizable"] = a["kind"] in ("conv", "linear")
             a["candidate_bits"] = candidates if a["quantizable"] else None
-            a["bits"] = None
-            if a["quantizable"] and self.subnet is not None:
-                bits = self.subnet.bits_of(a["module"])
-                a["bits"] = [bits.w, bits.a]
         traced = sorted(ir.graph.nodes[n]["module"] for n in ir.quantizable())
         if traced != sorted(self.space.quant_layers):
             raise RuntimeError(
                 f"the IR's quantizable layers {traced[:3]}... differ from the space's "
                 f"{sorted(self.space.quant_layers)[:3]}..."
             )
+        ir.subnet = self.subnet
         return PassResult(ir, modified=True)

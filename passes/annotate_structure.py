@@ -59,7 +59,7 @@ class AnnotateStructurePass(Pass):
                 a["kernel"], a["stride"] = list(module.kernel_size), list(module.stride)
                 a["padding"] = list(module.padding)
                 # Rule 1 of CountBitopsPass relies on every encoder conv producing the token grid.
-                max_grid = max(self.space.resolutions) // cfg.patch_size  # the trace runs the max subnet
+                max_grid = self.space.grid(max(self.space.resolutions))  # the trace runs the max subnet
                 if a["shape"][-2:] != [max_grid, max_grid]:
                     raise RuntimeError(f"conv {name} outputs {a['shape']}, not the {max_grid}x{max_grid} token grid")
             elif a["kind"] == "attention":

@@ -89,9 +89,14 @@ class BitopsReport:
             "per_part": self.per_part, "per_layer": self.per_layer,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BitopsReport:
+        return cls(data["macs"], data["bitops"], data["float_macs"], data["float_bitops"],
+                   data["float_macs_convention"], data["per_part"], data["per_layer"])
+
 
 class CountBitopsPass(Pass):
-    """Annotate every node with `present`, `macs` and `bitops`; put a `BitopsReport` on the graph."""
+    """Annotate every node with `present`, `macs` and `bitops`; set the IR's `cost` (a `BitopsReport`)."""
 
     def __init__(self, space: SearchSpace, subnet: Subnet, float_macs: FloatMacs = "fp32") -> None:
         self.space, self.subnet = space, space.validate(subnet)
@@ -100,7 +105,7 @@ class CountBitopsPass(Pass):
 
     def call(self, ir: IR) -> PassResult:
         subnet, space = self.subnet, self.space
-        grid = subnet.resolution // space.config.patch_size
+        grid = subnet.grid
         active = set(space.active_blocks(subnet.depths))
         macs = bitops = float_macs = float_bitops = 0
         per_part: dict[str, dict[str, int]] = {}
@@ -110,7 +115,7 @@ class CountBitopsPass(Pass):
             a["present"] = block is None or block in active
             hidden = space.hidden_units(subnet.mlp_ratios[block]) if block is not None else None
             a["macs"] = node_macs(a, grid, hidden) if a["present"] else 0
-            counted_bits = None  # the bits this count used: the subnet's, whatever the IR's `bits` say
+            counted_bits = None
             if a["kind"] == "attention":
                 a["bitops"] = a["macs"] * self.float_bits
                 float_macs += a["macs"]
@@ -131,7 +136,7 @@ class CountBitopsPass(Pass):
                 per_layer.append({"node": name, "kind": a["kind"], "bits": counted_bits,
                                   "macs": a["macs"], "bitops": a["bitops"]})
         report = BitopsReport(macs, bitops, float_macs, float_bitops, self.convention, per_part, per_layer)
-        ir.graph.graph["cost"] = report.to_json()
+        ir.cost = report
         return PassResult(ir, modified=True)
 
 
@@ -150,7 +155,7 @@ class BitopsModel:
         # One table per resolution: (block, bits index or -1 for float, MACs per MLP-ratio index).
         self._tables = []
         for resolution in space.resolutions:
-            grid = resolution // space.config.patch_size
+            grid = space.grid(resolution)
             rows = []
             for _, a in ir.nodes():
                 if a["kind"] not in _MAC_KINDS:

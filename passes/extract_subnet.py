@@ -13,7 +13,8 @@ Rules:
 5. The positional embedding is interpolated once to the subnet's token grid; the rel-pos tables of
    global-attention blocks are resized once to that grid the way `get_rel_pos` resizes them per call.
 6. The IR is bound to the static model (module paths unchanged: kept blocks are keyed by their
-   supernet index), quantizable nodes get `bits` [w, a], and the graph records the subnet.
+   supernet index) and describes the subnet (`IR.subnet`: its bits and token grid); conv nodes get
+   their static `input_hw` (the image for the patch embedding, the token grid for the neck).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class ExtractSubnetPass(Pass):
         previous = supernet.subnet
         supernet.set_subnet(subnet)
         try:
-            grid = subnet.resolution // space.config.patch_size
+            grid = subnet.grid
             blocks = {}
             for index in space.active_blocks(subnet.depths):
                 block = _frozen_copy(supernet.blocks[index])
@@ -122,8 +123,6 @@ class ExtractSubnetPass(Pass):
         dropped = {n for n, a in ir.graph.nodes(data=True) if a.get("block") is not None and a["block"] not in active}
         graph = _prune_graph(ir.graph, dropped)
         for _, a in graph.nodes(data=True):
-            if a.get("quantizable"):
-                bits = subnet.bits_of(a["module"])
-                a["bits"] = [bits.w, bits.a]
-        graph.graph["subnet"] = subnet.to_json()
-        return PassResult(IR(graph, ir.model, static), modified=True)
+            if a["kind"] == "conv":  # the patch embedding reads the image, the neck the token grid
+                a["input_hw"] = [subnet.resolution] * 2 if a["module"] == "patch_embed.proj" else [grid, grid]
+        return PassResult(IR(graph, ir.model, static, subnet=subnet), modified=True)

@@ -40,14 +40,13 @@ def _producing_norm(ir: IR, node: str) -> str | None:
 
 class FoldOffsetIntoNormPass(Pass):
     def call(self, ir: IR) -> PassResult:
-        grid = ir.graph.graph["subnet"]["resolution"] // ir.root.patch_embed.proj.stride[0]
         modified = False
         for name in ir.quantizable():
             a = ir.graph.nodes[name]
             act = ir.module_of(name).act
             if not isinstance(act, SymmetricActQuantizer) or not act.shift:
                 continue
-            if a.get("token_layout") == "windows" and grid % a["window"]:
+            if a.get("token_layout") == "windows" and ir.token_grid % a["window"]:
                 continue  # rule 2
             norm = _producing_norm(ir, name)
             if norm is None:

@@ -59,11 +59,8 @@ def lower_activation_offset(layer: IntLinear | IntConv2d, input_hw: tuple[int, i
 
 class LowerActivationOffsetsPass(Pass):
     def call(self, ir: IR) -> PassResult:
-        subnet = ir.graph.graph["subnet"]
-        grid = subnet["resolution"] // ir.root.patch_embed.proj.stride[0]
         modified = False
         for name in ir.quantizable():
-            layer = ir.module_of(name)
-            # Every padded conv of the encoder (the neck's 3x3) reads the token grid.
-            modified |= lower_activation_offset(layer, (grid, grid))
+            input_hw = ir.graph.nodes[name].get("input_hw")  # conv nodes' static geometry
+            modified |= lower_activation_offset(ir.module_of(name), None if input_hw is None else tuple(input_hw))
         return PassResult(ir, modified)

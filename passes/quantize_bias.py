@@ -3,7 +3,7 @@
 Optional last lowering stage. ONNX Runtime's CPU provider fuses Q/DQ -> Gemm <- DQ(INT32 bias) into one
 QGemm, the bias added inside the integer kernel; a float bias stays a separate Add over the whole output
 (16% of a ViT-B encoder's time). TensorRT takes no INT32 DequantizeLinear and fuses float biases itself,
-so TensorRT targets skip this pass.
+so only the CPU target lists this pass (`targets/cpu.py`).
 
 Rules:
 1. An `IntLinear` searched at 8-bit weights and 8-bit activations, with a bias, gets
@@ -18,17 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from qsamc.formats import ONNXRUNTIME_CPU, DeploymentFormat
 from qsamc.ir.graph import IR
 from qsamc.export.lowered import IntLinear, SymmetricActQuantizer
 from qsamc.ir.pass_manager import Pass, PassResult
 
 _INT32_MAX = 2**31 - 1
-
-
-def fuses_int32_bias(deployment: DeploymentFormat) -> bool:
-    """Whether the runtime fuses INT32 biases into its integer GEMM (see the module docstring)."""
-    return deployment.name == ONNXRUNTIME_CPU.name
 
 
 @torch.no_grad()

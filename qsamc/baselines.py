@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsamc.ir.frontend import count_bitops
-from qsamc.training.runs import SupernetSpec, atomic_write_json, load_supernet, read_head_state, reference_weights
+from qsamc.fileio import atomic_write_json
+from qsamc.training.runs import SupernetSpec, load_supernet, read_head_state, reference_weights
 from qsamc.task.data import Sample, build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate
@@ -224,11 +225,11 @@ def modelopt_autoquantize(reference: Reference, batches: list[tuple[torch.Tensor
 def fp32_encoder_onnx(reference: Reference):
     """The reference encoder's FP32 ONNX model, emitted by qsamc's own export path (all layers float)."""
     from qsamc.export.emit import export_static
-    from qsamc.formats import ONNXRUNTIME_CPU
+    from qsamc.targets import get_target
 
     model, ir, spec = load_supernet(reference.run)
     example = torch.zeros(1, 3, reference.resolution, reference.resolution)
-    return export_static(ir, spec.space, reference.subnet(32, 32), ONNXRUNTIME_CPU, example)[2]
+    return export_static(ir, spec.space, reference.subnet(32, 32), get_target("cpu"), example)[2]
 
 
 def ort_static(reference: Reference, calibration: list[torch.Tensor], out: Path):
@@ -285,7 +286,8 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
                   effective_bits: tuple[float, ...] = (6.0,), calibration: int = 32, val_limit: int | None = None,
                   latency_runs: int = 10, progress: Callable[[str], None] = lambda _: None) -> list[BaselineResult]:
     """What `qsamc baseline` does: load the FP32 reference -> each method -> score on val -> results.json."""
-    from qsamc.export.verify import onnx_encoder_forward, ort_latency, ort_session
+    from qsamc.export.ort import ort_latency, ort_session
+    from qsamc.export.verify import onnx_encoder_forward
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -328,8 +330,8 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
         head = deployed_head(reference, images)
         latency = ort_latency(session, images[0][:1], runs=latency_runs)
         add("ort-static", "ORT quantize_static W8A8", reference.subnet(8, 8),
-            evaluate(onnx_encoder_forward(session, head), val, resolution), latency_ms=latency["best_ms"],
-            notes={"onnx": str(path), "latency": latency, "quantized": "every MatMul and Conv (attention too)"})
+            evaluate(onnx_encoder_forward(session, head), val, resolution), latency_ms=latency.best_ms,
+            notes={"onnx": str(path), "latency": latency.to_json(), "quantized": "every MatMul and Conv (attention too)"})
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "baselines.json", {"reference": str(reference_run), "val_images": len(val.samples),
                                                "results": [r.to_json() for r in results]})

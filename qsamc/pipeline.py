@@ -8,48 +8,59 @@ search (`qsamc search`) and latency tables (`qsamc profile`): at the end of this
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from qsamc.training.runs import check_output_file, check_output_folder, load_supernet
-from qsamc.search.cost import BitopsCost, CostModel, RooflineLatency, parse_budget
-from qsamc.task.data import build_dataset
+from qsamc.distributed import init_distributed
 from qsamc.errors import BudgetError, ConfigError
-from qsamc.task.evaluate import ValidationSet
+from qsamc.fileio import check_output_file, check_output_folder
 from qsamc.ir.frontend import analysis_ir, count_bitops
 from qsamc.ir.graph import IR
-from qsamc.profiling.latency import (
-    LatencyTable, ProfileSettings, TableLatency, Validation, build_table, default_table_path, validate_table,
-)
-from qsamc.search.pareto import write_search
 from qsamc.passes import BitopsModel, BitopsReport
 from qsamc.passes.count_bitops import FloatMacs
+from qsamc.search.cost import BitopsCost, Budget, CostModel, RooflineLatency, parse_budget
+from qsamc.search.evolution import EvolutionConfig, SearchResult, SubnetFitness, default_ladder, search
+from qsamc.search.latency_table import LatencyTable, TableLatency, default_table_path
+from qsamc.search.pareto import write_search
 from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
-from qsamc.search.evolution import EvolutionConfig, SearchResult, SubnetFitness, default_ladder, init_distributed, search
 from qsamc.targets import Target, get_target
+from qsamc.task.data import build_dataset
+from qsamc.task.evaluate import ValidationSet
+from qsamc.training.runs import load_supernet
+
+if TYPE_CHECKING:
+    from qsamc.export.report import ExportReport
+    from qsamc.training.train import TrainResult
 
 
-def describe_space(model: str, granularity: str = "layer") -> dict:
-    """What `qsamc space` prints: operators and choices, subnet count, MACs and BitOPs range."""
+@dataclass(frozen=True)
+class SpaceSummary:
+    """What `qsamc space` prints: the operators and their choices, the subnet count, MACs and BitOPs range."""
+
+    operators: dict[str, str]
+    log10_subnets: float
+    quantized_layers: int
+    macs: tuple[int, int]
+    bitops: tuple[int, int]
+
+
+def describe_space(model: str, granularity: str = "layer") -> SpaceSummary:
     space = default_space(model, granularity)  # type: ignore[arg-type]
     ir = analysis_ir(space)
     costs = BitopsModel(ir, space)
     low, high = costs.cost(space.min_subnet()), costs.cost(space.max_subnet())
     r = space.resolutions
-    return {
-        "operators": {
-            "resolution": f"[{r[0]}, {r[-1]}; {r[1] - r[0] if len(r) > 1 else 0}]",
-            "depth (per stage)": "  ".join(str(list(c)) for c in space.depth_choices),
-            "MLP ratio (per block)": str(list(space.mlp_ratios)),
-            "weight bits": str(list(space.weight_bits)),
-            "activation bits": str(list(space.act_bits)),
-        },
-        "log10_subnets": space.log10_count(),
-        "quantized_layers": len(space.quant_layers),
-        "macs": (low[0], high[0]),
-        "bitops": (low[1], high[1]),
+    operators = {
+        "resolution": f"[{r[0]}, {r[-1]}; {r[1] - r[0] if len(r) > 1 else 0}]",
+        "depth (per stage)": "  ".join(str(list(c)) for c in space.depth_choices),
+        "MLP ratio (per block)": str(list(space.mlp_ratios)),
+        "weight bits": str(list(space.weight_bits)),
+        "activation bits": str(list(space.act_bits)),
     }
+    return SpaceSummary(operators, space.log10_count(), len(space.quant_layers), (low[0], high[0]), (low[1], high[1]))
 
 
 def subnet_bitops(model: str, use_max: bool, use_min: bool, subnet_file: Path | None,
@@ -123,7 +134,7 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     wrong = next((b for b in parsed if not metrics[b.metric]), None)
     if wrong is not None:
         raise BudgetError(f"the budget {wrong} is a {wrong.metric} budget; add --{wrong.metric} to search under it")
-    rank = init_distributed()
+    rank, _ = init_distributed("cpu")  # gloo: evaluation results are small objects
     model, ir, spec = load_supernet(run)
     space = target.restrict_space(spec.space) if restrict else spec.space
     costs: list[CostModel] = []
@@ -146,10 +157,12 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     return result, written
 
 
-def profile_target(target_name: str, model: str, out: Path | None, settings: ProfileSettings,
-                   calibration: int = 10, validate: int = 0, restrict: bool = False,
-                   progress=None) -> tuple[LatencyTable, Path, list[Validation]]:
-    """What `qsamc profile` does: build (and optionally validate) the latency table of a target."""
+def profile_target(target_name: str, model: str, out: Path | None, settings,
+                   calibration: int = 10, validate: int = 0, restrict: bool = False, progress=None):
+    """What `qsamc profile` does: build (and optionally validate) the latency table of a target; returns
+    (table, its path, validations). `settings`: `qsamc.profiling.timers.ProfileSettings`."""
+    from qsamc.profiling.profile import build_table, validate_table
+
     target = get_target(target_name)
     path = out or default_table_path(target, model)
     check_output_file(path)
@@ -190,20 +203,20 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     through the head within 0.2 points of the PyTorch subnet's; by default on the run's own validation
     data) -> write model, report and precision map
     -> build the TensorRT engine (`trt`). Nothing is written until all checks pass. Returns the
-    `ExportReport`; `report.engine["missing"]` says why no engine was built.
+    `ExportReport`; `report.engine.error()` says why no engine was built.
     `promptable`: also SAM's prompt encoder + mask decoder as `decoder.onnx` (`qsamc.export.promptable`), with
     weights from the whole SAM checkpoint `sam_checkpoint` or freshly initialised, verified in ONNX Runtime
     on the encoder's own embeddings of the sample images (report["decoder"]).
     The encoder's batch axis is dynamic: the whole-model check runs batch 1 and batch 4; `batch` is the
     TensorRT engine's profile (`tensorrt_engine.BatchProfile`, default 1 / 1 / 8)."""
-    from qsamc.training.runs import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+    from qsamc.fileio import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
     from qsamc.export.emit import export_static
     from qsamc.errors import TargetError
     from qsamc.export.report import ExportReport, layer_precisions, plot_precision_map
     from qsamc.export import tensorrt_engine
     from qsamc.task.evaluate import evaluate, evaluate_subnet
-    from qsamc.export.verify import (TASK_TOLERANCE, check_export, check_parts, lint_tensorrt, measure_fidelity,
-                              onnx_encoder_forward, ort_latency, ort_session)
+    from qsamc.export.ort import ort_latency, ort_session
+    from qsamc.export.verify import TaskCheck, check_export, check_parts, measure_fidelity, onnx_encoder_forward
 
     if sam_checkpoint is not None and not promptable:
         raise ConfigError("--sam-checkpoint is for the prompt encoder and mask decoder: add --promptable")
@@ -227,19 +240,18 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     generator = torch.Generator().manual_seed(0)
     images = [torch.randn(1, 3, subnet.resolution, subnet.resolution, generator=generator) for _ in range(samples)]
     batched = torch.randn(4, 3, subnet.resolution, subnet.resolution, generator=generator)
-    static, reference, model_proto = export_static(ir, spec.space, subnet, target.deployment, images[0])
-    lint = lint_tensorrt(model_proto, target.deployment)
+    static, reference, model_proto = export_static(ir, spec.space, subnet, target, images[0])
+    lint = target.lint(model_proto)
     session = ort_session(model_proto, spinning=True)  # it also times the model
     fidelity = measure_fidelity(session, reference, [*images, batched], min(b.a for b in subnet.bits),
                                 target.deployment.float_type)
-    parts = check_parts(reference, static.root, subnet, images[0], target.deployment)
+    parts = check_parts(reference, static.root, subnet, images[0], target)
     task = None
     if validation is not None:
-        pytorch = evaluate_subnet(model, subnet, validation).miou
-        onnx_miou = evaluate(onnx_encoder_forward(session, model.head), validation, subnet.resolution).miou
-        task = {"pytorch_miou": pytorch, "onnx_miou": onnx_miou, "val_images": len(validation.samples),
-                "ok": abs(pytorch - onnx_miou) <= TASK_TOLERANCE}
-    check_export(lint, fidelity, for_tensorrt="trt" in target.formats, parts=parts, task=task)
+        task = TaskCheck(evaluate_subnet(model, subnet, validation).miou,
+                         evaluate(onnx_encoder_forward(session, model.head), validation, subnet.resolution).miou,
+                         len(validation.samples))
+    check_export(lint, fidelity, target.lint_required, parts=parts, task=task)
     if promptable:
         embeddings = [torch.from_numpy(session.run(None, {"image": x.numpy()})[0]) for x in images]
         decoder_proto, decoder_report = export_decoder(decoder_spec, decoder_model, decoder_weights, embeddings)
@@ -247,13 +259,11 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     layers = layer_precisions(static, target.deployment)
     data = model_proto.SerializeToString()
     report = ExportReport(
-        subnet=subnet.to_json(), target=target.name, format=fmt,
+        subnet=subnet, target=target.name, format=fmt,
         opset=next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")),
-        ir_version=model_proto.ir_version, cost=static.graph.graph["cost"], layers=layers,
-        sizes={"onnx_bytes": len(data), "fp32_bytes": 4 * sum(t.numel() for t in reference.state_dict().values()
-                                                             if t.is_floating_point())},
-        latency={"onnxruntime_cpu": ort_latency(session, images[0])},
-        fidelity=fidelity.to_json(), lint=lint, parts=[p.to_json() for p in parts], task=task)
+        ir_version=model_proto.ir_version, cost=static.cost, layers=layers, onnx_bytes=len(data),
+        fp32_bytes=4 * sum(t.numel() for t in reference.state_dict().values() if t.is_floating_point()),
+        latency=ort_latency(session, images[0]), fidelity=fidelity, lint=lint, parts=parts, task=task)
     paths = {"onnx": out / "encoder.onnx", "report": out / "report.json", "precision_map": out / "precision.png"}
     # All or nothing: the old report and files go first, every file is written atomically, and the
     # report, written last, is what says an export is whole (a kill before it leaves no report).
@@ -267,13 +277,10 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
         atomic_write_bytes(paths["decoder"], decoder_proto.SerializeToString())
         report.decoder = decoder_report
     plot_precision_map(layers, paths["precision_map"], f"{subnet.model} @ {subnet.resolution}px on {target.name}")
-    if fmt == "trt":
-        engine, cache = out / "encoder.plan", out / "timing.cache"
-        report.engine = {"trtexec": tensorrt_engine.trtexec_command(paths["onnx"], engine, cache, batch, subnet.resolution),
-                         "batch": vars(batch), "missing": tensorrt_engine.missing()}
-        if report.engine["missing"] is None:
-            tensorrt_engine.build_engine(paths["onnx"], engine, cache, batch, subnet.resolution)
-            paths["engine"] = engine
+    if fmt == target.engine_format:
+        report.engine = target.build_engine(paths["onnx"], out, batch, subnet.resolution)
+        if report.engine.path is not None:
+            paths["engine"] = Path(report.engine.path)
     report.files = {k: str(v) for k, v in paths.items()}
     atomic_write_json(paths["report"], report.to_json())
     return report
@@ -286,9 +293,21 @@ QUICKSTART_TRAINING = {"iterations": 300, "phase1_iterations": 200, "lr": 1e-3, 
 QUICKSTART_SEARCH = EvolutionConfig(population=16, top_k=4, mutations=8, crossovers=8, generations=3)
 
 
-def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> dict:
+@dataclass(frozen=True)
+class QuickstartResult:
+    """What each stage of `qsamc quickstart` produced."""
+
+    trained: TrainResult
+    searched: SearchResult
+    search_files: list[Path]
+    chosen: Path  # the subnet exported: the best under the middle budget
+    budget: Budget
+    export: ExportReport
+
+
+def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> QuickstartResult:
     """What `qsamc quickstart` does: train -> search (BitOPs ladder, cpu target) -> export the best subnet
-    of the middle budget to a verified Q/DQ ONNX model. Returns what each stage produced."""
+    of the middle budget to a verified Q/DQ ONNX model."""
     from qsamc.training.train import train
     from qsamc.training.config import load_train_config
 
@@ -301,5 +320,4 @@ def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> dic
     chosen = out / "search" / "quickstart-subnet.json"
     middle.best.subnet.save(chosen)
     report = export_subnet(run, chosen, "cpu", "onnx", out / "export", dataset="synthetic", val_limit=16)
-    return {"trained": trained, "searched": searched, "search_files": written, "chosen": chosen,
-            "budget": middle.budgets, "export": report}
+    return QuickstartResult(trained, searched, written, chosen, middle.budgets[0], report)

@@ -72,6 +72,23 @@ def vit_b_ir():
     return analysis_ir(default_space("vit_b"))
 
 
+def parse_flags(args: list[str]) -> dict[str, str]:
+    """`--lora-rank 16 --per-channel` -> {"lora_rank": "16", "per_channel": "true"}: the option lists the CLI
+    tests pass to `qsamc train`, as the config overrides `load_train_config` takes."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        name, _, inline = args[i][2:].partition("=")
+        key = name.replace("-", "_")
+        if inline:
+            out[key], i = inline, i + 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[key], i = args[i + 1], i + 2
+        else:
+            out[key], i = "true", i + 1
+    return out
+
+
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
     """Run `qsamc ARGS` in process through the console-script entry point; (exit code, stdout, stderr)."""

@@ -18,7 +18,8 @@ from qsamc.baselines import (calibration_images, load_reference, modelopt_ptq, p
 from qsamc.training.runs import load_supernet
 from qsamc.errors import CheckpointError, ConfigError
 from qsamc.training.train import fp32_subnet, train
-from qsamc.training.config import load_train_config, parse_flags
+from conftest import parse_flags
+from qsamc.training.config import load_train_config
 
 FLAGS = ["--iterations", "2", "--phase1-iterations", "1", "--batch-size", "1", "--val-limit", "2", "--calibration-batches", "1",
          "--schedule", "fp32", "--lr", "1e-3"]

@@ -1,6 +1,7 @@
 """The `qsamc` command line (cli/main.py): space, bitops and ir, and one-sentence user errors."""
 
 import copy
+import dataclasses
 import json
 import random
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 from qsamc.cli import main as cli
 from qsamc.ir.graph import IR
 from qsamc.passes import BitopsModel, CountBitopsPass
+from qsamc.units import human
 from qsamc.ir.frontend import analysis_ir
 from qsamc.supernet.space import default_space
 
@@ -37,8 +39,8 @@ def test_space(run, vit_t_model):
     assert "[2, 3]  [2, 3]  [2, 3]  [2, 3]" in out and "[3.0, 3.5, 4.0]" in out and "[2, 3, 4, 8, 32]" in out
     assert f"subnets: 10^{space.log10_count():.1f}   quantized layers: 51" in out
     (low_macs, low_bitops), (high_macs, high_bitops) = model.cost(space.min_subnet()), model.cost(space.max_subnet())
-    assert f"MACs:   {cli.human(low_macs)} .. {cli.human(high_macs)}" in out
-    assert f"BitOPs: {cli.human(low_bitops)} .. {cli.human(high_bitops)} (attention matmuls at 32x32 bits)" in out
+    assert f"MACs:   {human(low_macs)} .. {human(high_macs)}" in out
+    assert f"BitOPs: {human(low_bitops)} .. {human(high_bitops)} (attention matmuls at 32x32 bits)" in out
 
 
 def test_space_granularity(run):
@@ -49,9 +51,10 @@ def test_space_granularity(run):
 
 
 def test_human():
-    assert cli.human(1_492_840_153_088) == "1.49 T"
-    assert cli.human(27_850_000, "MAC") == "27.85 MMAC"
-    assert cli.human(12) == "12"
+    assert human(1_492_840_153_088) == "1.49 T"
+    assert human(27_850_000, "MAC") == "27.85 MMAC"
+    assert human(12) == "12"
+    assert human(2_500, "B") == "2.50 KB"
 
 
 def test_bitops_max_json(run, vit_t_model):
@@ -70,15 +73,15 @@ def test_bitops_min_table(run, vit_t_model):
     space, _, ir = vit_t_model
     ir = IR(copy.deepcopy(ir.graph), ir.model, ir.root)
     CountBitopsPass(space, space.min_subnet())(ir)
-    report = ir.graph.graph["cost"]
+    report = ir.cost.to_json()
     code, out, err = run("bitops", "--model", "vit_t", "--min", "--per-layer")
     assert (code, err) == (0, "")
     assert "vit_t at 128px, depths [2, 2, 2, 2]" in out
     for part, row in report["per_part"].items():
         line = next(line for line in out.splitlines() if line.startswith(f"│ {part} "))
-        assert cli.human(row["macs"]) in line and cli.human(row["bitops"]) in line
+        assert human(row["macs"]) in line and human(row["bitops"]) in line
     total = next(line for line in out.splitlines() if "│ total" in line)
-    assert cli.human(report["macs"]) in total and cli.human(report["bitops"]) in total
+    assert human(report["macs"]) in total and human(report["bitops"]) in total
     assert "of which attention matmuls (float)" in out
     assert "blocks.0.attn.qkv" in out and "W2A2" in out and "float" in out
     assert "blocks.1.attn.qkv" not in out  # dropped at depth 2
@@ -114,8 +117,8 @@ def test_ir_with_subnet_has_bits_and_costs(run, tmp_path):
     code, _, err = run("ir", "--model", "vit_t", "--out", str(tmp_path), "--subnet", str(tmp_path / "min.json"))
     assert (code, err) == (0, "")
     ir = IR.from_json(json.loads((tmp_path / "ir.json").read_text()))
-    assert ir.graph.nodes["blocks.0.attn.qkv"]["bits"] == [2, 2]
-    assert ir.graph.graph["cost"]["macs"] == sum(a["macs"] for _, a in ir.nodes()) > 0
+    assert ir.subnet == space.min_subnet() and ir.bits_of("blocks.0.attn.qkv")[1:] == (2, 2)
+    assert ir.cost.macs == sum(a["macs"] for _, a in ir.nodes()) > 0
     assert "W2A2" in (tmp_path / "ir.dot").read_text()
 
 
@@ -190,3 +193,20 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(run_cl
     assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr
     assert f"{blocker} is a file" in stderr
     assert blocker.read_text() == "earlier work"
+
+
+def test_train_options_are_the_config_fields_with_types_choices_and_help(run, monkeypatch):
+    from qsamc.training.config import HELP, TrainConfig
+
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, err = run("train", "--help")
+    assert (code, err) == (0, "")
+    for field in dataclasses.fields(TrainConfig):
+        assert "--" + field.name.replace("_", "-") in out
+    assert "<progressive|lora|full|fp32>" in out and "<regular|selective|multiplex>" in out and "<int>" in out
+    assert HELP["lora_lr"] in out and "--per-channel" in out and "--no-per-channel" in out
+    code, _, err = run("train", "--schedule", "sometimes", "--out", "never")
+    assert code == 2 and err.startswith("error: Invalid value for '--schedule': ") and "'sometimes' is not one of" in err
+    code, _, err = run("train", "--iterations", "ten", "--out", "never")
+    assert code == 2 and err.startswith("error: Invalid value for '--iterations': ") and err.count("\n") == 1
+    assert not Path("never").exists()

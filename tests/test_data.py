@@ -18,7 +18,6 @@ from qsamc.task.data import (
     PIXEL_STD,
     AugmentConfig,
     Sample,
-    SegmentationMetric,
     SyntheticConfig,
     augment,
     build_dataset,
@@ -27,6 +26,7 @@ from qsamc.task.data import (
     preprocess,
     preprocess_shape,
 )
+from qsamc.task.metric import SegmentationMetric
 from qsamc.errors import ConfigError, DataError
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"

@@ -16,13 +16,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowering_helpers import calibrated_vit_t, dyadic_input, dyadic_layer
 from qsamc.training.runs import save_supernet
-from qsamc.export.emit import emit_onnx
+from qsamc.export.emit import emit_onnx, lower
 from qsamc.formats import ONNXRUNTIME_CPU, TENSORRT
+from qsamc.targets import get_target
 from qsamc.supernet.space import load_subnet
-from qsamc.export.verify import lint_tensorrt, ort_session
+from qsamc.export.ort import ort_session
+from qsamc.export.verify import lint_tensorrt
 
-# TensorRT's rules with FP32 float parts: the lowering alone, exact to the last bit.
-TENSORRT_FP32 = dataclasses.replace(TENSORRT, float_type="fp32")
+A100, CPU = get_target("a100"), get_target("cpu")
+# A TensorRT target with FP32 float parts: the lowering alone, exact to the last bit.
+A100_FP32 = A100.with_float_type("fp32")
+TENSORRT_FP32 = A100_FP32.deployment
+
+
+def emitted(module: torch.nn.Module, x: torch.Tensor, target) -> onnx.ModelProto:
+    """`module` through the target's lowering passes, then emitted as the target writes it."""
+    return emit_onnx(lower(module, x, target), x, target)
 
 
 def _run(model: onnx.ModelProto, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +43,7 @@ def _run(model: onnx.ModelProto, x: torch.Tensor) -> torch.Tensor:
 def test_layer_at_each_bit_width_exports_and_matches(bits, conv):
     layer = dyadic_layer(bits, bits, conv=conv)
     x = dyadic_input((1, 16, 6, 6) if conv else (1, 4, 4, 64))
-    model = emit_onnx(layer, x, TENSORRT_FP32)
+    model = emitted(layer, x, A100_FP32)
     with torch.no_grad():
         expected = layer(x)
     torch.testing.assert_close(_run(model, x), expected, rtol=0, atol=1e-5)
@@ -51,7 +60,7 @@ def test_tensorrt_layers_compute_in_fp16_and_match_to_fp16_rounding(bits, conv):
     rounded to FP16 at the GEMM and at the bias add: two half-ulps, within 2^-10 of the output's peak."""
     layer = dyadic_layer(bits, bits, conv=conv)
     x = dyadic_input((1, 16, 6, 6) if conv else (1, 4, 4, 64))
-    model = emit_onnx(layer, x, TENSORRT)
+    model = emitted(layer, x, A100)
     assert model.opset_import[0].version == 19 and lint_tensorrt(model) == []
     with torch.no_grad():
         expected = layer(x)
@@ -68,9 +77,9 @@ def test_tensorrt_layers_compute_in_fp16_and_match_to_fp16_rounding(bits, conv):
 
 def test_lint_rejects_an_fp32_float_part_on_a_tensorrt_target():
     layer, x = dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64))
-    problems = lint_tensorrt(emit_onnx(layer, x, TENSORRT_FP32), TENSORRT)
+    problems = lint_tensorrt(emitted(layer, x, A100_FP32), TENSORRT)
     assert "MatMul node '/MatMul' runs in FP32 where the target's float type is FP16" in problems
-    assert lint_tensorrt(emit_onnx(layer, x, TENSORRT), TENSORRT) == []
+    assert lint_tensorrt(emitted(layer, x, A100), TENSORRT) == []
 
 
 def test_equal_scales_of_two_layers_stay_graph_constants():
@@ -85,14 +94,29 @@ def test_equal_scales_of_two_layers_stay_graph_constants():
         def forward(self, x):
             return self.a(x) + self.b(x)
 
-    for fmt in (TENSORRT, TENSORRT_FP32):
-        model = emit_onnx(TwoBranches(), dyadic_input((1, 4, 4, 64)), fmt)
+    for target in (A100, A100_FP32):
+        model = emitted(TwoBranches(), dyadic_input((1, 4, 4, 64)), target)
         assert "Identity" not in {n.op_type for n in model.graph.node}
-        assert lint_tensorrt(model, fmt) == []
+        assert lint_tensorrt(model, target.deployment) == []
+
+
+def test_emission_refuses_a_module_that_is_not_lowered():
+    """One lowering path: the target's passes (`lower`, export's PassManager); emission never lowers."""
+    layer, x = dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64))
+    with pytest.raises(ValueError, match=r"^emit_onnx takes a lowered module, but QuantLinear is not lowered: run the "
+                                         r"target's lowering passes first"):
+        emit_onnx(layer, x, CPU)
+    holder = torch.nn.Sequential(torch.nn.Identity(), layer)
+    with pytest.raises(ValueError, match=r"^emit_onnx takes a lowered module, but 1 is not lowered"):
+        emit_onnx(holder, x, CPU)
+    lowered = lower(layer, x, CPU)
+    assert type(lowered).__name__ == "IntLinear" and lowered.bias.dtype == torch.int32  # CPU: INT32 bias pass ran
+    assert lower(layer, x, A100).bias.dtype == torch.float32  # TensorRT targets keep float biases
+    assert type(layer).__name__ == "QuantLinear"  # the module given is not changed
 
 
 def test_qdq_sits_on_the_inputs_of_weighted_ops_only():
-    model = emit_onnx(dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64)), TENSORRT_FP32)
+    model = emitted(dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64)), A100_FP32)
     producers = {out: n for n in model.graph.node for out in n.output}
     matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
     assert [producers[i].op_type for i in matmul.input] == ["DequantizeLinear", "DequantizeLinear"]
@@ -103,7 +127,7 @@ def test_qdq_sits_on_the_inputs_of_weighted_ops_only():
 
 def test_a_block_keeps_layernorm_and_softmax_in_float(vit_t_block):
     block, tokens = vit_t_block
-    model = emit_onnx(block, tokens, TENSORRT_FP32)
+    model = emit_onnx(block, tokens, A100_FP32)
     ops = {n.op_type for n in model.graph.node}
     assert {"LayerNormalization", "Softmax", "QuantizeLinear"} <= ops
     assert lint_tensorrt(model, TENSORRT_FP32) == []
@@ -111,7 +135,7 @@ def test_a_block_keeps_layernorm_and_softmax_in_float(vit_t_block):
         expected = block(tokens)
     assert float((_run(model, tokens) - expected).abs().mean()) < 1e-3
     # The shipped form: softmax, GELU and the attention matmuls in FP16, LayerNorm and the Q after it in FP32.
-    shipped = onnx.shape_inference.infer_shapes(emit_onnx(block, tokens, TENSORRT))
+    shipped = onnx.shape_inference.infer_shapes(emit_onnx(block, tokens, A100))
     assert lint_tensorrt(shipped) == []
     types = {v.name: v.type.tensor_type.elem_type for v in shipped.graph.value_info}
     out_types = {n.op_type: set() for n in shipped.graph.node}
@@ -125,7 +149,7 @@ def test_a_block_keeps_layernorm_and_softmax_in_float(vit_t_block):
 def test_cpu_target_puts_8x8_biases_into_the_integer_gemm():
     layer = dyadic_layer(8, 8)
     x = dyadic_input((1, 4, 4, 64))
-    model = emit_onnx(layer, x, ONNXRUNTIME_CPU)
+    model = emitted(layer, x, CPU)
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
     producers = {out: n for n in model.graph.node for out in n.output}
     assert [producers[i].op_type for i in gemm.input] == ["DequantizeLinear"] * 3
@@ -138,7 +162,7 @@ def test_cpu_target_puts_8x8_biases_into_the_integer_gemm():
 def test_int4_weights_use_opset_21_block_quantization():
     layer = dyadic_layer(4, 32)
     x = dyadic_input((1, 5, 64))
-    model = emit_onnx(layer, x, ONNXRUNTIME_CPU)
+    model = emitted(layer, x, CPU)
     assert model.opset_import[0].version == 21 and model.ir_version == 10
     dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
     assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 64}
@@ -158,7 +182,7 @@ def _with_constant(model: onnx.ModelProto, name: str, value: np.ndarray) -> onnx
 
 
 def test_lint_catches_zero_points_integer_ops_and_opsets():
-    model = emit_onnx(dyadic_layer(8, 8), dyadic_input((1, 5, 64)), TENSORRT)
+    model = emitted(dyadic_layer(8, 8), dyadic_input((1, 5, 64)), A100)
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     shifted = _with_constant(model, q.input[2], np.array(3, dtype=np.int8))
     assert any("non-zero zero-point" in p for p in lint_tensorrt(shifted))
@@ -187,12 +211,12 @@ def run_folder(tmp_path_factory):
 def vit_t_block(run_folder):
     """Block 2 (global attention) of a lowered vit_t subnet and the tokens it reads."""
     from qsamc.ir.pass_manager import PassManager
-    from qsamc.passes import ExtractSubnetPass, FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass
+    from qsamc.passes import ExtractSubnetPass
 
     _, _, ir, spec = run_folder
     subnet = spec.space.uniform_bits(spec.space.max_subnet(), 8, 8)
     static = ExtractSubnetPass(subnet)(ir).ir
-    PassManager([FoldWeightQuantizersPass(TENSORRT), LowerActivationOffsetsPass(), FoldOffsetIntoNormPass()])(static)
+    PassManager(A100.lowering_passes())(static)
     tokens = torch.randn(1, 16, 16, 64, generator=torch.Generator().manual_seed(0))
     return static.root.blocks["2"], tokens
 
@@ -259,12 +283,13 @@ def test_export_checks_every_part_alone_and_the_task_metric(run_folder, tmp_path
     subnet = load_subnet(run_folder[0] / "w8a8.json")
     blocks = [str(i) for i in run_folder[3].space.active_blocks(subnet.depths)]
     expected = ["patch_embed", *[f"blocks.{b}.{half}" for b in blocks for half in ("attention", "mlp")], "neck"]
-    assert [p["part"] for p in report.parts] == expected
-    assert all(p["ok"] and p["max_rel_tolerance"] == 2.0**-7 for p in report.parts)
-    assert report.task["val_images"] == 4 and report.task["ok"]
-    assert abs(report.task["pytorch_miou"] - report.task["onnx_miou"]) <= 0.002
+    assert [p.part for p in report.parts] == expected
+    assert all(p.ok and p.max_rel_tolerance == 2.0**-7 for p in report.parts)
+    assert report.task.val_images == 4 and report.task.ok
+    assert abs(report.task.pytorch_miou - report.task.onnx_miou) <= 0.002
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["parts"] == report.parts and saved["task"] == report.task
+    assert saved["parts"] == [p.to_json() for p in report.parts] and saved["task"] == report.task.to_json()
+    assert saved["subnet"] == subnet.to_json() and saved["cost"] == report.cost.to_json()
 
 
 @pytest.mark.parametrize("defect", ["offset folded with the wrong sign", "activation scale one step off"])
@@ -301,7 +326,7 @@ def test_the_task_check_defaults_to_the_runs_own_validation_data(run_folder, tmp
     try:
         assert training_dataset(run) == ("synthetic", None)
         report = _export(run_folder, tmp_path, val_limit=2)
-        assert report.task["val_images"] == 2 and report.task["ok"]
+        assert report.task.val_images == 2 and report.task.ok
         (run / "config.json").write_text(json.dumps({"dataset": "camvid", "data_root": str(tmp_path / "moved")}))
         assert training_dataset(run) == (None, None)  # its data is gone: the check is not run
     finally:
@@ -329,7 +354,7 @@ def test_uniform_exports_of_every_tensorrt_target_verify(run_folder, tmp_path, t
     subnet = spec.space.uniform_bits(spec.space.max_subnet(), *bits)
     subnet.save(tmp_path / "subnet.json")
     report = export_subnet(run, tmp_path / "subnet.json", target, "onnx", tmp_path / "out", samples=1)
-    assert report.lint == [] and report.fidelity["ok"] and all(p["ok"] for p in report.parts)
+    assert report.lint == [] and report.fidelity.ok and all(p.ok for p in report.parts)
     model = onnx.load(tmp_path / "out" / "encoder.onnx")
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert model.opset_import[0].version == (21 if bits == (4, 32) else 19)  # INT4 weight-only: block Q/DQ
@@ -390,7 +415,7 @@ def test_a_scale_fp16_cannot_hold_keeps_its_dequantize_in_fp32():
     with torch.no_grad():
         layer.weight.mul_(2.0**-12)
         layer.weight_quantizer[8].scale.mul_(2.0**-12)  # 2^-7 * 2^-12: subnormal in FP16
-    model = emit_onnx(layer, x, TENSORRT)
+    model = emitted(layer, x, A100)
     assert lint_tensorrt(model) == []
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
@@ -402,7 +427,7 @@ def test_a_scale_fp16_cannot_hold_keeps_its_dequantize_in_fp32():
         expected = layer(x)
     torch.testing.assert_close(_run(model, x), expected, rtol=0, atol=2.0**-10 * float(expected.abs().max()))
     with pytest.raises(ValueError, match="need opset 19"):
-        to_float16(emit_onnx(layer, x, TENSORRT_FP32))
+        to_float16(emitted(layer, x, A100_FP32))
 
 
 def test_batch_profile_is_checked_and_reaches_trtexec():

@@ -131,15 +131,17 @@ def test_depth_annotation_follows_the_space(vit_t_ir):
 
 def test_precision_annotations(vit_t_ir):
     space = default_space("vit_t")
-    for _, a in vit_t_ir.nodes():
-        assert a["bits"] is None
+    assert vit_t_ir.subnet is None
+    for name, a in vit_t_ir.nodes():
+        assert vit_t_ir.bits_of(name) is None
         assert a["quantizable"] == (a["kind"] in ("conv", "linear"))
         assert a["candidate_bits"] == ({"w": [2, 3, 4, 8, 32], "a": [2, 3, 4, 8, 32]} if a["quantizable"] else None)
     subnet = space.sample(random.Random(0))
     AnnotatePrecisionPass(space, subnet)(vit_t_ir)
+    assert vit_t_ir.subnet == subnet
     for name in vit_t_ir.quantizable():
-        assert tuple(vit_t_ir.graph.nodes[name]["bits"]) == subnet.bits_of(name)[1:]
-    assert all(a["bits"] is None for _, a in vit_t_ir.nodes() if not a["quantizable"])
+        assert vit_t_ir.bits_of(name) == subnet.bits_of(name)
+    assert all(vit_t_ir.bits_of(n) is None for n, a in vit_t_ir.nodes() if not a["quantizable"])
     verify_ir(vit_t_ir)
 
 
@@ -165,9 +167,10 @@ def with_subnet_bits(ir):
 @pytest.mark.parametrize("breakage, message", [
     (lambda g: g.add_edge("blocks.3.mlp.lin2", "blocks.3.norm1"), r"graph has a cycle"),
     (lambda g: g.nodes["blocks.3.mlp.act"].update(kind="gelu"), r"node blocks\.3\.mlp\.act has unknown kind 'gelu'"),
-    (lambda g: g.nodes["blocks.3.mlp.lin1"].update(bits=[5, 8]),
-     r"node blocks\.3\.mlp\.lin1 has bits \[5, 8\] outside its candidates"),
-    (lambda g: g.nodes["blocks.3.mlp.lin1"].update(bits=[8, 16]), r"node blocks\.3\.mlp\.lin1 has bits \[8, 16\] outside its candidates"),
+    (lambda g: g.nodes["blocks.3.mlp.lin1"].update(candidate_bits={"w": [2, 8], "a": [32]}),
+     r"node blocks\.3\.mlp\.lin1 has bits W32A32 outside its candidates"),
+    (lambda g: g.nodes["blocks.3.mlp.lin1"].update(candidate_bits={"w": [32], "a": [4, 8]}),
+     r"node blocks\.3\.mlp\.lin1 has bits W32A32 outside its candidates"),
     (lambda g: g.add_node("input2", kind="input", module=""), r"expected one input node, found 2"),
     (lambda g: g.nodes["blocks.3.norm2"].update(module="blocks.3.norm3"),
      r"node blocks\.3\.norm2 names module 'blocks\.3\.norm3', which the model does not have"),

@@ -64,7 +64,7 @@ def test_extract_subnet_computes_the_supernet_at_that_subnet(vit_t, seed):
     full = IR(copy.deepcopy(ir.graph), ir.model, ir.root)
     for graph in (static, full):
         CountBitopsPass(spec.space, subnet)(graph)
-    assert static.graph.graph["cost"]["bitops"] == full.graph.graph["cost"]["bitops"] > 0
+    assert static.cost.bitops == full.cost.bitops > 0
 
 
 def test_extract_merges_the_multiplex_lora_bound_to_the_bits(vit_t):
@@ -93,7 +93,7 @@ def test_fold_weight_quantizers_keeps_the_function(vit_t, deployment):
     with torch.no_grad():
         torch.testing.assert_close(static.root(x), reference(x), rtol=0, atol=1e-5)
     for name in static.quantizable():
-        layer, bits = static.module_of(name), static.graph.nodes[name]["bits"]
+        layer, bits = static.module_of(name), static.bits_of(name)[1:]
         assert isinstance(layer, (IntLinear, IntConv2d))
         assert (layer.weight.dtype == torch.int8) == (layer.deployment.weight in ("int8", "int4"))
         assert (layer.weight_scale is not None) == (layer.deployment.weight in ("int8", "int4")) or bits[0] == 32

@@ -23,7 +23,7 @@ from qsamc.export.promptable import (
     export_decoder,
     onnx_model,
 )
-from qsamc.export.verify import ort_session
+from qsamc.export.ort import ort_session
 
 
 def _prompt(spec: DecoderSpec, embedding: np.ndarray, points: int, orig=(90, 120)) -> dict[str, np.ndarray]:

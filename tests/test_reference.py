@@ -18,7 +18,8 @@ from qsamc.supernet.quant import MSE_CANDIDATES, LsqWeightQuantizer, _grid
 from qsamc.supernet.space import default_space
 from qsamc.task.losses import distillation_loss
 from qsamc.training.train import fp32_subnet, train
-from qsamc.training.config import load_train_config, parse_flags
+from conftest import parse_flags
+from qsamc.training.config import load_train_config
 
 FLAGS = ["--iterations", "3", "--phase1-iterations", "2", "--batch-size", "1", "--val-limit", "2", "--calibration-batches", "1",
          "--checkpoint-every", "3"]

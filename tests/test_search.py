@@ -1,5 +1,6 @@
 """Evolutionary search (qsamc/search/evolution.py) with a cheap deterministic fitness: budgets, repair, determinism."""
 
+import json
 import random
 from dataclasses import replace
 
@@ -190,3 +191,12 @@ def test_uniform_seeds_are_the_largest_fitting_uniform_subnets_costliest_first(v
     # W8A8 under its own budget: the search never ends worse than the uniform subnet it was seeded with.
     result = searcher.evolve([budget])
     assert result.best.evaluation.loss <= proxy_fitness(w8a8).loss
+
+
+def test_evolution_config_round_trips_through_json():
+    config = EvolutionConfig(population=12, top_k=3, objective="miou", seed=4, uniform_seeds=False)
+    assert EvolutionConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    with pytest.raises(ConfigError, match=r"^unknown evolution setting 'populaton'; known settings are crossovers, "):
+        EvolutionConfig.from_json({**config.to_json(), "populaton": 3})
+    with pytest.raises(ConfigError, match=r"^objective must be 'loss' or 'miou', got 'speed'$"):
+        EvolutionConfig.from_json({**config.to_json(), "objective": "speed"})

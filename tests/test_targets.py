@@ -5,6 +5,7 @@ import itertools
 import pytest
 
 from qsamc.errors import TargetError
+from qsamc.profiling.timers import ProfileSettings
 from qsamc.supernet.space import default_space
 from qsamc.targets import get_target, known_targets
 
@@ -48,3 +49,35 @@ def test_gpu_peaks_come_from_the_datasheets():
     assert get_target("h100").peaks.fp8_tflops == 1979
     assert get_target("orin").peaks.memory_gbps == 204.8
     assert get_target("cpu").peaks.memory_gbps is None
+
+
+def test_each_target_owns_its_lowering_emission_and_latency_backend():
+    """The phases that differ between runtimes are asked of the target, never decided by its name."""
+    from qsamc.passes import FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass, QuantizeBiasPass
+
+    common = [FoldWeightQuantizersPass, LowerActivationOffsetsPass, FoldOffsetIntoNormPass]
+    cpu = get_target("cpu")
+    assert [type(p) for p in cpu.lowering_passes()] == [*common, QuantizeBiasPass]  # ORT fuses INT32 biases
+    assert (cpu.onnx_opset(int4=False), cpu.onnx_opset(int4=True)) == (17, 21)
+    assert (cpu.engine_format, cpu.lint_required, cpu.latency_backend) == (None, False, "onnxruntime")
+    for name in ("a100", "h100", "orin"):
+        gpu = get_target(name)
+        assert [type(p) for p in gpu.lowering_passes()] == common  # TensorRT fuses float biases itself
+        assert (gpu.onnx_opset(int4=False), gpu.onnx_opset(int4=True)) == (19, 21)  # FP16 Q/DQ scales
+        assert (gpu.engine_format, gpu.lint_required, gpu.latency_backend) == ("trt", True, "tensorrt")
+        fp32 = gpu.with_float_type("fp32")
+        assert fp32.deployment.float_type == "fp32" and fp32.onnx_opset(int4=False) == 17
+        assert fp32.name == gpu.name and gpu.deployment.float_type == "fp16"
+    assert type(cpu.timer(ProfileSettings())).__name__ == "OnnxRuntimeTimer"
+    with pytest.raises(TargetError, match=r"^target cpu builds no engine; it exports onnx$"):
+        cpu.build_engine(None, None, None, 256)
+
+
+def test_the_tensorrt_timer_says_what_is_missing_here():
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(TargetError, match=r"^the tensorrt latency backend cannot run here: TensorRT is not installed"):
+        get_target("a100").timer(ProfileSettings())

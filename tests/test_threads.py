@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from qsamc import threads
 from qsamc.errors import ConfigError
-from qsamc.export.verify import ort_session
+from qsamc.export.ort import ort_session
 
 BUSY = "import time\nend = time.time() + 60\nwhile time.time() < end:\n    pass\n"
 

@@ -17,14 +17,14 @@ import onnx
 import torch
 from torch import nn
 
-from qsamc.export.emit import emit_onnx, lowering_passes
-from qsamc.formats import DeploymentFormat
+from qsamc.export.emit import emit_onnx
+from qsamc.export.static import StaticEncoder
 from qsamc.ir.graph import IR
 from qsamc.ir.pass_manager import PassManager
-from qsamc.passes import (ExtractSubnetPass)
+from qsamc.passes import ExtractSubnetPass
 from qsamc.sam import sam_modeling
 from qsamc.supernet.space import Subnet
-from qsamc.export.static import StaticEncoder
+from qsamc.targets.base import Target
 
 _window_partition = sam_modeling.image_encoder.window_partition
 _window_unpartition = sam_modeling.image_encoder.window_unpartition
@@ -93,19 +93,19 @@ def one_torch_thread():
 # --- parts of a lowered subnet, emitted by export's emitter ------------------------------------
 
 
-def lowered_subnet(supernet: IR, subnet: Subnet, deployment: DeploymentFormat) -> StaticEncoder:
+def lowered_subnet(supernet: IR, subnet: Subnet, target: Target) -> StaticEncoder:
     """The static subnet as `qsamc export` lowers it (`qsamc.pipeline.export_subnet`): extracted, weight
     quantizers folded, activation offsets lowered and folded into norms, INT32 biases where fused."""
     with one_torch_thread():
         ir = ExtractSubnetPass(subnet)(supernet).ir
-        PassManager(lowering_passes(deployment))(ir)
+        PassManager(target.lowering_passes())(ir)
     return ir.root
 
 
 def cut_part(static: StaticEncoder, part: str, block: int | None = None) -> tuple[nn.Module, torch.Tensor]:
     """One fused part of `static` ('patch_embed', 'attention', 'mlp', 'neck'; `block` for the halves)
     with an example input of its shape."""
-    grid = static.resolution // static.patch_embed.proj.stride[0]
+    grid = static.grid
     tokens = torch.randn(1, grid, grid, static.pos_embed.shape[-1])
     if part == "patch_embed":
         return PatchPart(static.patch_embed, static.pos_embed), torch.randn(1, 3, static.resolution, static.resolution)
@@ -115,8 +115,8 @@ def cut_part(static: StaticEncoder, part: str, block: int | None = None) -> tupl
 
 
 def part_onnx(static: StaticEncoder, part: str, block: int | None,
-              deployment: DeploymentFormat) -> tuple[onnx.ModelProto, torch.Tensor]:
+              target: Target) -> tuple[onnx.ModelProto, torch.Tensor]:
     """The part's ONNX exactly as export emits it inside the whole encoder, and its example input."""
     module, example = cut_part(static, part, block)
     with one_torch_thread():
-        return emit_onnx(module, example, deployment), example
+        return emit_onnx(module, example, target), example

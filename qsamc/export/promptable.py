@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper
 from torch import nn
 from torch.nn import functional as F
 
 from qsamc import sam as sam_zoo
 from qsamc.errors import ConfigError
+from qsamc.export.emit import finish_model
 
 DECODER_OPSET = 17  # segment-anything's scripts/export_onnx_model.py default
 INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
@@ -172,11 +172,7 @@ def emit_decoder(model: nn.Module, spec: DecoderSpec) -> onnx.ModelProto:
         torch.onnx.export(wrapper, tuple(inputs.values()), buffer, dynamo=False, export_params=True,
                           opset_version=DECODER_OPSET, do_constant_folding=True, input_names=list(INPUT_NAMES),
                           output_names=list(OUTPUT_NAMES), dynamic_axes=DYNAMIC_AXES)
-    proto = onnx.load_from_string(buffer.getvalue())
-    proto.ir_version = helper.find_min_ir_version_for(list(proto.opset_import))
-    proto.producer_name = "qsamc"
-    onnx.checker.check_model(proto)
-    return proto
+    return finish_model(onnx.load_from_string(buffer.getvalue()))
 
 
 def sample_prompts(spec: DecoderSpec, embeddings: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
@@ -211,7 +207,7 @@ def sample_prompts(spec: DecoderSpec, embeddings: list[torch.Tensor]) -> list[di
 def verify_decoder(proto: onnx.ModelProto, model: nn.Module, prompts: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Run `decoder.onnx` in a real ONNX Runtime session on `prompts` and compare every output with the
     PyTorch `SamOnnxModel`: max absolute difference, and the same relative to the outputs' scale."""
-    from qsamc.export.verify import ort_session
+    from qsamc.export.ort import ort_session
 
     session = ort_session(proto)
     wrapper = onnx_model(model)

@@ -10,9 +10,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qsamc.training.runs import save_figure
+from qsamc.errors import TargetError
+from qsamc.export.ort import Latency
+from qsamc.export.verify import Fidelity, PartCheck, TaskCheck
+from qsamc.fileio import save_figure
 from qsamc.formats import DeploymentFormat
 from qsamc.ir.graph import IR
+from qsamc.passes.count_bitops import BitopsReport
+from qsamc.supernet.space import Subnet
 
 
 @dataclass(frozen=True)
@@ -30,9 +35,9 @@ class LayerPrecision:
 
 def layer_precisions(ir: IR, deployment: DeploymentFormat) -> list[LayerPrecision]:
     rows = []
-    for _, a in ir.nodes():
+    for name, a in ir.nodes():
         if a.get("quantizable"):
-            w, x = a["bits"]
+            w, x = ir.bits_of(name)[1:]
             d = deployment.deploy(w, x, a["kind"])
             rows.append(LayerPrecision(a["module"], a["kind"], w, x, d.weight, d.act, d.compute))
     return rows
@@ -64,26 +69,54 @@ def plot_precision_map(layers: list[LayerPrecision], path: Path, title: str) -> 
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class EngineBuild:
+    """`--format trt`: the engine built beside the ONNX, or why none was (`missing`), and the `trtexec`
+    command that builds the same engine where TensorRT and a GPU exist."""
+
+    trtexec: str
+    batch: dict[str, int]
+    missing: str | None
+    path: str | None
+
+    def error(self) -> TargetError | None:
+        """The export's failure when no engine was built (the ONNX model and report are still written)."""
+        return None if self.missing is None else TargetError(f"no TensorRT engine was built: {self.missing}")
+
+
 @dataclass
 class ExportReport:
-    subnet: dict[str, Any]
+    """Everything `qsamc export` checked and wrote; `report.json` is `to_json()`."""
+
+    subnet: Subnet
     target: str
     format: str
     opset: int
     ir_version: int
-    cost: dict[str, Any]
+    cost: BitopsReport
     layers: list[LayerPrecision]
-    sizes: dict[str, int]
-    latency: dict[str, Any]
-    fidelity: dict[str, Any]
+    onnx_bytes: int
+    fp32_bytes: int
+    latency: Latency  # ONNX Runtime on this machine's CPU
+    fidelity: Fidelity
     lint: list[str]
-    parts: list[dict[str, Any]] = field(default_factory=list)  # layer-by-layer checks (`verify.check_parts`)
-    task: dict[str, Any] | None = None  # validation mIoU through the head, PyTorch vs ONNX Runtime
+    parts: list[PartCheck] = field(default_factory=list)  # layer-by-layer checks (`verify.check_parts`)
+    task: TaskCheck | None = None  # validation mIoU through the head, PyTorch vs ONNX Runtime
     files: dict[str, str] = field(default_factory=dict)
-    engine: dict[str, Any] = field(default_factory=dict)
+    engine: EngineBuild | None = None
     decoder: dict[str, Any] = field(default_factory=dict)  # `--promptable`: decoder.onnx (qsamc.export.promptable)
 
+    def worst_part(self) -> PartCheck:
+        """The part closest to its mean tolerance."""
+        return max(self.parts, key=lambda p: p.mean_rel / p.mean_rel_tolerance)
+
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["layers"] = [asdict(row) for row in self.layers]
-        return data
+        return {
+            "subnet": self.subnet.to_json(), "target": self.target, "format": self.format, "opset": self.opset,
+            "ir_version": self.ir_version, "cost": self.cost.to_json(), "layers": [asdict(row) for row in self.layers],
+            "sizes": {"onnx_bytes": self.onnx_bytes, "fp32_bytes": self.fp32_bytes},
+            "latency": {"onnxruntime_cpu": self.latency.to_json()}, "fidelity": self.fidelity.to_json(),
+            "lint": self.lint, "parts": [p.to_json() for p in self.parts],
+            "task": None if self.task is None else self.task.to_json(), "files": self.files,
+            "engine": {} if self.engine is None else asdict(self.engine), "decoder": self.decoder,
+        }

@@ -25,6 +25,11 @@ class StaticEncoder(nn.Module):
         self.neck = neck
         self.resolution = resolution
 
+    @property
+    def grid(self) -> int:
+        """The token grid's side (that of the fixed positional embedding)."""
+        return self.pos_embed.shape[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed
         for block in self.blocks.values():

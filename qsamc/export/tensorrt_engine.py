@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qsamc.errors import ConfigError
 
-from qsamc.training.runs import atomic_write_bytes
+from qsamc.fileio import atomic_write_bytes
 
 
 def missing() -> str | None:

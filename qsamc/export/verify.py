@@ -1,4 +1,4 @@
-"""Verification of an emitted ONNX model, run on every export: TensorRT lint, fidelity, ONNX Runtime latency.
+"""Verification of an emitted ONNX model, run on every export: TensorRT lint, fidelity, parts, task metric.
 
 - `lint_tensorrt(model, deployment)`: what TensorRT 10's ONNX parser and explicit quantization accept,
   checked without TensorRT (TensorRT developer guide and onnx-tensorrt's operator matrix): opset 9..24,
@@ -8,13 +8,11 @@
   strongly typed engine runs an FP32 node in FP32); attention quantized only as fused INT8 MHA admits.
 - `measure_fidelity(session, reference, inputs)`: runs the model in a real ONNX Runtime session and
   compares it with the PyTorch fake-quantized subnet.
-- `ort_latency(session)`: median latency on this machine.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,7 +24,7 @@ from onnx import TensorProto
 from qsamc.errors import QsamcError
 from qsamc.export.float16 import FP32_OPS, LAYOUT_OPS, constant_values, fp16_safe_scale
 from qsamc.formats import TENSORRT, AttentionRule, DeploymentFormat
-from qsamc.threads import current as current_threads
+from qsamc.export.ort import ort_session
 
 TENSORRT_OPSETS = (9, 24)
 # TensorRT 10's ONNX operator support matrix (onnx-tensorrt docs/operators.md), the part that an
@@ -195,26 +193,6 @@ def _lint_qdq(node: onnx.NodeProto, where: str, constants: dict[str, np.ndarray]
     return problems
 
 
-def ort_session(model: onnx.ModelProto, threads: int | None = None, profile: bool = False,
-                exact: bool = False, spinning: bool = False) -> ort.InferenceSession:
-    """A CPU session with the command's thread count (`qsamc.threads`). Waiting threads sleep rather than
-    spin, except with `spinning` (sessions that time a model: a deployment spins). INT4 MatMulNBits computes with float activations
-    (accuracy level 1): its default (4) quantizes them to INT8 on the fly, which the subnet never did.
-    `exact`: graph optimisations off, so no fused integer kernel runs and the graph is evaluated as
-    written (what the part check falls back to, to tell a lowering defect from a CPU's kernels)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or current_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact
-                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    options.enable_profiling = profile
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 @dataclass(frozen=True)
 class Fidelity:
     """ONNX Runtime vs the PyTorch fake-quantized subnet, absolute and relative to the output's peak.
@@ -335,22 +313,20 @@ def part_tolerance(min_act_bits: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def check_parts(reference: torch.nn.Module, lowered: torch.nn.Module, subnet, image: torch.Tensor,
-                deployment) -> list[PartCheck]:
+                target) -> list[PartCheck]:
     """Every part of the lowered static subnet (patch embedding, each block's attention and MLP halves,
     the neck: the parts latency tables time), emitted alone by export's emitter and run in ONNX Runtime
     on the fake-quantized reference's input to it. A wrong lowering shows in its part, undiluted.
 
-    The parts are emitted with FP32 float parts whatever the deployment's float type: this checks the
+    The parts are emitted with FP32 float parts whatever the target's float type: this checks the
     lowering (integer weights, scales, offsets, biases), which is exact, to one rounding flip. An FP16
     float path flips far more values (FP16 resolves a value near the top of an 8-bit grid to 1/16 of a
     step), which the LayerNorms after the next layer amplify; its effect is checked where it matters, on
     the whole shipped model and its task metric (`measure_fidelity`, the task-level check)."""
-    from dataclasses import replace
-
     from qsamc.export.emit import emit_onnx
     from qsamc.export.parts import AttentionPart, MlpPart, NeckPart, PatchPart, one_torch_thread
 
-    deployment = replace(deployment, float_type="fp32")
+    target = target.with_float_type("fp32")
 
     def parts(static):
         yield "patch_embed", "", PatchPart(static.patch_embed, static.pos_embed)
@@ -365,7 +341,7 @@ def check_parts(reference: torch.nn.Module, lowered: torch.nn.Module, subnet, im
             kind = name.rsplit(".", 1)[-1]
             bits = min((subnet.bits_of(prefix + layer).a for layer in PART_LAYERS[kind]), default=32)
             expected = expected_part(x).float()
-            model = emit_onnx(lowered_part, x, deployment)
+            model = emit_onnx(lowered_part, x, target)
             peak = float(expected.abs().max()) or 1.0
 
             def errors(exact: bool) -> tuple[float, float]:
@@ -399,24 +375,28 @@ def onnx_encoder_forward(session: ort.InferenceSession, head: torch.nn.Module):
 TASK_TOLERANCE = 0.002  # mIoU, 0.2 points
 
 
-def ort_latency(session: ort.InferenceSession, example: torch.Tensor, runs: int = 10) -> dict:
-    """Median and best wall time of one inference (after one warm-up run), in milliseconds."""
-    feed = {session.get_inputs()[0].name: example.numpy()}
-    session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    threads = session.get_session_options().intra_op_num_threads
-    return {"median_ms": float(np.median(times)), "best_ms": float(min(times)), "threads": threads, "runs": runs}
+@dataclass(frozen=True)
+class TaskCheck:
+    """Validation mIoU through the head, with the encoder in PyTorch and in ONNX Runtime."""
+
+    pytorch_miou: float
+    onnx_miou: float
+    val_images: int
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.pytorch_miou - self.onnx_miou) <= TASK_TOLERANCE
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
 
 
-def check_export(lint: list[str], fidelity: Fidelity, for_tensorrt: bool, parts: list[PartCheck] = (),
-                 task: dict | None = None) -> None:
-    """Raise one sentence when the export does not verify (lint problems count for TensorRT targets):
-    a part that disagrees fed the reference's own input, a task metric that moved, or the whole model."""
-    if lint and for_tensorrt:
+def check_export(lint: list[str], fidelity: Fidelity, lint_required: bool, parts: list[PartCheck] = (),
+                 task: TaskCheck | None = None) -> None:
+    """Raise one sentence when the export does not verify (lint problems count where the target requires
+    them: TensorRT targets): a part that disagrees fed the reference's own input, a task metric that
+    moved, or the whole model."""
+    if lint and lint_required:
         raise ExportError(f"the ONNX model is not TensorRT-compatible: {lint[0]}")
     bad = next((p for p in parts if not p.ok), None)
     if bad is not None:
@@ -424,10 +404,10 @@ def check_export(lint: list[str], fidelity: Fidelity, for_tensorrt: bool, parts:
             f"the lowered {bad.part} differs from the fake-quantized subnet's, fed the same input, by "
             f"{bad.max_rel:.2e} (max) / {bad.mean_rel:.2e} (mean) of its output scale, above one quantization "
             f"step ({bad.max_rel_tolerance:.2e} / {bad.mean_rel_tolerance:.2e}): a lowering defect")
-    if task is not None and not task["ok"]:
+    if task is not None and not task.ok:
         raise ExportError(
-            f"the ONNX model's validation mIoU is {task['onnx_miou']:.4f} against the PyTorch subnet's "
-            f"{task['pytorch_miou']:.4f}, more than {TASK_TOLERANCE * 100:.1f} points apart")
+            f"the ONNX model's validation mIoU is {task.onnx_miou:.4f} against the PyTorch subnet's "
+            f"{task.pytorch_miou:.4f}, more than {TASK_TOLERANCE * 100:.1f} points apart")
     if not fidelity.ok or not math.isfinite(fidelity.max_rel):
         raise ExportError(
             f"the ONNX model differs from the fake-quantized subnet by {fidelity.max_rel:.2e} (max) / "

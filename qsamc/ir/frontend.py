@@ -41,8 +41,5 @@ def analysis_ir(space: SearchSpace, subnet: Subnet | None = None) -> IR:
 def count_bitops(space: SearchSpace, subnet: Subnet, float_macs: FloatMacs = "fp32") -> tuple[IR, BitopsReport]:
     """MACs and BitOPs of `subnet` with per-part and per-layer breakdowns."""
     ir = analysis_ir(space, subnet)
-    CountBitopsPass(space, subnet, float_macs)(ir)
-    cost = ir.graph.graph["cost"]
-    report = BitopsReport(cost["macs"], cost["bitops"], cost["float_macs"], cost["float_bitops"],
-                          cost["float_macs_convention"], cost["per_part"], cost["per_layer"])
-    return ir, report
+    PassManager([CountBitopsPass(space, subnet, float_macs)])(ir)
+    return ir, ir.cost

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import networkx as nx
 import torch
@@ -28,6 +28,10 @@ from torch import nn
 
 from qsamc.supernet.layers import QuantConv2d, QuantLinear
 from qsamc.sam import Attention, LayerNorm2d
+from qsamc.supernet.space import LayerBits, Subnet
+
+if TYPE_CHECKING:
+    from qsamc.passes.count_bitops import BitopsReport
 
 KINDS = ("input", "output", "conv", "linear", "attention", "norm", "act", "elementwise")
 IR_FORMAT = "qsamc.ir"
@@ -50,11 +54,30 @@ class IRVerificationError(RuntimeError):
 
 @dataclass
 class IR:
-    """A traced supernet: `graph` plus the model name and (when bound) the traced module."""
+    """A traced supernet: `graph` plus the model name and (when bound) the traced module.
+
+    `subnet` is the one subnet the IR describes, when it describes one (`AnnotatePrecisionPass` with a
+    subnet, `ExtractSubnetPass`): the single source of its bits and token grid. `cost` is what
+    `CountBitopsPass` counted."""
 
     graph: nx.DiGraph
     model: str
     root: nn.Module | None = field(default=None, repr=False)
+    subnet: Subnet | None = None
+    cost: BitopsReport | None = None
+
+    @property
+    def token_grid(self) -> int:
+        if self.subnet is None:
+            raise RuntimeError("this IR describes no subnet, so it has no token grid")
+        return self.subnet.grid
+
+    def bits_of(self, node: str) -> LayerBits | None:
+        """The subnet's bits of a quantizable node; None for float nodes or an IR without a subnet."""
+        attrs = self.graph.nodes[node]
+        if not attrs.get("quantizable") or self.subnet is None:
+            return None
+        return self.subnet.bits_of(attrs["module"])
 
     def nodes(self, kind: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """(name, attributes) in topological order, optionally of one kind."""
@@ -73,11 +96,17 @@ class IR:
 
     def to_json(self) -> dict[str, Any]:
         data = nx.node_link_data(self.graph, edges="edges")
-        return {"format": IR_FORMAT, "version": IR_VERSION, "model": self.model, "graph": data}
+        return {"format": IR_FORMAT, "version": IR_VERSION, "model": self.model, "graph": data,
+                "subnet": None if self.subnet is None else self.subnet.to_json(),
+                "cost": None if self.cost is None else self.cost.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IR:
-        return cls(nx.node_link_graph(data["graph"], edges="edges"), data["model"])
+        from qsamc.passes.count_bitops import BitopsReport  # passes build on the IR, not the reverse
+
+        subnet = None if data.get("subnet") is None else Subnet.from_json(data["subnet"])
+        cost = None if data.get("cost") is None else BitopsReport.from_json(data["cost"])
+        return cls(nx.node_link_graph(data["graph"], edges="edges"), data["model"], subnet=subnet, cost=cost)
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1, default=_jsonable) + "\n")
@@ -89,8 +118,9 @@ class IR:
         lines = ["digraph qsamc {", "  rankdir=TB;", '  node [shape=box, style=filled, fontname="monospace"];']
         for name, attrs in self.nodes():
             label = [name, attrs["kind"]]
-            if attrs.get("bits"):
-                label.append("W{}A{}".format(*attrs["bits"]))
+            bits = self.bits_of(name)
+            if bits is not None:
+                label.append(f"W{bits.w}A{bits.a}")
             if "macs" in attrs:
                 label.append(f"{attrs['macs'] / 1e6:.2f} MMAC")
             text = "\\n".join(label)
@@ -188,6 +218,33 @@ def trace(supernet: nn.Module, model: str) -> IR:
     return ir
 
 
+def layers_ir(module: nn.Module, example: torch.Tensor) -> IR:
+    """The IR of any module's quantized layers, for lowering a module that is not a whole supernet (one
+    layer, a block): an input node, one quantizable node per `QuantLinear` / `QuantConv2d` (its module
+    path, and a conv's `input_hw` from a forward pass of `example`), the output. No norm feeds a node,
+    so `FoldOffsetIntoNormPass` leaves every activation shift explicit (exact with any padding)."""
+    layers = {p: m for p, m in module.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+    input_hw: dict[str, list[int]] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, p=p: input_hw.__setitem__(p, list(args[0].shape[-2:])))
+             for p, m in layers.items() if isinstance(m, QuantConv2d)]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    g = nx.DiGraph()
+    g.add_node("input", kind="input", module="", ops=[], shape=list(example.shape), quantizable=False)
+    g.add_node("output", kind="output", module="", ops=[], shape=None, quantizable=False)
+    for path, layer in layers.items():
+        kind = "conv" if isinstance(layer, QuantConv2d) else "linear"
+        g.add_node(path, kind=kind, module=path, ops=[], shape=None, quantizable=True,
+                   **({"input_hw": input_hw[path]} if kind == "conv" else {}))
+        g.add_edge("input", path)
+        g.add_edge(path, "output")
+    return IR(g, "", module)
+
+
 _GEOMETRY = {
     "linear": ("in_features", "out_features", "token_layout", "window"),
     "conv": ("in_channels", "out_channels", "kernel", "stride", "padding"),
@@ -229,9 +286,8 @@ def verify_ir(ir: IR, after: str = "") -> None:
         if precise:
             if a.get("quantizable") != (a["kind"] in ("conv", "linear")):
                 fail(f"node {name} of kind {a['kind']} has quantizable={a.get('quantizable')}")
-            if a.get("quantizable"):
-                cands, bits = a.get("candidate_bits"), a.get("bits")
-                if bits is not None and (bits[0] not in cands["w"] or bits[1] not in cands["a"]):
-                    fail(f"node {name} has bits {bits} outside its candidates {cands}")
+            cands, bits = a.get("candidate_bits"), ir.bits_of(name)
+            if cands is not None and bits is not None and (bits.w not in cands["w"] or bits.a not in cands["a"]):
+                fail(f"node {name} has bits W{bits.w}A{bits.a} outside its candidates {cands}")
         if "macs" in a and (not isinstance(a["macs"], int) or a["macs"] < 0):
             fail(f"node {name} has invalid macs {a['macs']!r}")

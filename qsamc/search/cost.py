@@ -2,7 +2,7 @@
 
 Three models, one interface (`name`, `unit`, `cost(subnet)`):
 1. `BitopsCost`: BitOPs from the foundation's tabulated IR formulas (the paper's constraint).
-2. `TableLatency`: latency measured on the target, summed from a latency table (`qsamc.profiling.latency`).
+2. `TableLatency`: latency measured on the target, summed from a latency table (`qsamc.search.latency_table`).
 3. `RooflineLatency`: an *estimate* from the target's datasheet peaks, per IR node
    max(MACs / compute peak, bytes / memory bandwidth), in the containers the target deploys. Only used
    when no table exists and the user asks for it; it ignores launch overheads and fusion.
@@ -23,9 +23,9 @@ from qsamc.ir.graph import IR
 from qsamc.passes.count_bitops import BitopsModel, FloatMacs, node_macs
 from qsamc.supernet.space import LayerBits, SearchSpace, Subnet
 from qsamc.targets import Target
+from qsamc.units import SI, si_prefix
 
 Metric = Literal["bitops", "latency"]
-_SI = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
 _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*$")
 
@@ -45,7 +45,7 @@ def parse_budget(text: str) -> Budget:
     """'150T' / '2.5P' / '3e14' -> BitOPs; '40ms' / '12.5ms' / '0.2s' / '900us' -> latency in seconds."""
     match = _BUDGET.match(text)
     suffix = match.group(2) if match else ""
-    if match is None or (suffix.upper() not in _SI and suffix not in _TIME) or float(match.group(1)) <= 0:
+    if match is None or (suffix.upper() not in SI and suffix not in _TIME) or float(match.group(1)) <= 0:
         raise BudgetError(
             f"cannot read the budget '{text}'; write BitOPs as a positive number with an optional "
             "K/M/G/T/P suffix (150T, 2.5P) or a latency in s/ms/us (40ms, 12.5ms)"
@@ -53,14 +53,14 @@ def parse_budget(text: str) -> Budget:
     value = float(match.group(1))
     if suffix in _TIME:
         return Budget("latency", value * _TIME[suffix])
-    return Budget("bitops", value * _SI[suffix.upper()])
+    return Budget("bitops", value * SI[suffix.upper()])
 
 
 def format_cost(metric: Metric, value: float) -> str:
     if metric == "latency":
         return f"{value * 1e3:.3g}ms"
-    prefix = next((p for p in ("P", "T", "G", "M", "K") if value >= _SI[p]), "")
-    return f"{value / _SI[prefix]:.4g}{prefix}"
+    prefix, scale = si_prefix(value)
+    return f"{value / scale:.4g}{prefix}"
 
 
 class CostModel(Protocol):
@@ -116,7 +116,7 @@ class RooflineLatency:
             raise TargetError(f"target {target.name} has no datasheet peak for {missing[0]} compute to estimate latency from")
         self.space, self.target, self.ir = space, target, ir
         self._bandwidth = peaks.memory_gbps * 1e9
-        self._max_grid = space.config.img_size // space.config.patch_size
+        self._max_grid = space.grid(space.config.img_size)
 
     def _seconds(self, a: dict, grid: int, hidden: int | None, bits: tuple[int, int] | None) -> float:
         fmt = self.target.deployment
@@ -144,7 +144,7 @@ class RooflineLatency:
 
     def cost(self, subnet: Subnet) -> float:
         space = self.space
-        grid = subnet.resolution // space.config.patch_size
+        grid = subnet.grid
         active = set(space.active_blocks(subnet.depths))
         total = 0.0
         for _, a in self.ir.nodes():

@@ -16,11 +16,11 @@ set); under torchrun the population's evaluations are split across ranks (`evalu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import os
 import random
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from qsamc.threads import adapt as adapt_threads
 
 Fitness = Callable[[Subnet], Evaluation]
 Objective = Literal["loss", "miou"]
+OBJECTIVES = ("loss", "miou")
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,19 @@ class EvolutionConfig:
             raise ConfigError("population, top-k and generations must be positive and mutations/crossovers not negative")
         if not 0.0 <= self.mutation_prob <= 1.0:
             raise ConfigError(f"mutation probability must lie in [0, 1], got {self.mutation_prob}")
-        if self.objective not in ("loss", "miou"):
+        if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be 'loss' or 'miou', got '{self.objective}'")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvolutionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown evolution setting '{unknown[0]}'; known settings are {', '.join(sorted(known))}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,10 @@ class Candidate:
         """Lower is better."""
         return self.evaluation.loss if objective == "loss" else -self.evaluation.miou
 
+    def value(self, objective: Objective) -> float:
+        """The objective's own value (validation loss, or mIoU), as it is reported."""
+        return self.evaluation.loss if objective == "loss" else self.evaluation.miou
+
 
 @dataclass
 class BudgetResult:
@@ -90,11 +106,15 @@ class BudgetResult:
 class SearchResult:
     candidates: list[Candidate]  # every evaluated subnet, in evaluation order
     results: list[BudgetResult]
-    objective: Objective
+    config: EvolutionConfig
     evaluations: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.evaluations = len(self.candidates)
+
+    @property
+    def objective(self) -> Objective:
+        return self.config.objective
 
     def pareto_front(self, metric: str) -> list[Candidate]:
         """Candidates that no other candidate beats on both `metric` and the objective."""
@@ -133,14 +153,6 @@ def evaluate_population(fitness: Fitness, subnets: Sequence[Subnet]) -> list[Eva
         for i, evaluation in part:
             results[i] = evaluation
     return results  # type: ignore[return-value]
-
-
-def init_distributed() -> int:
-    """Join the process group when launched by torchrun (gloo: evaluation results are small objects);
-    returns this process's rank (0 when not distributed)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class Searcher:
@@ -309,7 +321,7 @@ class Searcher:
             top = sorted(pool, key=lambda c: (c.score(objective), c.costs[budgets[0].metric]))[: cfg.top_k]
             history.append(top[0].score(objective))
             if on_generation is not None:
-                on_generation(generation, history[-1])
+                on_generation(generation, top[0].value(objective))
             if generation + 1 == cfg.generations:
                 break
             parents = [c.subnet for c in top]
@@ -342,6 +354,8 @@ def search(space: SearchSpace, costs: Sequence[CostModel], fitness: Fitness, bud
            evaluations: int | None = None,
            on_generation: Callable[[int, int, float], None] | None = None) -> SearchResult:
     """Search under every budget set (a Pareto front when there are several), sharing one cache.
+    `on_generation(budget set, generation, best objective value)` follows the progress (the value is
+    the validation loss or the mIoU, as the objective reads).
 
     `method="random"` draws `evaluations` random legal subnets per budget set instead.
     """
@@ -356,7 +370,7 @@ def search(space: SearchSpace, costs: Sequence[CostModel], fitness: Fitness, bud
         else:
             callback = None if on_generation is None else (lambda g, best, i=index: on_generation(i, g, best))
             results.append(searcher.evolve(s, callback))
-    return SearchResult(list(searcher.cache.values()), results, config.objective)
+    return SearchResult(list(searcher.cache.values()), results, config)
 
 
 def default_ladder(space: SearchSpace, model: CostModel, steps: int = 5) -> list[Budget]:

@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from qsamc.training.runs import save_figure
+from qsamc.fileio import save_figure
 from qsamc.search.cost import CostModel
 from qsamc.search.evolution import Candidate, SearchResult
 from qsamc.supernet.space import SearchSpace, Subnet
 from qsamc.targets import Target
+from qsamc.units import si_prefix
 
 PARETO_FORMAT = "qsamc.pareto"
 PARETO_VERSION = 1
@@ -60,7 +61,8 @@ def write_search(result: SearchResult, space: SearchSpace, target: Target, costs
     metrics = [c.name for c in costs]
     data = {
         "format": PARETO_FORMAT, "version": PARETO_VERSION, "model": space.model, "target": target.name,
-        "deployment": target.deployment.name, "objective": result.objective, "space": space.to_json(),
+        "deployment": target.deployment.name, "objective": result.objective, "evolution": result.config.to_json(),
+        "space": space.to_json(),
         "cost_models": {c.name: c.description for c in costs}, "evaluations": result.evaluations,
         "best": best,
         "front": {m: [index[id(c)] for c in result.pareto_front(m)] for m in metrics},
@@ -88,7 +90,7 @@ def plot_pareto(result: SearchResult, costs: Sequence[CostModel], path: Path) ->
         if m == "latency":
             scale, unit = 1e-3, "ms"
         else:
-            scale, unit = next((v, p) for v, p in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1.0, "")) if top >= v)
+            unit, scale = si_prefix(top)
         ax.scatter([c.costs[m] / scale for c in result.candidates], [score(c) for c in result.candidates],
                    s=8, alpha=0.35, color="grey", label="evaluated")
         front = result.pareto_front(m)

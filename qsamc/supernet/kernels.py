@@ -25,6 +25,8 @@ kernel, which stores the map. v is zero-padded to q's width: the flash kernel ne
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,22 +70,20 @@ class TrainingKernel:
 
     enabled = True
 
+    @classmethod
+    def from_sam(cls, module: nn.Module):
+        """`module` (segment-anything's) as this training kernel: its parameters, submodules and attributes
+        adopted, not copied, so state-dict keys and checkpoints are unchanged."""
+        new = cls.__new__(cls)
+        new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+        return new
+
     def uses_kernel(self) -> bool:
         return self.training and TrainingKernel.enabled and torch.is_grad_enabled()
 
 
 class SupernetAttention(TrainingKernel, Attention):
     """segment-anything's `Attention` (same parameters and state-dict keys) with the training kernel."""
-
-    @classmethod
-    def from_sam(cls, attention: Attention) -> SupernetAttention:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.num_heads, new.scale, new.use_rel_pos = attention.num_heads, attention.scale, attention.use_rel_pos
-        new.qkv, new.proj = attention.qkv, attention.proj
-        if attention.use_rel_pos:
-            new.rel_pos_h, new.rel_pos_w = attention.rel_pos_h, attention.rel_pos_w
-        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel():
@@ -100,13 +100,6 @@ class SupernetAttention(TrainingKernel, Attention):
 
 class SupernetMLP(TrainingKernel, MLPBlock):
     """segment-anything's `MLPBlock` whose GELU is recomputed in lin2's backward when training."""
-
-    @classmethod
-    def from_sam(cls, mlp: MLPBlock) -> SupernetMLP:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.lin1, new.lin2, new.act = mlp.lin1, mlp.lin2, mlp.act
-        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel():

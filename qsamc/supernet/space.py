@@ -58,6 +58,11 @@ class Subnet:
         return self._bits_by_layer[layer]
 
     @property
+    def grid(self) -> int:
+        """The token grid's side: the resolution over the model's patch size."""
+        return self.resolution // get_config(self.model).patch_size
+
+    @property
     def _bits_by_layer(self) -> dict[str, LayerBits]:
         cache = self.__dict__.get("_bits_cache")
         if cache is None:
@@ -174,6 +179,10 @@ class SearchSpace:
     @property
     def quant_layers(self) -> tuple[str, ...]:
         return quantized_layers(self.config)
+
+    def grid(self, resolution: int) -> int:
+        """The token grid's side at `resolution` (`Subnet.grid` for a subnet)."""
+        return resolution // self.config.patch_size
 
     def hidden_units(self, ratio: float) -> int:
         """MLP width kept at `ratio`: the first k units of `mlp.lin1` (and inputs of `mlp.lin2`)."""

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qsamc.task.data import SegmentationDataset, SegmentationMetric, make_batch
+from qsamc.task.data import SegmentationDataset, make_batch
+from qsamc.task.metric import SegmentationMetric
 from qsamc.supernet.space import Subnet
 
 

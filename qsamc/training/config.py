@@ -1,7 +1,8 @@
-"""The training run's config: one frozen dataclass, read from YAML or TOML, every field also a flag.
+"""The training run's config: one frozen, versioned dataclass, read from YAML or TOML, every field also a
+`qsamc train` option (with the type, allowed values and help below).
 
-Defaults < config file < `--field value` flags. The resolved config is written next to the results
-(`config.json`) and is what `--resume` reads back.
+Defaults < config file < options. The resolved config is written next to the results (`config.json`,
+with its format and version) and is what `--resume` reads back.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # The encoder's linear layers LoRA can adapt (every block has them).
 LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")
+LORA_SWITCHES = ("weight", "act")
+CONFIG_FORMAT = "qsamc.train_config"
+CONFIG_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class TrainConfig:
              f"lora_modules must name some of {', '.join(LORA_MODULES)}, got {', '.join(self.lora_modules) or 'none'}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {self.checkpoint_every}"),
             (self.multiplex_modules in (3, 4, 5), f"multiplex_modules must be 3, 4 or 5, got {self.multiplex_modules}"),
-            (self.lora_switch in ("weight", "act"), f"lora_switch must be 'weight' or 'act', got '{self.lora_switch}'"),
+            (self.lora_switch in LORA_SWITCHES, f"lora_switch must be 'weight' or 'act', got '{self.lora_switch}'"),
             (self.lora_rank >= 1, f"lora_rank must be at least 1, got {self.lora_rank}"),
             (self.distill in DISTILLATIONS, f"distill must be one of {', '.join(DISTILLATIONS)}, got '{self.distill}'"),
             (self.distill == "none" or self.checkpoint is not None,
@@ -139,9 +143,54 @@ class TrainConfig:
         return {"progressive": self.phase1_iterations, "lora": 0, "full": None, "fp32": None}[self.schedule]
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
         data["lora_modules"] = list(self.lora_modules)
         return data
+
+
+# The allowed values of the fields that take one of a few, for validation and `qsamc train --help`.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "granularity": GRANULARITIES, "schedule": SCHEDULES, "lora_variant": LORA_VARIANTS, "lora_switch": LORA_SWITCHES,
+    "sampling": SAMPLINGS, "distill": DISTILLATIONS, "weight_init": WEIGHT_INITS, "device": DEVICES,
+    "precision": PRECISIONS,
+}
+HELP: dict[str, str] = {
+    "model": "Encoder config (vit_t, vit_b, vit_l, vit_h).",
+    "checkpoint": "A SAM checkpoint (the encoder) or an FP32 reference run folder (encoder and head).",
+    "dataset": "Dataset format: synthetic, ade20k, camvid.",
+    "data_root": "Dataset folder (not for synthetic).",
+    "out": "Run folder: checkpoints, supernet, metrics.",
+    "granularity": "Bits tied per layer, block, stage or model.",
+    "schedule": "progressive (QAT, then LoRA), lora, full (QFA*: all weights) or fp32 (the FP32 reference).",
+    "lora_variant": "Quantization-aware LoRA: regular, selective (one adapter per bit-width) or multiplex.",
+    "lora_rank": "LoRA rank.",
+    "lora_alpha": "LoRA scaling numerator (the update is alpha / rank x BA).",
+    "lora_modules": "Comma-separated layers LoRA adapts: attn.qkv, attn.proj, mlp.lin1, mlp.lin2.",
+    "multiplex_modules": "Multiplex LoRA: adapters shared across bit-widths (3, 4 or 5).",
+    "lora_switch": "Multiplex LoRA: pick the adapter by the weight's or the activation's bits.",
+    "lora_detach": "Stop gradients from the LoRA path into the quantizers.",
+    "per_channel": "Per-output-channel weight step sizes.",
+    "iterations": "Training iterations in all.",
+    "phase1_iterations": "Progressive schedule: iterations before LoRA is attached.",
+    "phase1_max_resolution": "Progressive schedule: the resolution cap of phase 1 (default 3/4 of the native input).",
+    "sampling": "Subnets per step: one uniform sample, or the sandwich rule (largest, smallest, random).",
+    "batch_size": "Images per step (per rank).",
+    "lr": "Learning rate of weights and step sizes (poly schedule).",
+    "lora_lr": "Learning rate of the LoRA adapters.",
+    "weight_decay": "AdamW weight decay.",
+    "poly_power": "Power of the poly learning-rate decay.",
+    "seed": "Seed of batches, augmentation and sampled subnets (a resumed run repeats them).",
+    "calibration_batches": "Training batches that initialise the activation ranges.",
+    "checkpoint_every": "Iterations between checkpoints.",
+    "val_limit": "Validation images for the final max/min subnet scores.",
+    "num_workers": "Data-loader worker processes.",
+    "activation_checkpointing": "Recompute each block in backward (less memory, slower steps).",
+    "distill": "reference: inplace distillation from the FP32 reference given as --checkpoint.",
+    "distill_weight": "Weight of the distillation KL term.",
+    "weight_init": "Weight step sizes start at LSQ+'s 3-sigma rule or at the MSE-optimal clipping.",
+    "device": "auto (a GPU where torch sees one), cpu or cuda.",
+    "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16 autocast.",
+}
 
 
 def _coerce(name: str, annotation: Any, value: Any) -> Any:
@@ -195,7 +244,11 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
     """Defaults, then the YAML/TOML/JSON file, then `overrides` (flag values as strings or values)."""
     known = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
-    for source in (_read_file(Path(path)) if path else {}, overrides or {}):
+    written = _read_file(Path(path)) if path else {}
+    if "format" in written or "version" in written:  # a config.json that qsamc wrote
+        if (written.pop("format", None), written.pop("version", None)) != (CONFIG_FORMAT, CONFIG_VERSION):
+            raise ConfigError(f"config file {path} is not a version-{CONFIG_VERSION} qsamc training config")
+    for source in (written, overrides or {}):
         for key, value in source.items():
             name = key.replace("-", "_")
             if name not in known:
@@ -204,47 +257,18 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
     return TrainConfig(**values)
 
 
-def parse_flags(args: list[str]) -> dict[str, str]:
-    """`--lora-rank 16 --per-channel` -> {"lora_rank": "16", "per_channel": "true"}."""
-    known = {f.name for f in fields(TrainConfig)}
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument '{arg}'; fields are given as --name value")
-        name, _, inline = arg[2:].partition("=")
-        key = name.replace("-", "_")
-        if key not in known:
-            raise ConfigError(f"unknown option '{arg}'; see `qsamc train --help` for the fields")
-        if inline:
-            out[key], i = inline, i + 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            out[key], i = args[i + 1], i + 2
-        else:
-            out[key], i = "true", i + 1  # a bare flag switches a boolean on
-    return out
-
-
-def describe_fields() -> str:
-    """One line per field with its default, for `qsamc train --help`."""
-    defaults = TrainConfig()
-    return "\n".join(f"--{f.name.replace('_', '-')} (default {getattr(defaults, f.name)!r})" for f in fields(TrainConfig))
-
-
 def default_phase1_resolution(config: TrainConfig) -> int:
     native = get_config(config.model).img_size
     return config.phase1_max_resolution or native * 3 // 4
 
 
-
-def resolve_train_config(path: str | Path | None, flags: list[str], resume: bool) -> TrainConfig:
-    """What `qsamc train` runs: file + flags; with `resume`, the config saved in the run folder."""
-    parsed = parse_flags(flags)
-    config = load_train_config(path, parsed)
+def resolve_train_config(path: str | Path | None, options: dict[str, Any], resume: bool) -> TrainConfig:
+    """What `qsamc train` runs: the file, then `options` (field -> value, the options given); with
+    `resume`, the config saved in the run folder."""
+    config = load_train_config(path, options)
     if not resume:
         return config
-    others = [name for name in parsed if name != "out"]
+    others = [name for name in options if name != "out"]
     if others:
         raise ConfigError(f"--resume continues the run with its saved config; it takes --out (or --config) only, "
                           f"not --{others[0].replace('_', '-')} (start a new run for other settings)")

@@ -10,11 +10,11 @@ state dicts are read with `weights_only=True`: a checkpoint is untrusted input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import io
+import fcntl
 import json
-import os
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from qsamc.errors import ConfigError, CheckpointError
+from qsamc.fileio import (atomic_torch_save, atomic_write_json, check_output_folder,
+                          remove_stale_temporaries)
 from qsamc.task.head import SegmentationModel
 from qsamc.supernet.lora import LoraConfig
 from qsamc.supernet.quant import WeightInit
@@ -30,87 +32,6 @@ from qsamc.supernet.space import SearchSpace
 
 RUN_FORMAT = "qsamc.supernet"
 RUN_VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(temporary_path)`, then rename over `path`: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
-    """Delete the temporary files (`.<name>.XXXXXX`) that a write killed before its rename left behind."""
-    if not folder.is_dir():
-        return
-    for name in names:
-        for stale in folder.glob(f".{name}.*"):
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_writable(path: Path, folder: Path, option: str, verb: str) -> None:
-    """`folder` (`path` itself, or the folder a file goes in) can be made and written."""
-    base = _nearest_existing(folder)
-    if not base.is_dir():
-        raise ConfigError(f"{option} {path} cannot be {verb}: {base} is a file")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path} cannot be written: {base} is not writable")
-
-
-def check_output_folder(path: Path, option: str = "--out", purpose: str = "") -> None:
-    """Before any work: `path` is a folder that can be made and written (one sentence otherwise)."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path} is a file; give a folder{purpose}")
-    _check_writable(path, path, option, "made")
-
-
-def check_output_file(path: Path, option: str = "--out") -> None:
-    """Before any work: `path` names a file (not a folder) whose folder can be made and written."""
-    if path.is_dir():
-        raise ConfigError(f"{option} {path} is a folder; give a file name")
-    _check_writable(path, path.parent, option, "written")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    _atomic_write(path, write)
-
-
-def save_figure(fig, path: Path, **options) -> None:
-    """A matplotlib figure written atomically (rendered in memory, then `atomic_write_bytes`)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", **options)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 @dataclass(frozen=True)
@@ -163,6 +84,7 @@ def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_s
 
     `checkpoint`: a SAM checkpoint (the encoder), or a qsamc FP32 reference run (encoder and head; the
     head's num_classes must match)."""
+    from qsamc.ir.pass_manager import PassManager
     from qsamc.passes import AttachLoraPass, InsertQuantizersPass
     from qsamc.ir.frontend import build_ir
     from qsamc.supernet.encoder import Supernet
@@ -170,9 +92,10 @@ def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_s
     weights = reference_weights(checkpoint) if checkpoint is not None else None
     supernet = Supernet.build(spec.space.model, weights, spec.space)
     ir = build_ir(supernet)
-    InsertQuantizersPass(spec.space, spec.per_channel, weight_init)(ir)
+    passes = [InsertQuantizersPass(spec.space, spec.per_channel, weight_init)]
     if spec.lora is not None:
-        AttachLoraPass(spec.lora, seed=lora_seed)(ir)
+        passes.append(AttachLoraPass(spec.lora, seed=lora_seed))
+    PassManager(passes)(ir)
     model = SegmentationModel(supernet, spec.num_classes)
     head = read_head_state(weights) if weights is not None else {}
     if head:
@@ -203,3 +126,60 @@ def load_supernet(run: str | Path):
     check_state_dict(model, state, str(run / "supernet.pt"), f"the supernet described by {meta.name}")
     model.load_state_dict(state)
     return model.eval(), ir, spec
+
+
+def checkpoint_path(run: Path) -> Path:
+    return run / "checkpoints" / "last.pt"
+
+
+def load_checkpoint(run: Path) -> dict:
+    path = checkpoint_path(run)
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(exc).__name__})") from None
+    needed = ("iteration", "model", "optimizer", "scheduler")
+    if not isinstance(state, dict) or not all(k in state for k in needed):
+        raise CheckpointError(f"cannot resume: {path} is not a qsamc training checkpoint (it needs "
+                              f"{', '.join(needed)})")
+    return state
+
+
+# What a run folder holds; `--overwrite` removes exactly these before a new run starts.
+RUN_FILES = ("config.json", "supernet.json", "supernet.pt", "validation.json", "metrics.csv", "checkpoints")
+
+
+def prepare_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
+    """Check where the run goes before any work: a folder (not a file), and one that holds no other run
+    unless `overwrite` (which removes that run's files) or `resume` (which continues it)."""
+    check_output_folder(run, purpose=" for the run")
+    remove_stale_temporaries(run, RUN_FILES)  # left by a write that a kill interrupted
+    remove_stale_temporaries(run / "checkpoints", ("last.pt",))
+    held = [name for name in RUN_FILES if (run / name).exists()]
+    if resume or not held:
+        return
+    if not overwrite:
+        raise ConfigError(f"{run} already holds a training run ({', '.join(held)}); continue it with --resume or "
+                          "replace it with --overwrite")
+    for name in held:
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """One writer per run folder: an exclusive lock on `run/.lock` for the whole run. The OS releases it
+    when the process dies, so a killed run never leaves it stuck."""
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another qsamc train is writing to {run}; wait for it to finish or choose another "
+                              "--out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -17,9 +17,7 @@ import copy
 import csv
 import math
 import contextlib
-import fcntl
 import os
-import shutil
 import signal
 import threading
 import random
@@ -32,13 +30,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qsamc.training.runs import (SupernetSpec, atomic_torch_save, atomic_write_json, build_model, check_output_folder,
-                              remove_stale_temporaries, save_supernet)
+from qsamc.distributed import init_distributed, uses_cuda
+from qsamc.fileio import atomic_torch_save, atomic_write_json
+from qsamc.training.runs import (SupernetSpec, build_model, checkpoint_path, load_checkpoint, prepare_run_folder,
+                                 run_lock, save_supernet)
 from qsamc.task.data import build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.task.head import SegmentationModel
 from qsamc.task.losses import distillation_loss, segmentation_loss
+from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import AttachLoraPass, CalibrateActivationsPass
 from qsamc.progress import progress_bar
 from qsamc.supernet.quant import LsqActQuantizer, LsqWeightQuantizer
@@ -196,44 +197,11 @@ class _Logger:
             self.tensorboard.close()
 
 
-def _uses_cuda(device: str) -> bool:
-    """Whether `config.device` resolves to a GPU: `cuda`, or `auto` where torch sees one."""
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
-
-
-def _distributed(device: str = "auto") -> tuple[int, int]:
-    """(rank, world) under torchrun; (0, 1) otherwise. CPU ranks use gloo, GPU ranks NCCL."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if _uses_cuda(device) else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _checkpoint_path(run: Path) -> Path:
-    return run / "checkpoints" / "last.pt"
-
-
-def _load_checkpoint(run: Path) -> dict:
-    path = _checkpoint_path(run)
-    if not path.is_file():
-        raise CheckpointError(f"cannot resume: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint ({type(exc).__name__})") from None
-    needed = ("iteration", "model", "optimizer", "scheduler")
-    if not isinstance(state, dict) or not all(k in state for k in needed):
-        raise CheckpointError(f"cannot resume: {path} is not a qsamc training checkpoint (it needs "
-                              f"{', '.join(needed)})")
-    return state
-
-
 def training_device(config: TrainConfig, rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
     """(device, autocast dtype or None) for this rank: `config.device` and `config.precision` resolved."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was asked for, but torch sees no CUDA GPU here")
-    cuda = _uses_cuda(config.device)
+    cuda = uses_cuda(config.device)
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
     return device, torch.bfloat16 if bf16 else None
@@ -243,44 +211,6 @@ class TrainingInterrupted(QsamcError):
     """Ctrl-C or SIGTERM: the run stopped at an iteration boundary with its checkpoint saved."""
 
     exit_code = 130
-
-
-# What a run folder holds; `--overwrite` removes exactly these before a new run starts.
-RUN_FILES = ("config.json", "supernet.json", "supernet.pt", "validation.json", "metrics.csv", "checkpoints")
-
-
-def prepare_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
-    """Check where the run goes before any work: a folder (not a file), and one that holds no other run
-    unless `overwrite` (which removes that run's files) or `resume` (which continues it)."""
-    check_output_folder(run, purpose=" for the run")
-    remove_stale_temporaries(run, RUN_FILES)  # left by a write that a kill interrupted
-    remove_stale_temporaries(run / "checkpoints", ("last.pt",))
-    held = [name for name in RUN_FILES if (run / name).exists()]
-    if resume or not held:
-        return
-    if not overwrite:
-        raise ConfigError(f"{run} already holds a training run ({', '.join(held)}); continue it with --resume or "
-                          "replace it with --overwrite")
-    for name in held:
-        path = run / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-@contextlib.contextmanager
-def run_lock(run: Path):
-    """One writer per run folder: an exclusive lock on `run/.lock` for the whole run. The OS releases it
-    when the process dies, so a killed run never leaves it stuck."""
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / ".lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another qsamc train is writing to {run}; wait for it to finish or choose another "
-                              "--out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class _StopRequest:
@@ -308,7 +238,7 @@ class _StopRequest:
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True, overwrite: bool = False) -> TrainResult:
     run = Path(config.out)
-    rank, world = _distributed(config.device)
+    rank, world = init_distributed(config.device)
     if rank == 0:
         prepare_run_folder(run, resume, overwrite)
     with run_lock(run) if rank == 0 else contextlib.nullcontext():
@@ -336,7 +266,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     teacher = Teacher(model, space) if config.distill == "reference" else None
 
     lora_from = config.lora_from()
-    state = _load_checkpoint(run) if resume else None
+    state = load_checkpoint(run) if resume else None
     start = state["iteration"] if state else 0
     if state is None:
         # 2. LSQ+ activation initialisation from calibration batches at the (phase-capped) max subnet.
@@ -346,14 +276,14 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
             make_batch([train_set.sample(i, 0) for i in batch_indices(config, len(train_set), k, 0, 1)[1]], resolution)[0]
             for k in range(config.calibration_batches)
         ]
-        CalibrateActivationsPass(model, [b.to(device) for b in calibration], calibration_subnet)(ir)
+        PassManager([CalibrateActivationsPass(model, [b.to(device) for b in calibration], calibration_subnet)])(ir)
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run / "config.json", config.to_json())
     # A checkpoint written at the progressive boundary predates the LoRA: the loop attaches it, as it did.
     lora_attached = lora_from is not None and (start > lora_from if state else start >= lora_from)
     if lora_attached:
-        AttachLoraPass(config.lora, seed=config.seed + 1)(ir)
+        PassManager([AttachLoraPass(config.lora, seed=config.seed + 1)])(ir)
         model.to(device)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -383,7 +313,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
                 adapt_threads()  # follow the free cores (qsamc.threads)
                 # 3. Progressive boundary: attach LoRA, freeze W0, new optimizer over LoRA + quantizers.
                 if lora_from is not None and iteration == lora_from and not lora_attached:
-                    AttachLoraPass(config.lora, seed=config.seed + 1)(ir)
+                    PassManager([AttachLoraPass(config.lora, seed=config.seed + 1)])(ir)
                     model.to(device)
                     lora_attached = True
                     optimizer, scheduler = _optimizer(config, model, True, phase_steps(True))
@@ -407,7 +337,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"the loss became {loss.item()} at iteration {iteration + 1}; training stopped and the last "
-                            f"good checkpoint in {_checkpoint_path(run)} was kept (lower the learning rate)")
+                            f"good checkpoint in {checkpoint_path(run)} was kept (lower the learning rate)")
                     (loss / len(subnets)).backward()
                     total += loss.item() / len(subnets)
                 optimizer.step()
@@ -428,11 +358,11 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
                     if done % config.checkpoint_every == 0 or done == config.iterations or stop.signal:
                         atomic_torch_save({"iteration": done, "model": model.state_dict(),
                                            "optimizer": optimizer.state_dict(),
-                                           "scheduler": scheduler.state_dict()}, _checkpoint_path(run))
+                                           "scheduler": scheduler.state_dict()}, checkpoint_path(run))
                 if stop.signal and done < config.iterations:
                     raise TrainingInterrupted(
                         f"{stop.signal} stopped training after iteration {done} of {config.iterations}; its checkpoint is "
-                        f"saved in {_checkpoint_path(run)}: continue with qsamc train --resume --out {run}")
+                        f"saved in {checkpoint_path(run)}: continue with qsamc train --resume --out {run}")
     finally:
         if logger is not None:
             logger.close()
