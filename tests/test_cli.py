@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from qsamc.cli import main as cli
 from qsamc.ir.graph import IR
 from qsamc.passes import BitopsModel, CountBitopsPass
 from qsamc.units import human
@@ -178,6 +177,15 @@ def test_console_script(tmp_path):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == "error: unknown model 'vit_x'; known models are vit_b, vit_h, vit_l, vit_t\n"
+
+
+def test_search_reads_latency_tables_without_importing_the_profiler():
+    """Imports run downhill: search's pipeline holds the table and its cost model, never the profiler, its
+    timers or the TensorRT builder (`qsamc profile` imports those when it runs)."""
+    code = ("import sys, qsamc.pipeline, qsamc.search.latency_table; "
+            "print(sorted(m for m in sys.modules if m.startswith(('qsamc.profiling', 'qsamc.export.tensorrt'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (0, "[]\n")
 
 
 @pytest.mark.parametrize("command", ["search", "profile", "export", "ir", "quickstart", "train"])

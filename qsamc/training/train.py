@@ -17,7 +17,6 @@ import copy
 import csv
 import math
 import contextlib
-import os
 import signal
 import threading
 import random
@@ -35,7 +34,7 @@ from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.training.runs import (SupernetSpec, build_model, checkpoint_path, load_checkpoint, prepare_run_folder,
                                  run_lock, save_supernet)
 from qsamc.task.data import build_dataset, make_batch
-from qsamc.errors import CheckpointError, ConfigError, QsamcError
+from qsamc.errors import ConfigError, QsamcError
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.task.head import SegmentationModel
 from qsamc.task.losses import distillation_loss, segmentation_loss
