@@ -330,34 +330,60 @@ class SyntheticDataset(SegmentationDataset):
     def __len__(self) -> int:
         return self.config.count
 
+    @classmethod
+    def shape_kind(cls, label: int) -> str:
+        """The shape class `label` (>= 1) draws."""
+        return cls._SHAPES[(label - 1) % len(cls._SHAPES)]
+
     def read(self, index: int) -> Sample:
+        image, instances, name = self.read_instances(index)
+        mask = np.zeros(image.shape[:2], np.uint8)
+        for label, shape in instances:
+            mask[shape] = label
+        return Sample(image, mask, name)
+
+    def read_instances(self, index: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]], str]:
+        """(image, [(class, visible pixels)] per shape, name): the shapes in drawing order, each shape's
+        pixels that no later shape covers (a shape covered whole is left out)."""
         if not 0 <= index < self.config.count:
             raise IndexError(f"synthetic index {index} out of range 0..{self.config.count - 1}")
         # A salt keeps this stream apart from the augmentation stream [seed, epoch, index].
         rng = np.random.default_rng([self.seed, 0x5EED, self._split_code, index])
         size = self.config.size
-        mask_img = Image.new("L", (size, size), 0)
-        draw = ImageDraw.Draw(mask_img)
+        shapes = []
         for _ in range(int(rng.integers(1, 5))):
             label = int(rng.integers(1, self.num_classes))
             extent = rng.uniform(0.15, 0.45, size=2) * size
             x0, y0 = rng.uniform(0, size - extent)
             box = (x0, y0, x0 + extent[0], y0 + extent[1])
-            kind = self._SHAPES[(label - 1) % len(self._SHAPES)]
+            shape_img = Image.new("1", (size, size), 0)
+            draw = ImageDraw.Draw(shape_img)
+            kind = self.shape_kind(label)
             if kind == "rectangle":
-                draw.rectangle(box, fill=label)
+                draw.rectangle(box, fill=1)
             elif kind == "ellipse":
-                draw.ellipse(box, fill=label)
+                draw.ellipse(box, fill=1)
             else:
                 apex = ((box[0] + box[2]) / 2, box[1])
-                draw.polygon([(box[0], box[3]), (box[2], box[3]), apex], fill=label)
-        mask = np.asarray(mask_img)
+                draw.polygon([(box[0], box[3]), (box[2], box[3]), apex], fill=1)
+            shapes.append((label, np.asarray(shape_img, dtype=bool)))
+        covered = np.zeros((size, size), bool)
+        instances = []
+        for label, shape in reversed(shapes):
+            visible = shape & ~covered
+            covered |= shape
+            if visible.any():
+                instances.append((label, visible))
+        instances.reverse()
+        mask = np.zeros((size, size), np.uint8)
+        for label, visible in instances:
+            mask[visible] = label
         # Smooth grey gradient with a faint tint plus pixel noise: texture without class colours.
         coarse = rng.uniform(40, 215, size=(4, 4, 1)) + rng.uniform(-15, 15, size=(4, 4, 3))
         background = _resize(coarse.clip(0, 255).astype(np.uint8), size, size, Image.Resampling.BILINEAR)
         colours = np.where(mask[..., None] > 0, self._palette[np.maximum(mask, 1) - 1], background)
         image = (colours + rng.normal(0, 12, size=colours.shape)).clip(0, 255).astype(np.uint8)
-        return Sample(image, mask.copy(), f"synthetic-{SPLITS[self._split_code]}-{index}")
+        return image, instances, f"synthetic-{SPLITS[self._split_code]}-{index}"
 
 
 # --- registry and loader -----------------------------------------------------------------------
