@@ -105,6 +105,9 @@ def load_reference(run: str | Path) -> Reference:
     schedule = json.loads(validation.read_text()).get("schedule") if validation.is_file() else None
     if schedule != "fp32":
         raise CheckpointError(f"{run} is not an FP32 reference run (train one with `qsamc train --schedule fp32`)")
+    if spec.head != "light":
+        raise ConfigError(f"{run} has a {spec.head} head; the post-training baselines quantize the light head's "
+                          "reference (train it with --head light)")
     weights = reference_weights(run)
     encoder = build_encoder(spec.space.model, weights)
     head = SegmentationHead(encoder.neck[0].out_channels, spec.num_classes, quantized=False)

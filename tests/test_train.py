@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import qsamc.task.head as heads
 import qsamc.training.runs as runs
 import qsamc.training.train as T
 from qsamc.training.runs import load_supernet
@@ -344,7 +345,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(progressive_run, tmp_
     reference, _ = progressive_run
     config = tiny_config(tmp_path, checkpoint_every=1)
     calls = []
-    original = T.segmentation_loss
+    original = heads.segmentation_loss  # the loss the light head's training loss calls
 
     def poisoned(logits, masks, ignore_index):
         calls.append(1)
@@ -353,7 +354,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(progressive_run, tmp_
 
     with pytest.MonkeyPatch.context() as patch:
         spy = TrainSpy(patch)
-        patch.setattr(T, "segmentation_loss", poisoned)
+        patch.setattr(heads, "segmentation_loss", poisoned)
         with pytest.raises(TrainingDiverged) as error:
             train(config, show_progress=False)
     assert isinstance(error.value, QsamcError)
@@ -371,7 +372,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(progressive_run, tmp_
 
 
 def test_inf_loss_is_divergence_too(tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "segmentation_loss", lambda logits, masks, ignore: logits.sum() * float("inf"))
+    monkeypatch.setattr(heads, "segmentation_loss", lambda logits, masks, ignore: logits.sum() * float("inf"))
     with pytest.raises(TrainingDiverged, match="iteration 1;"):
         train(tiny_config(tmp_path, iterations=2, phase1_iterations=1), show_progress=False)
     assert not (tmp_path / "checkpoints" / "last.pt").exists()

@@ -1,8 +1,9 @@
-"""The semantic-segmentation task head and the encoder+head model that training and search evaluate.
+"""The task heads and the encoder+head model that training and search evaluate.
 
-The head is light (paper Sec. 4.1 uses a fixed head; only the backbone is searched): a 3x3 conv, a
-GELU, a 1x1 classifier, then bilinear upsampling to the input size. Its convs are quantized to W8A8
-with min-max calibration, as in the paper, and never searched.
+Heads are a choice (`--head`); neither is searched (paper Sec. 4.1: only the backbone is):
+- `light` (the default): a 3x3 conv, a GELU, a 1x1 classifier, then bilinear upsampling to the input
+  size. Its convs are quantized to W8A8 with min-max calibration, as in the paper.
+- `mask2former`: the paper's task setup (`qsamc.task.mask2former`), float.
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qsamc.errors import ConfigError
+from qsamc.sam import check_state_dict
 from qsamc.supernet.layers import QuantConv2d
 from qsamc.supernet.quant import QuantizerBank, weight_range
-from qsamc.sam import check_state_dict
+from qsamc.task.data import IGNORE_INDEX
+from qsamc.task.losses import segmentation_loss
+from qsamc.task.mask2former import Mask2FormerHead, Mask2FormerSpec
 
 HEAD_BITS = 8
+HEADS = ("light", "mask2former")
 
 
 class SegmentationHead(nn.Module):
@@ -67,15 +73,34 @@ class SegmentationHead(nn.Module):
             return logits
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
+    def loss(self, features: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """Per-pixel cross-entropy of the token-grid logits, upsampled a few rows at a time."""
+        return segmentation_loss(self(features, None).float(), masks, ignore_index)
+
+
+def build_head(kind: str, in_channels: int, num_classes: int, mask2former: Mask2FormerSpec | None = None) -> nn.Module:
+    if kind == "light":
+        return SegmentationHead(in_channels, num_classes)
+    if kind == "mask2former":
+        return Mask2FormerHead(in_channels, num_classes, mask2former or Mask2FormerSpec())
+    raise ConfigError(f"unknown head '{kind}'; known heads are {', '.join(HEADS)}")
+
 
 class SegmentationModel(nn.Module):
     """Supernet encoder + task head: images at the subnet's resolution -> per-pixel class logits
-    (`upsample=False`: at the token grid)."""
+    (`upsample=False`: at the head's own grid)."""
 
-    def __init__(self, supernet: nn.Module, num_classes: int) -> None:
+    def __init__(self, supernet: nn.Module, num_classes: int, head: str = "light",
+                 mask2former: Mask2FormerSpec | None = None) -> None:
         super().__init__()
         self.supernet = supernet
-        self.head = SegmentationHead(supernet.neck[0].out_channels, num_classes)
+        self.head = build_head(head, supernet.neck[0].out_channels, num_classes, mask2former)
 
-    def forward(self, images: torch.Tensor, upsample: bool = True) -> torch.Tensor:
-        return self.head(self.supernet(images), images.shape[-2:] if upsample else None)
+    def forward(self, images: torch.Tensor, upsample: bool = True, masks: torch.Tensor | None = None,
+                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """Logits; with `masks`, the head's training loss instead (computed in `forward`, so that
+        DistributedDataParallel sees every parameter the loss reaches)."""
+        features = self.supernet(images)
+        if masks is not None:
+            return self.head.loss(features, masks, ignore_index)
+        return self.head(features, images.shape[-2:] if upsample else None)

@@ -24,6 +24,8 @@ from qsamc.supernet.lora import LORA_VARIANTS, LoraConfig
 from qsamc.supernet.quant import WEIGHT_INITS
 from qsamc.sam import get_config
 from qsamc.supernet.space import GRANULARITIES
+from qsamc.task.head import HEADS
+from qsamc.task.mask2former import Mask2FormerSpec
 
 SCHEDULES = ("progressive", "lora", "full", "fp32")
 SAMPLINGS = ("uniform", "sandwich")
@@ -92,6 +94,10 @@ class TrainConfig:
     weight_init: str = "lsq+"
     device: str = "auto"
     precision: str = "auto"
+    head: str = "light"
+    head_dim: int = 256
+    head_queries: int = 100
+    head_layers: int = 9
 
     def __post_init__(self) -> None:
         get_config(self.model)
@@ -126,6 +132,9 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
             (self.weight_init in WEIGHT_INITS, f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'"),
+            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'"),
+            (self.distill == "none" or self.head == "light",
+             "distill=reference distils the light head's per-pixel logits; the mask2former head trains without it"),
         ]
         for ok, message in checks:
             if not ok:
@@ -137,6 +146,12 @@ class TrainConfig:
             return None
         return LoraConfig(self.lora_variant, self.lora_rank, self.lora_alpha, tuple(self.lora_modules),
                           self.multiplex_modules, self.lora_switch, self.lora_detach)  # type: ignore[arg-type]
+
+    @property
+    def mask2former(self) -> Mask2FormerSpec | None:
+        if self.head != "mask2former":
+            return None
+        return Mask2FormerSpec(self.head_dim, self.head_queries, self.head_layers)
 
     def lora_from(self) -> int | None:
         """The first iteration that trains with LoRA (None: never)."""
@@ -152,7 +167,7 @@ class TrainConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "granularity": GRANULARITIES, "schedule": SCHEDULES, "lora_variant": LORA_VARIANTS, "lora_switch": LORA_SWITCHES,
     "sampling": SAMPLINGS, "distill": DISTILLATIONS, "weight_init": WEIGHT_INITS, "device": DEVICES,
-    "precision": PRECISIONS,
+    "precision": PRECISIONS, "head": HEADS,
 }
 HELP: dict[str, str] = {
     "model": "Encoder config (vit_t, vit_b, vit_l, vit_h).",
@@ -190,6 +205,10 @@ HELP: dict[str, str] = {
     "weight_init": "Weight step sizes start at LSQ+'s 3-sigma rule or at the MSE-optimal clipping.",
     "device": "auto (a GPU where torch sees one), cpu or cuda.",
     "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16 autocast.",
+    "head": "The task head: light (a W8A8 conv head) or mask2former (the paper's setup; qsamc[mask2former]).",
+    "head_dim": "Mask2Former head: width of its pixel and transformer decoders.",
+    "head_queries": "Mask2Former head: object queries.",
+    "head_layers": "Mask2Former head: masked-attention decoder layers.",
 }
 
 

@@ -25,6 +25,7 @@ from qsamc.errors import ConfigError, CheckpointError
 from qsamc.fileio import (atomic_torch_save, atomic_write_json, check_output_folder,
                           remove_stale_temporaries)
 from qsamc.task.head import SegmentationModel
+from qsamc.task.mask2former import Mask2FormerSpec
 from qsamc.supernet.lora import LoraConfig
 from qsamc.supernet.quant import WeightInit
 from qsamc.sam import check_state_dict, read_tensors
@@ -42,23 +43,28 @@ class SupernetSpec:
     num_classes: int
     lora: LoraConfig | None
     per_channel: bool = False
+    head: str = "light"  # `qsamc.task.head.HEADS`
+    mask2former: Mask2FormerSpec | None = None  # the mask2former head's size
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": RUN_FORMAT, "version": RUN_VERSION,
             "space": self.space.to_json(), "num_classes": self.num_classes,
             "lora": None if self.lora is None else {**dataclasses.asdict(self.lora), "modules": list(self.lora.modules)},
-            "per_channel": self.per_channel,
+            "per_channel": self.per_channel, "head": self.head,
+            "mask2former": None if self.mask2former is None else dataclasses.asdict(self.mask2former),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupernetSpec:
-        lora = data.get("lora")
+        lora, mask2former = data.get("lora"), data.get("mask2former")
         return cls(
             space=SearchSpace.from_json(data["space"]),
             num_classes=int(data["num_classes"]),
             lora=None if lora is None else LoraConfig(**{**lora, "modules": tuple(lora["modules"])}),
             per_channel=bool(data.get("per_channel", False)),
+            head=data.get("head", "light"),  # runs written before heads were a choice have the light head
+            mask2former=None if mask2former is None else Mask2FormerSpec(**mask2former),
         )
 
 
@@ -96,7 +102,7 @@ def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_s
     if spec.lora is not None:
         passes.append(AttachLoraPass(spec.lora, seed=lora_seed))
     PassManager(passes)(ir)
-    model = SegmentationModel(supernet, spec.num_classes)
+    model = SegmentationModel(supernet, spec.num_classes, spec.head, spec.mask2former)
     head = read_head_state(weights) if weights is not None else {}
     if head:
         model.head.load_float_state(head, str(weights))

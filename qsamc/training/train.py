@@ -255,8 +255,8 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     for split in (train_set, val_set):  # a bad file is found now, not after every iteration has run
         split.check_files()
     space = default_space(config.model, config.granularity)  # type: ignore[arg-type]
-    spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel)
-    model, ir = build_model(SupernetSpec(space, train_set.num_classes, None, config.per_channel), config.checkpoint,
+    spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel, config.head, config.mask2former)
+    model, ir = build_model(replace(spec, lora=None), config.checkpoint,
                             weight_init=config.weight_init)  # type: ignore[arg-type]
     model.supernet.activation_checkpointing = config.activation_checkpointing
     if config.schedule == "fp32":
@@ -328,9 +328,11 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
                     images, masks = (t.to(device) for t in make_batch(samples, subnet.resolution))
                     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                         enabled=autocast_dtype is not None):
-                        logits = wrapped(images, upsample=False)
-                        loss = segmentation_loss(logits.float(), masks, train_set.ignore_index)
-                        if teacher is not None:
+                        if teacher is None:  # the head's own loss (the light head's CE, Mask2Former's set loss)
+                            loss = wrapped(images, masks=masks, ignore_index=train_set.ignore_index)
+                        else:
+                            logits = wrapped(images, upsample=False)
+                            loss = segmentation_loss(logits.float(), masks, train_set.ignore_index)
                             loss = loss + config.distill_weight * distillation_loss(
                                 logits.float(), teacher(images).float(), masks, train_set.ignore_index)
                     if not torch.isfinite(loss):
