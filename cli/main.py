@@ -343,10 +343,10 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
                         f"({task.val_images} images)")
     summary.add_row("opset / IR version", f"{report.opset} / {report.ir_version}")
     summary.add_row("TensorRT lint", "clean" if not report.lint else f"{len(report.lint)} problems, e.g. {report.lint[0]}")
-    if report.decoder:
+    if report.decoder is not None:
         d = report.decoder
-        summary.add_row("decoder.onnx", f"embeddings {'x'.join(map(str, d['image_embeddings'][1:]))}, max abs diff "
-                        f"{d['max_abs_diff']:.2e} vs SamOnnxModel, weights {d['weights']}")
+        summary.add_row("decoder.onnx", f"embeddings {'x'.join(map(str, d.image_embeddings[1:]))}, max abs diff "
+                        f"{d.fidelity.max_abs_diff:.2e} vs SamOnnxModel, weights {d.weights}")
     console.print(summary)
     for name, path in report.files.items():
         console.print(f"wrote {name}: {path}", soft_wrap=True)

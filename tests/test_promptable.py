@@ -51,12 +51,14 @@ def test_decoder_is_segment_anythings_export_with_dynamic_points():
     spec = DecoderSpec.for_subnet("vit_t", 256)
     model, weights = build_promptable(spec)
     proto, report = export_decoder(spec, model, weights)
-    assert "freshly initialised" in report["weights"]
+    assert "freshly initialised" in report.weights
     assert [i.name for i in proto.graph.input] == list(INPUT_NAMES)
     assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
-    assert (report["opset"], report["ir_version"]) == (17, 8) and proto.ir_version == 8
-    assert report["image_embeddings"] == [1, 32, 16, 16] and report["mask_input"] == [1, 1, 64, 64]
-    assert report["ok"] and report["max_abs_diff"] < 1e-4
+    assert (report.opset, report.ir_version) == (17, 8) and proto.ir_version == 8
+    assert report.image_embeddings == [1, 32, 16, 16] and report.mask_input == [1, 1, 64, 64]
+    assert report.fidelity.ok and report.fidelity.max_abs_diff < 1e-4
+    saved = report.to_json()  # the layout report.json keeps: the fidelity figures beside the shapes
+    assert saved["ok"] and saved["max_abs_diff"] == report.fidelity.max_abs_diff and saved["inputs"] == list(INPUT_NAMES)
     # Point counts other than the export's 5, and aspect ratios other than its 2:3, match PyTorch.
     session, wrapper = ort_session(proto), onnx_model(model)
     embedding = torch.randn(1, 32, 16, 16, generator=torch.Generator().manual_seed(5)).numpy()

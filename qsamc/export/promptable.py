@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib
 import io
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,43 @@ def sample_prompts(spec: DecoderSpec, embeddings: list[torch.Tensor]) -> list[di
     return prompts
 
 
-def verify_decoder(proto: onnx.ModelProto, model: nn.Module, prompts: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DecoderFidelity:
+    """`decoder.onnx` in ONNX Runtime against segment-anything's `SamOnnxModel` on the same prompts."""
+
+    max_abs_diff: float
+    output_scale: float
+    max_rel: float
+    prompts: int
+    output_shapes: list[list[list[int]]]
+    tolerance_rel: float = DECODER_TOLERANCE
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel <= self.tolerance_rel
+
+
+@dataclass(frozen=True)
+class DecoderReport:
+    """What `qsamc export --promptable` says of `decoder.onnx` (the export report's `decoder` entry)."""
+
+    weights: str  # where the prompt encoder and mask decoder weights came from
+    sam_decoder: bool
+    image_embeddings: list[int]
+    input_image_size: int
+    mask_input: list[int]
+    opset: int
+    ir_version: int
+    onnx_bytes: int
+    fidelity: DecoderFidelity
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "fidelity"}
+        return {**data, "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES),
+                **dataclasses.asdict(self.fidelity), "ok": self.fidelity.ok}
+
+
+def verify_decoder(proto: onnx.ModelProto, model: nn.Module, prompts: list[dict[str, np.ndarray]]) -> DecoderFidelity:
     """Run `decoder.onnx` in a real ONNX Runtime session on `prompts` and compare every output with the
     PyTorch `SamOnnxModel`: max absolute difference, and the same relative to the outputs' scale."""
     from qsamc.export.ort import ort_session
@@ -224,13 +261,11 @@ def verify_decoder(proto: onnx.ModelProto, model: nn.Module, prompts: list[dict[
             max_abs = max(max_abs, float(np.abs(g - e).max()))
             scale = max(scale, float(np.abs(e).max()))
         shapes.append([list(g.shape) for g in got])
-    max_rel = max_abs / max(scale, 1e-12)
-    return {"max_abs_diff": max_abs, "output_scale": scale, "max_rel": max_rel, "tolerance_rel": DECODER_TOLERANCE,
-            "ok": max_rel <= DECODER_TOLERANCE, "prompts": len(prompts), "output_shapes": shapes}
+    return DecoderFidelity(max_abs, scale, max_abs / max(scale, 1e-12), len(prompts), shapes)
 
 
 def export_decoder(spec: DecoderSpec, model: nn.Module, weights: str,
-                   embeddings: list[torch.Tensor] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                   embeddings: list[torch.Tensor] | None = None) -> tuple[onnx.ModelProto, DecoderReport]:
     """Emit and verify `decoder.onnx`; (model, its report). `embeddings` are the encoder's outputs on the
     sample images (the verification then feeds the decoder what it will see); random ones without.
     Raises `ExportError` when ONNX Runtime and PyTorch disagree beyond the tolerance."""
@@ -241,20 +276,10 @@ def export_decoder(spec: DecoderSpec, model: nn.Module, weights: str,
         generator = torch.Generator().manual_seed(2)
         embeddings = [torch.randn(1, spec.embed_dim, spec.grid, spec.grid, generator=generator) for _ in range(2)]
     fidelity = verify_decoder(proto, model, sample_prompts(spec, embeddings))
-    if not fidelity["ok"]:
+    if not fidelity.ok:
         raise ExportError(f"decoder.onnx disagrees with segment-anything's SamOnnxModel: max abs difference "
-                          f"{fidelity['max_abs_diff']:.2e} is {fidelity['max_rel']:.1e} of the output scale "
+                          f"{fidelity.max_abs_diff:.2e} is {fidelity.max_rel:.1e} of the output scale "
                           f"(tolerance {DECODER_TOLERANCE:.0e})")
-    report = {
-        "weights": weights,
-        "sam_decoder": spec.is_sam,
-        "image_embeddings": [1, spec.embed_dim, spec.grid, spec.grid],
-        "input_image_size": spec.resolution,
-        "mask_input": [1, 1, 4 * spec.grid, 4 * spec.grid],
-        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-        "ir_version": proto.ir_version,
-        "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES),
-        "onnx_bytes": proto.ByteSize(),
-        **fidelity,
-    }
-    return proto, report
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return proto, DecoderReport(weights, spec.is_sam, [1, spec.embed_dim, spec.grid, spec.grid], spec.resolution,
+                                [1, 1, 4 * spec.grid, 4 * spec.grid], opset, proto.ir_version, proto.ByteSize(), fidelity)

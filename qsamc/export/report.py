@@ -12,6 +12,7 @@ from typing import Any
 
 from qsamc.errors import TargetError
 from qsamc.export.ort import Latency
+from qsamc.export.promptable import DecoderReport
 from qsamc.export.verify import Fidelity, PartCheck, TaskCheck
 from qsamc.fileio import save_figure
 from qsamc.formats import DeploymentFormat
@@ -104,7 +105,7 @@ class ExportReport:
     task: TaskCheck | None = None  # validation mIoU through the head, PyTorch vs ONNX Runtime
     files: dict[str, str] = field(default_factory=dict)
     engine: EngineBuild | None = None
-    decoder: dict[str, Any] = field(default_factory=dict)  # `--promptable`: decoder.onnx (qsamc.export.promptable)
+    decoder: DecoderReport | None = None  # `--promptable`: decoder.onnx (qsamc.export.promptable)
 
     def worst_part(self) -> PartCheck:
         """The part closest to its mean tolerance."""
@@ -118,5 +119,6 @@ class ExportReport:
             "latency": {"onnxruntime_cpu": self.latency.to_json()}, "fidelity": self.fidelity.to_json(),
             "lint": self.lint, "parts": [p.to_json() for p in self.parts],
             "task": None if self.task is None else self.task.to_json(), "files": self.files,
-            "engine": {} if self.engine is None else asdict(self.engine), "decoder": self.decoder,
+            "engine": {} if self.engine is None else asdict(self.engine),
+            "decoder": {} if self.decoder is None else self.decoder.to_json(),
         }
