@@ -33,6 +33,8 @@ from qsamc.training.runs import load_supernet
 
 if TYPE_CHECKING:
     from qsamc.export.report import ExportReport
+    from qsamc.profiling.profile import Validation
+    from qsamc.profiling.timers import ProfileSettings
     from qsamc.training.train import TrainResult
 
 
@@ -157,10 +159,11 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     return result, written
 
 
-def profile_target(target_name: str, model: str, out: Path | None, settings,
-                   calibration: int = 10, validate: int = 0, restrict: bool = False, progress=None):
-    """What `qsamc profile` does: build (and optionally validate) the latency table of a target; returns
-    (table, its path, validations). `settings`: `qsamc.profiling.timers.ProfileSettings`."""
+def profile_target(target_name: str, model: str, out: Path | None, settings: ProfileSettings,
+                   calibration: int = 10, validate: int = 0, restrict: bool = False,
+                   progress=None) -> tuple[LatencyTable, Path, list[Validation]]:
+    """What `qsamc profile` does: build (and optionally validate) the latency table of a target (the
+    profiler is imported here, so `qsamc search` never loads it)."""
     from qsamc.profiling.profile import build_table, validate_table
 
     target = get_target(target_name)

@@ -336,15 +336,17 @@ class SyntheticDataset(SegmentationDataset):
         return cls._SHAPES[(label - 1) % len(cls._SHAPES)]
 
     def read(self, index: int) -> Sample:
-        image, instances, name = self.read_instances(index)
-        mask = np.zeros(image.shape[:2], np.uint8)
-        for label, shape in instances:
-            mask[shape] = label
+        image, mask, _, name = self._generate(index)
         return Sample(image, mask, name)
 
     def read_instances(self, index: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]], str]:
         """(image, [(class, visible pixels)] per shape, name): the shapes in drawing order, each shape's
         pixels that no later shape covers (a shape covered whole is left out)."""
+        image, _, instances, name = self._generate(index)
+        return image, instances, name
+
+    def _generate(self, index: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]], str]:
+        """(image, class mask, visible shapes, name) of one generated sample."""
         if not 0 <= index < self.config.count:
             raise IndexError(f"synthetic index {index} out of range 0..{self.config.count - 1}")
         # A salt keeps this stream apart from the augmentation stream [seed, epoch, index].
@@ -383,7 +385,7 @@ class SyntheticDataset(SegmentationDataset):
         background = _resize(coarse.clip(0, 255).astype(np.uint8), size, size, Image.Resampling.BILINEAR)
         colours = np.where(mask[..., None] > 0, self._palette[np.maximum(mask, 1) - 1], background)
         image = (colours + rng.normal(0, 12, size=colours.shape)).clip(0, 255).astype(np.uint8)
-        return image, instances, f"synthetic-{SPLITS[self._split_code]}-{index}"
+        return image, mask, instances, f"synthetic-{SPLITS[self._split_code]}-{index}"
 
 
 # --- registry and loader -----------------------------------------------------------------------

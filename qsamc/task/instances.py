@@ -35,6 +35,13 @@ def _pycocotools():
     return COCO, COCOeval, mask_utils
 
 
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    """A binary mask as COCO's run-length encoding, JSON-ready."""
+    _, _, mask_utils = _pycocotools()
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {**rle, "counts": rle["counts"].decode()}
+
+
 def _quiet(call, *args):
     """pycocotools prints its progress; a command prints its own."""
     with contextlib.redirect_stdout(io.StringIO()):
@@ -114,14 +121,8 @@ def instance_predictions(image_id: int, masks: np.ndarray, labels: np.ndarray, s
                          category_ids: list[int]) -> list[dict[str, Any]]:
     """One image's predicted instances (bool masks [N, H, W], class indices, scores) in COCO's results
     format, masks RLE-encoded."""
-    _, _, mask_utils = _pycocotools()
-    out = []
-    for mask, label, score in zip(masks, labels, scores):
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode()
-        out.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
-                    "segmentation": rle, "score": float(score)})
-    return out
+    return [{"image_id": int(image_id), "category_id": int(category_ids[int(label)]), "segmentation": _rle(mask),
+             "score": float(score)} for mask, label, score in zip(masks, labels, scores)]
 
 
 def mask_ap(ground_truth, predictions: list[dict[str, Any]]) -> MaskAP:
@@ -152,9 +153,8 @@ def write_synthetic_coco(root: str | Path, split: str, config: SyntheticConfig =
         Image.fromarray(image).save(root / split / file_name)
         images.append({"id": index + 1, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
         for label, visible in instances:
-            rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
+            rle = _rle(visible)
             area, bbox = float(mask_utils.area(rle)), [float(v) for v in mask_utils.toBbox(rle)]
-            rle["counts"] = rle["counts"].decode()
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": label,
                                 "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0})
     categories = [{"id": k, "name": f"{SyntheticDataset.shape_kind(k)} {k}"} for k in range(1, config.num_classes)]
