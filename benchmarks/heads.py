@@ -1,9 +1,11 @@
-"""Light head vs Mask2Former head on the generated shapes (semantic task): validation mIoU of the max and
-min subnets, training step time and peak memory.
+"""Light head vs Mask2Former head on the generated shapes: semantic mIoU and instance mask AP of the max
+and min subnets, training step time and peak memory.
 
-Each head trains the same `vit_t` supernet from scratch in a fresh `qsamc train` process, with the
-quickstart's schedule (progressive, multiplex LoRA, its learning rates), so only the head differs.
-The Mask2Former head is sized for this small encoder (`--head-dim`, `--head-queries`, `--head-layers`).
+Each row trains the same `vit_t` supernet from scratch in a fresh `qsamc train` process, with the
+quickstart's schedule (progressive, multiplex LoRA, its learning rates), so only the head and the task
+differ. The Mask2Former head is sized for this small encoder (`--head-dim`, `--head-queries`,
+`--head-layers`); the instance task scores COCO mask AP (COCOeval) on the generated set's instances
+(the light head predicts classes per pixel and has no instance row).
 
     python benchmarks/heads.py [--iterations 300] [--head-dim 64] [--head-queries 16] [--head-layers 3]
 """
@@ -31,7 +33,8 @@ def train(out: Path, iterations: int, extra: list[str]) -> dict:
     validation = json.loads((out / "validation.json").read_text())
     with open(out / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    return {"max_miou": validation["max_subnet"]["miou"], "min_miou": validation["min_subnet"]["miou"],
+    metric = "ap" if "ap" in validation["max_subnet"] else "miou"
+    return {"metric": metric, "max": validation["max_subnet"][metric], "min": validation["min_subnet"][metric],
             "step_s": statistics.median(1 / float(r["iter_per_s"]) for r in rows),
             "peak_mb": max(float(r["memory_mb"]) for r in rows), "wall_s": wall}
 
@@ -43,20 +46,21 @@ def main() -> None:
     parser.add_argument("--head-queries", type=int, default=16)
     parser.add_argument("--head-layers", type=int, default=3)
     args = parser.parse_args()
-    heads = {
-        "light (W8A8 conv)": ["--head", "light"],
-        f"mask2former ({args.head_dim} wide, {args.head_queries} queries, {args.head_layers} layers)":
-            ["--head", "mask2former", "--head-dim", str(args.head_dim), "--head-queries", str(args.head_queries),
-             "--head-layers", str(args.head_layers)],
-    }
+    mask2former = f"mask2former ({args.head_dim} wide, {args.head_queries} queries, {args.head_layers} layers)"
+    sized = ["--head", "mask2former", "--head-dim", str(args.head_dim), "--head-queries", str(args.head_queries),
+             "--head-layers", str(args.head_layers)]
+    rows = [("light (W8A8 conv)", "semantic", ["--head", "light"]),
+            (mask2former, "semantic", sized),
+            (mask2former, "instance", [*sized, "--task", "instance"])]
     print(f"vit_t on generated shapes, {args.iterations} iterations, batch 4 (quickstart schedule)\n")
-    print("| head | max subnet mIoU | min subnet mIoU | step time (s, median) | peak memory (MB) | wall (s) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| head | task | max subnet | min subnet | step time (s, median) | peak memory (MB) | wall (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as folder:
-        for index, (name, extra) in enumerate(heads.items()):
+        for index, (name, task, extra) in enumerate(rows):
             r = train(Path(folder) / str(index), args.iterations, extra)
-            print(f"| {name} | {r['max_miou']:.4f} | {r['min_miou']:.4f} | {r['step_s']:.3f} | {r['peak_mb']:.0f} | "
-                  f"{r['wall_s']:.0f} |", flush=True)
+            label = "mIoU" if r["metric"] == "miou" else "mask AP"
+            print(f"| {name} | {task} | {label} {r['max']:.4f} | {label} {r['min']:.4f} | {r['step_s']:.3f} | "
+                  f"{r['peak_mb']:.0f} | {r['wall_s']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

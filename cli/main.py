@@ -140,7 +140,7 @@ def train(config: Optional[Path], resume: bool, overwrite: bool, quiet: bool, **
     console.print(f"supernet written to {result.run}/supernet.pt ({result.iterations} iterations)")
     for name, ev in (("max subnet" if result.min_subnet else "FP32 model", result.max_subnet), ("min subnet", result.min_subnet)):
         if ev is not None:
-            console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}, pixel accuracy {ev.pixel_accuracy:.4f}")
+            console.print(f"{name}: {ev.describe()}")
 
 
 def _config_options() -> list[inspect.Parameter]:
@@ -208,7 +208,7 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            batch_size: int = typer.Option(8, help="Validation batch size."),
            population: int = typer.Option(50), top_k: int = typer.Option(10), mutations: int = typer.Option(25),
            crossovers: int = typer.Option(25), mutation_prob: float = typer.Option(0.2),
-           generations: int = typer.Option(5), objective: Objective = typer.Option(Objective.loss, help="Fitness: validation loss (the paper) or mIoU."),
+           generations: int = typer.Option(5), objective: Objective = typer.Option(Objective.loss, help="Fitness: validation loss (the paper), mIoU (semantic runs) or mask AP (instance runs)."),
            seed: int = typer.Option(0),
            float_macs: FloatMacs = typer.Option(FloatMacs.fp32, help="Count attention matmuls in BitOPs at 32x32 bits, "
                                                 "or exclude them (the paper's convention)."),
@@ -237,11 +237,13 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
     if not written:
         return
     table = Table(title=f"best subnets on {target} ({result.evaluations} subnets evaluated)")
-    for column in ("budget", *result.results[0].best.costs, "loss", "mIoU"):
+    metrics = list(result.results[0].best.evaluation.metrics())
+    for column in ("budget", *result.results[0].best.costs, *metrics):
         table.add_column(column)
     for r in result.results:
         costs = [format_cost(m, v) for m, v in r.best.costs.items()]  # type: ignore[arg-type]
-        table.add_row(", ".join(map(str, r.budgets)), *costs, f"{r.best.evaluation.loss:.4f}", f"{r.best.evaluation.miou:.4f}")
+        values = [f"{v:.4f}" for v in r.best.evaluation.metrics().values()]
+        table.add_row(", ".join(map(str, r.budgets)), *costs, *values)
     console.print(table)
     for path in written:
         console.print(f"wrote {path}")

@@ -22,7 +22,8 @@ from qsamc.ir.graph import IR
 from qsamc.passes import BitopsModel, BitopsReport
 from qsamc.passes.count_bitops import FloatMacs
 from qsamc.search.cost import BitopsCost, Budget, CostModel, RooflineLatency, parse_budget
-from qsamc.search.evolution import EvolutionConfig, SearchResult, SubnetFitness, default_ladder, search
+from qsamc.search.evolution import (TASK_OBJECTIVES, EvolutionConfig, SearchResult, SubnetFitness, default_ladder,
+                                    search)
 from qsamc.search.latency_table import LatencyTable, TableLatency, default_table_path
 from qsamc.search.pareto import write_search
 from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
@@ -148,7 +149,10 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     if dataset is None:
         dataset, data_root = training_dataset(run)
         dataset = dataset or "synthetic"
-    images = build_dataset(dataset, data_root, split)
+    if config.objective not in TASK_OBJECTIVES[spec.task]:
+        raise ConfigError(f"{run} is {'an' if spec.task == 'instance' else 'a'} {spec.task}-segmentation run; its objectives are "
+                          f"{' and '.join(TASK_OBJECTIVES[spec.task])}, not {config.objective}")
+    images = build_dataset(dataset, data_root, split, task=spec.task)
     if images.num_classes != spec.num_classes:
         raise ConfigError(f"the supernet in {run} predicts {spec.num_classes} classes but the {dataset} data has "
                           f"{images.num_classes}: pass the dataset it was trained on (--dataset, --data-root)")
@@ -233,7 +237,9 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     subnet = spec.space.validate(subnet)
     if dataset is None:  # the run's own validation data, where its config says what it was
         dataset, data_root = training_dataset(run)
-    validation = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit) if dataset else None
+    # The task-level check scores mIoU through the head; an instance run's export is verified on the encoder.
+    validation = (ValidationSet(build_dataset(dataset, data_root, "val"), val_limit)
+                  if dataset and spec.task == "semantic" else None)
 
     if promptable:  # read the SAM checkpoint before the slow part: its errors come first
         from qsamc.export.promptable import DecoderSpec, build_promptable, export_decoder

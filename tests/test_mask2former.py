@@ -104,3 +104,55 @@ def test_baselines_refuse_a_mask2former_reference(mask2former_run, tmp_path):
         load_reference(reference)
     with pytest.raises(CheckpointError, match=r"does not fit a 4-class head"):
         SegmentationHead(32, 4).load_float_state(Mask2FormerHead(32, 4, SMALL).state_dict(), "m2f")
+
+
+# --- the instance task: COCO-format instances, mask AP, searched on AP --------------------------------------
+
+def test_the_instance_task_needs_the_mask2former_head():
+    with pytest.raises(ConfigError, match=r"^the instance task needs --head mask2former; the light head predicts"):
+        TrainConfig(task="instance")
+    with pytest.raises(ConfigError, match=r"^task must be one of semantic, instance, got 'panoptic'$"):
+        TrainConfig(task="panoptic", head="mask2former")
+
+
+@pytest.fixture(scope="module")
+def instance_run(tmp_path_factory):
+    from qsamc.training.train import train
+
+    run = tmp_path_factory.mktemp("m2f-instance") / "run"
+    config = load_train_config(None, {
+        "out": str(run), "iterations": 6, "phase1_iterations": 3, "batch_size": 2, "val_limit": 4,
+        "checkpoint_every": 3, "calibration_batches": 1, "head": "mask2former", "head_dim": 32,
+        "head_queries": 8, "head_layers": 2, "task": "instance"})
+    return run, train(config, show_progress=False)
+
+
+def test_an_instance_run_records_its_task_and_scores_mask_ap(instance_run):
+    run, result = instance_run
+    assert json.loads((run / "supernet.json").read_text())["task"] == "instance"
+    validation = json.loads((run / "validation.json").read_text())
+    assert set(validation["max_subnet"]) == {"loss", "ap", "ap50", "ap75"}
+    model, _, spec = load_supernet(run)
+    assert spec.task == "instance" and model.head.task == "instance" and model.head.num_classes == 3
+    for evaluation in (result.max_subnet, result.min_subnet):
+        assert 0.0 <= evaluation.ap <= evaluation.ap50 <= 1.0 and evaluation.loss > 0
+    assert result.max_subnet.metrics() == validation["max_subnet"]
+
+
+def test_search_on_an_instance_run_ranks_subnets_by_mask_ap(instance_run, tmp_path):
+    from qsamc.pipeline import export_subnet, run_search
+    from qsamc.search.evolution import EvolutionConfig
+
+    run, result = instance_run
+    config = EvolutionConfig(population=4, top_k=2, mutations=2, crossovers=2, generations=1, objective="ap")
+    searched, _ = run_search(run, "cpu", True, False, ["20G"], tmp_path / "search", val_limit=4, config=config)
+    candidates = searched.candidates
+    assert searched.results[0].best.evaluation.ap == max(c.evaluation.ap for c in candidates
+                                                         if c.costs["bitops"] <= 20e9)
+    pareto = json.loads((tmp_path / "search" / "pareto.json").read_text())
+    assert pareto["objective"] == "ap" and set(pareto["candidates"][0]) >= {"loss", "ap", "ap50", "ap75"}
+    with pytest.raises(ConfigError, match=r"is an instance-segmentation run; its objectives are loss and ap, not miou$"):
+        run_search(run, "cpu", True, False, ["20G"], tmp_path / "other", val_limit=4,
+                   config=EvolutionConfig(population=4, generations=1, objective="miou"))
+    report = export_subnet(run, tmp_path / "search" / "best-20G.json", "cpu", "onnx", tmp_path / "export", samples=1)
+    assert report.task is None and report.fidelity is not None  # the encoder is verified; the head is not exported

@@ -198,5 +198,5 @@ def test_evolution_config_round_trips_through_json():
     assert EvolutionConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     with pytest.raises(ConfigError, match=r"^unknown evolution setting 'populaton'; known settings are crossovers, "):
         EvolutionConfig.from_json({**config.to_json(), "populaton": 3})
-    with pytest.raises(ConfigError, match=r"^objective must be 'loss' or 'miou', got 'speed'$"):
+    with pytest.raises(ConfigError, match=r"^objective must be one of loss, miou, ap, got 'speed'$"):
         EvolutionConfig.from_json({**config.to_json(), "objective": "speed"})

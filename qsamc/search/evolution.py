@@ -32,8 +32,10 @@ from qsamc.supernet.space import SearchSpace, Subnet
 from qsamc.threads import adapt as adapt_threads
 
 Fitness = Callable[[Subnet], Evaluation]
-Objective = Literal["loss", "miou"]
-OBJECTIVES = ("loss", "miou")
+Objective = Literal["loss", "miou", "ap"]
+OBJECTIVES = ("loss", "miou", "ap")
+# The objectives each task has: validation loss (the paper's proxy) or its own metric.
+TASK_OBJECTIVES = {"semantic": ("loss", "miou"), "instance": ("loss", "ap")}
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class EvolutionConfig:
         if not 0.0 <= self.mutation_prob <= 1.0:
             raise ConfigError(f"mutation probability must lie in [0, 1], got {self.mutation_prob}")
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be 'loss' or 'miou', got '{self.objective}'")
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,11 +90,11 @@ class Candidate:
 
     def score(self, objective: Objective) -> float:
         """Lower is better."""
-        return self.evaluation.loss if objective == "loss" else -self.evaluation.miou
+        return self.value(objective) if objective == "loss" else -self.value(objective)
 
     def value(self, objective: Objective) -> float:
-        """The objective's own value (validation loss, or mIoU), as it is reported."""
-        return self.evaluation.loss if objective == "loss" else self.evaluation.miou
+        """The objective's own value (validation loss, mIoU or mask AP), as it is reported."""
+        return getattr(self.evaluation, objective)
 
 
 @dataclass

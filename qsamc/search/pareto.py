@@ -42,7 +42,7 @@ def best_name(budgets: Sequence[Any]) -> str:
 def _candidate_json(c: Candidate, space: SearchSpace, target: Target) -> dict[str, Any]:
     return {"subnet": c.subnet.to_json(), "costs": c.costs,
             "deployed": deployed_precisions(space, target, c.subnet),
-            "loss": c.evaluation.loss, "miou": c.evaluation.miou, "pixel_accuracy": c.evaluation.pixel_accuracy}
+            **c.evaluation.metrics()}
 
 
 def write_search(result: SearchResult, space: SearchSpace, target: Target, costs: Sequence[CostModel],
@@ -82,7 +82,7 @@ def plot_pareto(result: SearchResult, costs: Sequence[CostModel], path: Path) ->
     import matplotlib.pyplot as plt
 
     objective = result.objective
-    score = (lambda c: c.evaluation.loss) if objective == "loss" else (lambda c: c.evaluation.miou)
+    score = lambda c: c.value(objective)  # noqa: E731
     fig, axes = plt.subplots(1, len(costs), figsize=(6 * len(costs), 4.5), squeeze=False)
     for ax, model in zip(axes[0], costs):
         m = model.name

@@ -37,6 +37,7 @@ from qsamc.errors import ConfigError, DataError
 
 IGNORE_INDEX = 255
 SPLITS = ("train", "val")
+TASKS = ("semantic", "instance")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 # segment-anything's Sam.pixel_mean / pixel_std, on 0..255 RGB.
@@ -48,7 +49,8 @@ _PAD_RGB = tuple(round(m) for m in PIXEL_MEAN)
 
 @dataclass(frozen=True)
 class Sample:
-    """One raw example: `image` uint8 [H, W, 3] RGB, `mask` uint8 [H, W] of class ids or IGNORE_INDEX."""
+    """One raw example: `image` uint8 [H, W, 3] RGB, `mask` [H, W]: uint8 class ids or IGNORE_INDEX (semantic
+    task), or int32 instance codes (instance task, `qsamc.task.instances`)."""
 
     image: np.ndarray
     mask: np.ndarray
@@ -176,6 +178,7 @@ class SegmentationDataset(Dataset[Sample], abc.ABC):
     name: str
     num_classes: int
     ignore_index: int = IGNORE_INDEX
+    task = "semantic"  # or "instance": masks are instance codes (`qsamc.task.instances`)
 
     def __init__(self, augmentation: AugmentConfig | None, seed: int) -> None:
         self.augmentation = augmentation
@@ -447,10 +450,18 @@ def build_dataset(
     seed: int = 0,
     augmentation: AugmentConfig | None = None,
     synthetic: SyntheticConfig | None = None,
+    task: str = "semantic",
 ) -> SegmentationDataset:
-    """A registered dataset's split; `augment` applies `augmentation` (default AugmentConfig())."""
-    if format not in DATASETS:
-        raise DataError(f"unknown dataset format {format!r}; known formats: {', '.join(sorted(DATASETS))}.")
+    """A registered dataset's split for `task`; `augment` applies `augmentation` (default AugmentConfig()).
+    The instance task's formats (`coco`, `synthetic`) live in `qsamc.task.instances` (pycocotools)."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; use one of {', '.join(TASKS)}.")
+    if task == "instance":
+        from qsamc.task.instances import INSTANCE_DATASETS as registry
+    else:
+        registry = DATASETS
+    if format not in registry:
+        raise DataError(f"the {task} task has no dataset format {format!r}; its formats are {', '.join(sorted(registry))}.")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
     request = DatasetRequest(
@@ -460,7 +471,7 @@ def build_dataset(
         seed=seed,
         synthetic=synthetic or SyntheticConfig(),
     )
-    return DATASETS[format](request)
+    return registry[format](request)
 
 
 def make_loader(

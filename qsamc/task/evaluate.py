@@ -1,4 +1,5 @@
-"""Subnet evaluation: validation loss (the paper's search proxy, Eq. 2) and mIoU of one subnet.
+"""Subnet evaluation: validation loss (the paper's search proxy, Eq. 2) and the task metric of one subnet:
+mIoU (semantic task) or COCO mask AP (instance task).
 
 Used by the trainer's validation and by search's fitness. Batches are prepared once per resolution
 (`ValidationSet`) so that evaluating many subnets costs only their forward passes; no gradients.
@@ -7,21 +8,38 @@ Used by the trainer's validation and by search's fitness. Batches are prepared o
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from qsamc.task.data import SegmentationDataset, make_batch
+from qsamc.task.data import SegmentationDataset, make_batch, preprocess_shape
 from qsamc.task.metric import SegmentationMetric
 from qsamc.supernet.space import Subnet
 
 
 @dataclass(frozen=True)
 class Evaluation:
+    """Validation loss and the task's metrics: mIoU and pixel accuracy (semantic), mask AP, AP50 and
+    AP75 (instance); a metric the task does not have is NaN."""
+
     loss: float
     miou: float
     pixel_accuracy: float
+    ap: float = math.nan
+    ap50: float = math.nan
+    ap75: float = math.nan
+
+    def metrics(self) -> dict[str, float]:
+        """Loss and the task's own metrics (JSON-ready: no NaN for the other task's)."""
+        names = ("loss", "ap", "ap50", "ap75") if not math.isnan(self.ap) else ("loss", "miou", "pixel_accuracy")
+        return {name: getattr(self, name) for name in names}
+
+    def describe(self) -> str:
+        if not math.isnan(self.ap):
+            return f"mask AP {self.ap:.4f} (AP50 {self.ap50:.4f}, AP75 {self.ap75:.4f}), loss {self.loss:.4f}"
+        return f"validation mIoU {self.miou:.4f}, loss {self.loss:.4f}, pixel accuracy {self.pixel_accuracy:.4f}"
 
 
 class ValidationSet:
@@ -29,8 +47,9 @@ class ValidationSet:
 
     def __init__(self, dataset: SegmentationDataset, limit: int | None = None, batch_size: int = 8) -> None:
         count = len(dataset) if limit is None else min(limit, len(dataset))
+        self.dataset = dataset
         self.samples = [dataset[i] for i in range(count)]
-        self.num_classes, self.ignore_index = dataset.num_classes, dataset.ignore_index
+        self.num_classes, self.ignore_index, self.task = dataset.num_classes, dataset.ignore_index, dataset.task
         self.batch_size = batch_size
         self._cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -58,12 +77,46 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ValidationSe
 
 
 @torch.no_grad()
+def evaluate_instances(encoder: Callable[[torch.Tensor], torch.Tensor], head: torch.nn.Module, data: ValidationSet,
+                       resolution: int, top_k: int = 100) -> Evaluation:
+    """Validation loss (the head's set loss, its point sampling seeded so that the proxy is a function of
+    the subnet) and COCO mask AP of `encoder` (images -> features) + a Mask2Former `head`: each image's top-k
+    instances, their mask logits upsampled to the padded input, cropped to the image and resized to its
+    original size, binarised at 0 and scored by class probability x mask score."""
+    from qsamc.task.instances import instance_predictions
+    from qsamc.task.mask2former import mask_scores
+
+    total, predictions, image_ids = 0.0, [], []
+    for start, (images, masks) in zip(range(0, len(data.samples), data.batch_size), data.batches(resolution)):
+        features = encoder(images)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            total += head.loss(features, masks, data.ignore_index).item() * len(images)
+        for offset, (scores, labels, logits) in enumerate(head.detect(features, top_k)):
+            index = start + offset
+            height, width = data.samples[index].image.shape[:2]
+            newh, neww = preprocess_shape(height, width, resolution)
+            logits = F.interpolate(logits[None].float(), size=(resolution, resolution), mode="bilinear",
+                                   align_corners=False)[..., :newh, :neww]
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
+            scores = scores * mask_scores(logits)
+            keep = (logits > 0).flatten(1).any(1)
+            image_ids.append(data.dataset.image_id(index))
+            predictions += instance_predictions(image_ids[-1], (logits[keep] > 0).numpy(), labels[keep].numpy(),
+                                                scores[keep].numpy(), data.dataset.category_ids)
+    scored = data.dataset.evaluate(predictions, image_ids)
+    return Evaluation(total / max(len(data.samples), 1), math.nan, math.nan, scored.ap, scored.ap50, scored.ap75)
+
+
+@torch.no_grad()
 def evaluate_subnet(model: torch.nn.Module, subnet: Subnet, data: ValidationSet) -> Evaluation:
-    """`evaluate` of the supernet + head computing `subnet`."""
+    """`evaluate` (semantic) or `evaluate_instances` (instance task) of the supernet + head computing `subnet`."""
     was_training = model.training
     model.eval()
     model.supernet.set_subnet(subnet)
     try:
+        if data.task == "instance":
+            return evaluate_instances(model.supernet, model.head, data, subnet.resolution)
         return evaluate(model, data, subnet.resolution)
     finally:
         model.train(was_training)

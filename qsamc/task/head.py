@@ -78,11 +78,15 @@ class SegmentationHead(nn.Module):
         return segmentation_loss(self(features, None).float(), masks, ignore_index)
 
 
-def build_head(kind: str, in_channels: int, num_classes: int, mask2former: Mask2FormerSpec | None = None) -> nn.Module:
+def build_head(kind: str, in_channels: int, num_classes: int, mask2former: Mask2FormerSpec | None = None,
+               task: str = "semantic") -> nn.Module:
+    """A head for `task`: the light head is semantic only, Mask2Former does both."""
+    if task == "instance" and kind != "mask2former":
+        raise ConfigError(f"the instance task needs the mask2former head; the {kind} head predicts classes per pixel")
     if kind == "light":
         return SegmentationHead(in_channels, num_classes)
     if kind == "mask2former":
-        return Mask2FormerHead(in_channels, num_classes, mask2former or Mask2FormerSpec())
+        return Mask2FormerHead(in_channels, num_classes, mask2former or Mask2FormerSpec(), task)
     raise ConfigError(f"unknown head '{kind}'; known heads are {', '.join(HEADS)}")
 
 
@@ -91,10 +95,11 @@ class SegmentationModel(nn.Module):
     (`upsample=False`: at the head's own grid)."""
 
     def __init__(self, supernet: nn.Module, num_classes: int, head: str = "light",
-                 mask2former: Mask2FormerSpec | None = None) -> None:
+                 mask2former: Mask2FormerSpec | None = None, task: str = "semantic") -> None:
         super().__init__()
         self.supernet = supernet
-        self.head = build_head(head, supernet.neck[0].out_channels, num_classes, mask2former)
+        self.task = task
+        self.head = build_head(head, supernet.neck[0].out_channels, num_classes, mask2former, task)
 
     def forward(self, images: torch.Tensor, upsample: bool = True, masks: torch.Tensor | None = None,
                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

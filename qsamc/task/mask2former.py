@@ -3,10 +3,12 @@ pyramid -> Hugging Face transformers' Mask2Former pixel decoder, masked-attentio
 Hungarian matcher and set-prediction loss (`pip install "qsamc[mask2former]"`).
 
 Written here: the ViTDet-style pyramid (SAM's encoder has one stride-16 output; Mask2Former reads
-strides 4, 8, 16 and 32: two transposed convs up, one, identity, max-pool down), the semantic
-targets (one binary mask per class present in an image), and the semantic inference
-(per-pixel class probabilities: the queries' class distributions weighted by their sigmoid masks, as
-Mask2Former's semantic post-processing does). From transformers: `Mask2FormerPixelDecoder`
+strides 4, 8, 16 and 32: two transposed convs up, one, identity, max-pool down), the targets (semantic:
+one binary mask per class present in an image; instance: one per instance, `qsamc.task.instances`), the
+semantic inference (per-pixel class probabilities: the queries' class distributions weighted by their
+sigmoid masks, as Mask2Former's semantic post-processing does) and the instance inference (`detect`:
+the top-k (query, class) pairs by class probability times mask score, as Mask2Former's instance
+post-processing does). From transformers: `Mask2FormerPixelDecoder`
 (multi-scale deformable attention encoder + FPN), `Mask2FormerTransformerModule`, `Mask2FormerLoss`
 (with its Hungarian matcher; scipy), and the weight initialisation of `Mask2FormerPreTrainedModel`.
 
@@ -24,6 +26,7 @@ from torch import nn
 
 from qsamc.errors import ConfigError
 from qsamc.sam import check_state_dict
+from qsamc.task.instances import instance_targets
 
 
 def _transformers():
@@ -103,11 +106,12 @@ class Mask2FormerHead(nn.Module):
     layer; `forward(features, size)` gives per-pixel class log-probabilities, as the light head's logits
     are read (argmax, cross-entropy)."""
 
-    def __init__(self, in_channels: int, num_classes: int, spec: Mask2FormerSpec = Mask2FormerSpec()) -> None:
+    def __init__(self, in_channels: int, num_classes: int, spec: Mask2FormerSpec = Mask2FormerSpec(),
+                 task: str = "semantic") -> None:
         super().__init__()
         decoder, m2f = _decoder_class()
         config = spec.config(num_classes)
-        self.num_classes, self.spec = num_classes, spec
+        self.num_classes, self.spec, self.task = num_classes, spec, task
         self.pyramid = SimplePyramid(in_channels)
         self.decoder = decoder(config, in_channels)
         weights = {"loss_cross_entropy": config.class_weight, "loss_mask": config.mask_weight,
@@ -128,9 +132,13 @@ class Mask2FormerHead(nn.Module):
 
     def loss(self, features: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """Mask2Former's set-prediction loss (weighted class CE, mask BCE and dice on sampled points, every
-        decoder layer) against the semantic targets of `masks` [B, H, W]: one binary mask per class present."""
+        decoder layer) against the targets of `masks` [B, H, W]: one binary mask per class present (semantic
+        task: class ids) or per instance (instance task: instance codes)."""
         classes, predicted = self.predict(features)
-        mask_labels, class_labels = semantic_targets(masks, self.num_classes, ignore_index)
+        if self.task == "instance":
+            mask_labels, class_labels = instance_targets(masks)
+        else:
+            mask_labels, class_labels = semantic_targets(masks, self.num_classes, ignore_index)
         auxiliary = [{"masks_queries_logits": m, "class_queries_logits": c} for m, c in zip(predicted[:-1], classes[:-1])]
         terms = self.criterion(masks_queries_logits=predicted[-1], class_queries_logits=classes[-1],
                                mask_labels=mask_labels, class_labels=class_labels, auxiliary_predictions=auxiliary)
@@ -142,6 +150,27 @@ class Mask2FormerHead(nn.Module):
         if size is not None:
             probabilities = F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False)
         return torch.log(probabilities.clamp_min(1e-12) / probabilities.sum(1, keepdim=True).clamp_min(1e-12))
+
+
+    @torch.no_grad()
+    def detect(self, features: torch.Tensor, top_k: int = 100) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Instances per image: (class probabilities [k], class indices [k], mask logits [k, H/4, W/4]) of
+        the top-k (query, class) pairs by class probability (the null class excluded), as Mask2Former's
+        instance post-processing ranks them; the caller scales masks to the image and weighs in the mask
+        score (`mask_scores`)."""
+        classes, predicted = self.predict(features)
+        probabilities = classes[-1].softmax(-1)[..., :-1]  # [B, Q, K]
+        found = []
+        for scores, masks in zip(probabilities, predicted[-1]):
+            best, index = scores.flatten().topk(min(top_k, scores.numel()))
+            found.append((best, index % self.num_classes, masks[index // self.num_classes]))
+        return found
+
+
+def mask_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Mask2Former's mask score: the mean sigmoid probability inside each binary mask (logits > 0) [k]."""
+    binary = (logits > 0).float()
+    return (logits.sigmoid() * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp_min(1e-6)
 
 
 def semantic_targets(masks: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -24,6 +24,7 @@ from qsamc.supernet.lora import LORA_VARIANTS, LoraConfig
 from qsamc.supernet.quant import WEIGHT_INITS
 from qsamc.sam import get_config
 from qsamc.supernet.space import GRANULARITIES
+from qsamc.task.data import TASKS
 from qsamc.task.head import HEADS
 from qsamc.task.mask2former import Mask2FormerSpec
 
@@ -98,6 +99,7 @@ class TrainConfig:
     head_dim: int = 256
     head_queries: int = 100
     head_layers: int = 9
+    task: str = "semantic"
 
     def __post_init__(self) -> None:
         get_config(self.model)
@@ -135,6 +137,9 @@ class TrainConfig:
             (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'"),
             (self.distill == "none" or self.head == "light",
              "distill=reference distils the light head's per-pixel logits; the mask2former head trains without it"),
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got '{self.task}'"),
+            (self.task == "semantic" or self.head == "mask2former",
+             "the instance task needs --head mask2former; the light head predicts classes per pixel"),
         ]
         for ok, message in checks:
             if not ok:
@@ -167,12 +172,12 @@ class TrainConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "granularity": GRANULARITIES, "schedule": SCHEDULES, "lora_variant": LORA_VARIANTS, "lora_switch": LORA_SWITCHES,
     "sampling": SAMPLINGS, "distill": DISTILLATIONS, "weight_init": WEIGHT_INITS, "device": DEVICES,
-    "precision": PRECISIONS, "head": HEADS,
+    "precision": PRECISIONS, "head": HEADS, "task": TASKS,
 }
 HELP: dict[str, str] = {
     "model": "Encoder config (vit_t, vit_b, vit_l, vit_h).",
     "checkpoint": "A SAM checkpoint (the encoder) or an FP32 reference run folder (encoder and head).",
-    "dataset": "Dataset format: synthetic, ade20k, camvid.",
+    "dataset": "Dataset format: synthetic, ade20k, camvid (semantic task); synthetic, coco (instance task).",
     "data_root": "Dataset folder (not for synthetic).",
     "out": "Run folder: checkpoints, supernet, metrics.",
     "granularity": "Bits tied per layer, block, stage or model.",
@@ -209,6 +214,7 @@ HELP: dict[str, str] = {
     "head_dim": "Mask2Former head: width of its pixel and transformer decoders.",
     "head_queries": "Mask2Former head: object queries.",
     "head_layers": "Mask2Former head: masked-attention decoder layers.",
+    "task": "semantic (mIoU) or instance (COCO-format data, mask AP; needs --head mask2former).",
 }
 
 

@@ -45,6 +45,7 @@ class SupernetSpec:
     per_channel: bool = False
     head: str = "light"  # `qsamc.task.head.HEADS`
     mask2former: Mask2FormerSpec | None = None  # the mask2former head's size
+    task: str = "semantic"  # `qsamc.task.data.TASKS`
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -53,6 +54,7 @@ class SupernetSpec:
             "lora": None if self.lora is None else {**dataclasses.asdict(self.lora), "modules": list(self.lora.modules)},
             "per_channel": self.per_channel, "head": self.head,
             "mask2former": None if self.mask2former is None else dataclasses.asdict(self.mask2former),
+            "task": self.task,
         }
 
     @classmethod
@@ -65,6 +67,7 @@ class SupernetSpec:
             per_channel=bool(data.get("per_channel", False)),
             head=data.get("head", "light"),  # runs written before heads were a choice have the light head
             mask2former=None if mask2former is None else Mask2FormerSpec(**mask2former),
+            task=data.get("task", "semantic"),  # runs written before the instance task are semantic
         )
 
 
@@ -102,7 +105,7 @@ def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_s
     if spec.lora is not None:
         passes.append(AttachLoraPass(spec.lora, seed=lora_seed))
     PassManager(passes)(ir)
-    model = SegmentationModel(supernet, spec.num_classes, spec.head, spec.mask2former)
+    model = SegmentationModel(supernet, spec.num_classes, spec.head, spec.mask2former, spec.task)
     head = read_head_state(weights) if weights is not None else {}
     if head:
         model.head.load_float_state(head, str(weights))

@@ -250,12 +250,13 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     torch.manual_seed(config.seed)
 
     # 1. Data, space, model with quantizers.
-    train_set = build_dataset(config.dataset, config.data_root, "train", augment=True, seed=config.seed)
-    val_set = build_dataset(config.dataset, config.data_root, "val", seed=config.seed)
+    train_set = build_dataset(config.dataset, config.data_root, "train", augment=True, seed=config.seed, task=config.task)
+    val_set = build_dataset(config.dataset, config.data_root, "val", seed=config.seed, task=config.task)
     for split in (train_set, val_set):  # a bad file is found now, not after every iteration has run
         split.check_files()
     space = default_space(config.model, config.granularity)  # type: ignore[arg-type]
-    spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel, config.head, config.mask2former)
+    spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel, config.head, config.mask2former,
+                        config.task)
     model, ir = build_model(replace(spec, lora=None), config.checkpoint,
                             weight_init=config.weight_init)  # type: ignore[arg-type]
     model.supernet.activation_checkpointing = config.activation_checkpointing
@@ -378,7 +379,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     if rank == 0:
         save_supernet(run, spec, model)
         atomic_write_json(run / "validation.json", {
-            "max_subnet": max_eval.__dict__, "min_subnet": None if min_eval is None else min_eval.__dict__,
+            "max_subnet": max_eval.metrics(), "min_subnet": None if min_eval is None else min_eval.metrics(),
             "val_images": len(validation.samples), "schedule": config.schedule})
     if world > 1:
         dist.barrier()
