@@ -25,7 +25,7 @@ from qsamc.supernet.space import GRANULARITIES
 from qsamc.targets import get_target, known_targets
 from qsamc.task.data import SPLITS
 from qsamc.threads import ENV as threads_env, apply_threads
-from qsamc.training.config import CHOICES, HELP, TrainConfig
+from qsamc.training.config import ATTENTION_MODES, CHOICES, HELP, TrainConfig
 from qsamc.units import human
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,6 +42,7 @@ Granularity = choice("Granularity", GRANULARITIES)
 FloatMacs = choice("FloatMacs", FLOAT_MAC_CONVENTIONS)
 Split = choice("Split", SPLITS)
 Objective = choice("Objective", OBJECTIVES)
+Attention = choice("Attention", tuple(ATTENTION_MODES))
 Clock = choice("Clock", CLOCKS)
 ExportFormat = choice("ExportFormat", sorted({f for name in known_targets() for f in get_target(name).formats}))
 
@@ -237,7 +238,9 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
     if not written:
         return
     table = Table(title=f"best subnets on {target} ({result.evaluations} subnets evaluated)")
-    metrics = list(result.results[0].best.evaluation.metrics())
+    names = {"loss": "loss", "miou": "mIoU", "pixel_accuracy": "pixel accuracy", "ap": "mask AP", "ap50": "AP50",
+             "ap75": "AP75"}
+    metrics = [names[m] for m in result.results[0].best.evaluation.metrics()]
     for column in ("budget", *result.results[0].best.costs, *metrics):
         table.add_column(column)
     for r in result.results:
@@ -259,7 +262,9 @@ def profile(target: str = typer.Option(..., help="Hardware target whose latency 
                                         "one thread); wall: wall time (quiet machines)."),
             warmup: int = typer.Option(10), repeats: int = typer.Option(30, help="Timed runs per entry (median)."),
             calibration: int = typer.Option(10, help="Whole subnets timed to fit the context scale."),
-            validate: int = typer.Option(0, help="Also measure N random whole subnets against the table.")):
+            validate: int = typer.Option(0, help="Also measure N random whole subnets against the table."),
+            attention: Attention = typer.Option(Attention.float, help="searched: also time INT8 attention, for "
+                                                "supernets trained with --attention searched.")):
     """Build the measured latency table of a target: one entry per fused part of the encoder."""
     import statistics
 
@@ -272,7 +277,8 @@ def profile(target: str = typer.Option(..., help="Hardware target whose latency 
     with Progress(console=console) as progress:
         task = progress.add_task(f"timing {model} parts on {target}", total=None)
         table, path, checks = profile_target(target, model, out, settings, calibration, validate, restrict,
-                                             lambda done, total: progress.update(task, completed=done, total=total))
+                                             lambda done, total: progress.update(task, completed=done, total=total),
+                                             attention=attention.value)
     console.print(f"wrote {path}: {len(table.entries)} entries, context scale {table.context_scale:.3f} "
                   f"({table.backend}, {table.machine.get('cpu')}, {settings.threads} thread(s), {settings.clock} clock)")
     if checks:

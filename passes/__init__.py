@@ -10,6 +10,7 @@ from qsamc.passes.fold_offset_into_norm import FoldOffsetIntoNormPass
 from qsamc.passes.fold_weight_quantizers import FoldWeightQuantizersPass
 from qsamc.passes.insert_quantizers import InsertQuantizersPass
 from qsamc.passes.lower_activation_offsets import LowerActivationOffsetsPass
+from qsamc.passes.lower_attention import LowerAttentionQuantizersPass
 from qsamc.passes.quantize_bias import QuantizeBiasPass
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "FoldWeightQuantizersPass",
     "InsertQuantizersPass",
     "LowerActivationOffsetsPass",
+    "LowerAttentionQuantizersPass",
     "QuantizeBiasPass",
     "node_macs",
 ]

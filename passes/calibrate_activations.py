@@ -6,6 +6,8 @@ Rules:
 2. Each observed quantizer is then initialised: s = (max - min) / (2^b - 1), beta = min.
 3. Layers that the subnet does not run (dropped blocks) keep their lazy initialisation from the first
    batch that reaches them.
+4. Attention quantizers (`AttentionQuantizers`, where the space quantizes attention) observe scale * q,
+   k, v and the softmax output of the same float passes and are initialised the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class CalibrateActivationsPass(Pass):
     def call(self, ir: IR) -> PassResult:
         supernet, space = ir.root, ir.root.space
         previous = supernet.subnet
-        supernet.configure(space.uniform_bits(self.subnet or space.max_subnet(), 32, 32))
+        full = space.uniform_bits(self.subnet or space.max_subnet(), 32, 32)
+        supernet.configure(space.uniform_attention(full, 32))  # float attention: its quantizers observe
         banks = {name: ir.module_of(name).act_quantizer for name in ir.quantizable()}
 
         def observe(bank):
@@ -38,8 +41,12 @@ class CalibrateActivationsPass(Pass):
             return hook
 
         handles = [ir.module_of(n).register_forward_pre_hook(observe(b)) for n, b in banks.items()]
+        attention = {name: ir.module_of(name).attention_quantizers for name, a in ir.nodes()
+                     if a["kind"] == "attention" and getattr(ir.module_of(name), "attention_quantizers", None) is not None}
         seen: set[str] = set()
         try:
+            for quantizers in attention.values():
+                quantizers.observing = True
             with torch.no_grad():
                 for batch in self.batches:
                     self.model(batch)
@@ -48,8 +55,16 @@ class CalibrateActivationsPass(Pass):
                     if bits in bank and torch.isfinite(bank[bits].observed_max):
                         bank[bits].initialize()
                         seen.add(name)
+            for name, quantizers in attention.items():
+                for operands in quantizers.sets.values():
+                    for quantizer in operands.values():
+                        if torch.isfinite(quantizer.observed_max):
+                            quantizer.initialize()
+                            seen.add(name)
         finally:
             for handle in handles:
                 handle.remove()
+            for quantizers in attention.values():
+                quantizers.observing = False
             supernet.configure(previous)
         return PassResult(ir, modified=bool(seen))

@@ -12,9 +12,12 @@ Rules (batch 1, token grid g = resolution / patch, windowed grid gp = ceil(g / w
                 whole grid for global attention): q@k and attn@v, plus the two decomposed rel-pos einsums.
 4. Norms, GELU, softmax and elementwise nodes count no MACs; nodes of dropped blocks count nothing.
 
-The attention matmuls run in floating point. `float_macs="fp32"` (default) counts them at 32 x 32 bits
-and reports them as their own line; `float_macs="exclude"` leaves them out of BitOPs, which is what the
-paper's figures imply (a W2A2 subnet below 1% of FP32 BitOPs is impossible with them at 32 x 32).
+The attention matmuls run in floating point unless the subnet quantizes a block's attention (a space
+with `attention_bits`, beyond the paper): then q@k and attn@v count at t x t bits for its t-bit q, k,
+v and softmax output, and the rel-pos einsums, which stay float, are float MACs. `float_macs="fp32"`
+(default) counts float MACs at 32 x 32 bits and reports them as their own line; `float_macs="exclude"`
+leaves them out of BitOPs, which is what the paper's figures imply (a W2A2 subnet below 1% of FP32
+BitOPs is impossible with them at 32 x 32).
 
 `BitopsModel` compiles the same formulas into per-resolution tables for search, which needs tens of
 thousands of evaluations per second; it never runs the model.
@@ -55,12 +58,17 @@ def node_macs(a: dict[str, Any], grid: int, hidden: int | None) -> int:
             tokens = grid * grid
         return tokens * in_f * out_f
     if kind == "attention":
-        side = a["window"] or grid
-        windows = math.ceil(grid / side) ** 2
-        n = side * side
-        per_head = 2 * n * n + (2 * n * side if a["rel_pos"] else 0)
-        return windows * a["heads"] * a["head_dim"] * per_head
+        return sum(attention_macs(a, grid))
     return 0
+
+
+def attention_macs(a: dict[str, Any], grid: int) -> tuple[int, int]:
+    """(q@k + attn@v MACs, rel-pos einsum MACs) of an attention node at token grid `grid` (rule 3)."""
+    side = a["window"] or grid
+    windows = math.ceil(grid / side) ** 2
+    n = side * side
+    scale = windows * a["heads"] * a["head_dim"]
+    return scale * 2 * n * n, scale * (2 * n * side if a["rel_pos"] else 0)
 
 
 def _float_bits(float_macs: FloatMacs) -> int:
@@ -117,9 +125,12 @@ class CountBitopsPass(Pass):
             a["macs"] = node_macs(a, grid, hidden) if a["present"] else 0
             counted_bits = None
             if a["kind"] == "attention":
-                a["bitops"] = a["macs"] * self.float_bits
-                float_macs += a["macs"]
-                float_bitops += a["bitops"]
+                bits = subnet.attention_of(block)
+                matmul = attention_macs(a, grid)[0] if a["present"] and bits < 32 else 0
+                a["bitops"] = matmul * bits * bits + (a["macs"] - matmul) * self.float_bits
+                float_macs += a["macs"] - matmul
+                float_bitops += (a["macs"] - matmul) * self.float_bits
+                counted_bits = [bits, bits] if matmul else None
             elif a["quantizable"]:
                 w, x = subnet.bits_of(a["module"])[1:]
                 a["bitops"] = a["macs"] * w * x
@@ -152,7 +163,8 @@ class BitopsModel:
         bit_index = {layer: i for i, layer in enumerate(space.quant_layers)}
         ratios = space.mlp_ratios
         self._resolution_index = {r: i for i, r in enumerate(space.resolutions)}
-        # One table per resolution: (block, bits index or -1 for float, MACs per MLP-ratio index).
+        # One table per resolution: (block, bits index or -1 for float, MACs per MLP-ratio index, the
+        # attention matmuls' MACs: counted at the block's attention bits where the subnet quantizes them).
         self._tables = []
         for resolution in space.resolutions:
             grid = space.grid(resolution)
@@ -162,7 +174,8 @@ class BitopsModel:
                     continue
                 by_ratio = tuple(node_macs(a, grid, space.hidden_units(r)) for r in ratios)
                 index = bit_index[a["module"]] if a["quantizable"] else -1
-                rows.append((a["block"], index, by_ratio))
+                matmul = attention_macs(a, grid)[0] if a["kind"] == "attention" else 0
+                rows.append((a["block"], index, by_ratio, matmul))
             self._tables.append(rows)
         self._ratio_index = {r: i for i, r in enumerate(ratios)}
 
@@ -173,9 +186,9 @@ class BitopsModel:
         for block in self.space.active_blocks(subnet.depths):
             active[block] = True
         ratio_index = [self._ratio_index[r] for r in subnet.mlp_ratios]
-        bits = subnet.bits
+        bits, attention = subnet.bits, subnet.attention
         macs = bitops = 0
-        for block, index, by_ratio in table:
+        for block, index, by_ratio, matmul in table:
             if block is None:
                 m = by_ratio[-1]
             elif not active[block]:
@@ -184,7 +197,8 @@ class BitopsModel:
                 m = by_ratio[ratio_index[block]]
             macs += m
             if index < 0:
-                bitops += m * self.float_bits
+                t = attention[block] if matmul and attention else 32
+                bitops += (m - matmul) * self.float_bits + matmul * t * t if t < 32 else m * self.float_bits
             else:
                 b = bits[index]
                 bitops += m * b.w * b.a

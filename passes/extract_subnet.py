@@ -117,7 +117,7 @@ class ExtractSubnetPass(Pass):
             static = StaticEncoder(_frozen_copy(supernet.patch_embed), supernet.position_embedding((grid, grid)),
                                    blocks, _frozen_copy(supernet.neck), subnet.resolution).eval()
         finally:
-            supernet.set_subnet(previous)
+            supernet.configure(previous)  # restore as it was (float when fresh, outside a narrow space)
 
         active = set(blocks)
         dropped = {n for n, a in ir.graph.nodes(data=True) if a.get("block") is not None and a["block"] not in active}

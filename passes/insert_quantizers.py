@@ -7,14 +7,17 @@ Rules:
    paper) or per output channel with `per_channel=True`: LSQ+ mean/std init (`weight_init="lsq+"`, the
    paper) or the MSE-optimal clipping of each bit-width's grid (`"mse"`, as post-training quantizers do).
 3. Activation quantizers are initialised later from data (`CalibrateActivationsPass`).
-4. A node whose layer already has banks is left alone, so the pass is idempotent.
+4. Where the space quantizes attention (`attention_bits`, beyond the paper), every `attention` node's
+   module gets `AttentionQuantizers`: zero-point-0 LSQ quantizers on scale * q, k, v and the softmax
+   output per attention bit-width below 32, initialised from data too.
+5. A node whose layer already has banks is left alone, so the pass is idempotent.
 """
 
 from __future__ import annotations
 
 from qsamc.ir.graph import IR
 from qsamc.ir.pass_manager import Pass, PassResult
-from qsamc.supernet.quant import QuantizerBank, WeightInit
+from qsamc.supernet.quant import AttentionQuantizers, QuantizerBank, WeightInit
 from qsamc.supernet.space import SearchSpace
 
 
@@ -36,4 +39,11 @@ class InsertQuantizersPass(Pass):
             layer.weight_quantizer = weights
             layer.act_quantizer = QuantizerBank("act", self.space.act_bits).to(layer.weight.device)
             modified = True
+        if self.space.quantized_attention:
+            for name, a in ir.nodes():
+                attention = ir.module_of(name) if a["kind"] == "attention" else None
+                if attention is not None and attention.attention_quantizers is None:
+                    device = attention.qkv.weight.device
+                    attention.attention_quantizers = AttentionQuantizers(self.space.attention_bits).to(device)
+                    modified = True
         return PassResult(ir, modified)

@@ -44,21 +44,21 @@ class Deployment:
 
 @dataclass(frozen=True)
 class AttentionRule:
-    """When a runtime fuses INT8 multi-head attention: at most `max_tokens` per sequence (a window, or
-    the whole token grid for a global block) and a head size in `head_dims`. Attention it does not admit
-    stays in the float type (fused FP16 MHA on TensorRT)."""
+    """Where a runtime runs attention's matmuls in INT8: at most `max_tokens` per sequence (a window, or
+    the whole token grid for a global block) and a head size in `head_dims` (empty: any). Attention it
+    does not admit stays in the float type (fused FP16 MHA on TensorRT)."""
 
     max_tokens: int
-    head_dims: tuple[int, ...]
+    head_dims: tuple[int, ...] = ()
 
     def admits(self, tokens: int, head_dim: int) -> bool:
-        return tokens <= self.max_tokens and head_dim in self.head_dims
+        return tokens <= self.max_tokens and (not self.head_dims or head_dim in self.head_dims)
 
 
 @dataclass(frozen=True)
 class DeploymentFormat:
     """A runtime's rules. `float_type` is what un-quantized layers and all float ops run in;
-    `int8_attention` when the runtime fuses INT8 attention (None: it never does, or qsamc has no rule)."""
+    `int8_attention` where the runtime runs INT8 attention matmuls (None: it never does, or qsamc has no rule)."""
 
     name: str
     float_type: Container
@@ -95,6 +95,8 @@ TENSORRT_MHA = AttentionRule(max_tokens=512, head_dims=(16, 32, 64))
 TENSORRT = DeploymentFormat(
     "tensorrt", float_type="fp16", int4_weight_only=True, int8_weight_only=True, int8_attention=TENSORRT_MHA,
 )
+# ONNX Runtime's CPU provider runs a Q/DQ MatMul of any size as an integer MatMul.
+ANY_ATTENTION = AttentionRule(max_tokens=2**31 - 1)
 ONNXRUNTIME_CPU = DeploymentFormat(
-    "onnxruntime-cpu", float_type="fp32", int4_weight_only=True, int8_weight_only=False,
+    "onnxruntime-cpu", float_type="fp32", int4_weight_only=True, int8_weight_only=False, int8_attention=ANY_ATTENTION,
 )

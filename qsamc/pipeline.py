@@ -30,6 +30,7 @@ from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.targets import Target, get_target
 from qsamc.task.data import build_dataset
 from qsamc.task.evaluate import ValidationSet
+from qsamc.training.config import ATTENTION_MODES
 from qsamc.training.runs import load_supernet
 
 if TYPE_CHECKING:
@@ -165,15 +166,16 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
 
 def profile_target(target_name: str, model: str, out: Path | None, settings: ProfileSettings,
                    calibration: int = 10, validate: int = 0, restrict: bool = False,
-                   progress=None) -> tuple[LatencyTable, Path, list[Validation]]:
+                   progress=None, attention: str = "float") -> tuple[LatencyTable, Path, list[Validation]]:
     """What `qsamc profile` does: build (and optionally validate) the latency table of a target (the
-    profiler is imported here, so `qsamc search` never loads it)."""
+    profiler is imported here, so `qsamc search` never loads it); `attention="searched"` adds the INT8
+    attention entries a supernet trained with `--attention searched` needs."""
     from qsamc.profiling.profile import build_table, validate_table
 
     target = get_target(target_name)
     path = out or default_table_path(target, model)
     check_output_file(path)
-    space = default_space(model)
+    space = default_space(model, attention_bits=ATTENTION_MODES[attention])
     space = target.restrict_space(space) if restrict else space
     table = build_table(space, target, settings, calibration, progress)
     table.save(path)

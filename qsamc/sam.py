@@ -47,6 +47,7 @@ ImageEncoderViT = sam_modeling.ImageEncoderViT
 Block = sam_modeling.image_encoder.Block
 Attention = sam_modeling.image_encoder.Attention
 get_rel_pos = sam_modeling.image_encoder.get_rel_pos
+add_decomposed_rel_pos = sam_modeling.image_encoder.add_decomposed_rel_pos
 MLPBlock = sam_modeling.common.MLPBlock
 LayerNorm2d = sam_modeling.common.LayerNorm2d
 

@@ -78,10 +78,12 @@ class Target:
 
     def lowering_passes(self) -> list[Pass]:
         """Fold weight quantizers into integer weights -> lower LSQ+ activation offsets to zero-point 0 ->
-        fold the offsets into the norms that produce them."""
-        from qsamc.passes import FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass
+        fold the offsets into the norms that produce them -> lower quantized attention to Q/DQ."""
+        from qsamc.passes import (FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass,
+                                  LowerAttentionQuantizersPass)
 
-        return [FoldWeightQuantizersPass(self.deployment), LowerActivationOffsetsPass(), FoldOffsetIntoNormPass()]
+        return [FoldWeightQuantizersPass(self.deployment), LowerActivationOffsetsPass(), FoldOffsetIntoNormPass(),
+                LowerAttentionQuantizersPass(self.deployment.int8_attention)]
 
     def onnx_opset(self, int4: bool) -> int:
         return INT4_OPSET if int4 else BASE_OPSET

@@ -76,7 +76,7 @@ def lint_tensorrt(model: onnx.ModelProto, deployment: DeploymentFormat = TENSORR
             problems.append(f"{where} is not a TensorRT 10 operator")
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             problems += _lint_qdq(node, where, constants, types)
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)  # Reshape targets computed from Shape
     value_types = {v.name: v.type.tensor_type for v in inferred.graph.value_info}
     if deployment.float_type == "fp16":
         problems += _lint_float_type(model, constants, value_types)

@@ -103,6 +103,12 @@ def _part_jobs(space: SearchSpace, target: Target, supernet: IR) -> list[PartJob
                 if n < len(pairs):
                     jobs += [PartJob(part_key("attention", grid, keys.window[b], k1, k2), subnet, "attention", b)
                              for b in (windowed, cfg.global_attn_indexes[0])]
+                    # Quantized attention, where the space has it: the same halves with INT8 matmuls, on the
+                    # blocks the target runs them in INT8 (the others deploy float: the entry above).
+                    quantized = full.uniform_attention(subnet, min(space.attention_bits))
+                    jobs += [PartJob(part_key("attention", grid, keys.window[b], k1, k2, *keys.attention(quantized, b)),
+                                     quantized, "attention", b)
+                             for b in (windowed, cfg.global_attn_indexes[0]) if keys.attention(quantized, b)]
                 if n < len(conv):
                     jobs.append(PartJob(part_key("patch_embed", resolution, c), subnet, "patch_embed"))
                 if n < len(conv_pairs):
@@ -160,13 +166,14 @@ def reference_supernet(space: SearchSpace) -> IR:
     exported exactly as `qsamc export` does (values do not change latency, the graph does). It is the
     model's whole default space, since a supernet is traced at its native resolution and starts at its
     float maximum; the subnets of a narrowed space are subnets of it. Built once per process."""
-    return _reference_supernet(space.model)
+    return _reference_supernet(space.model, space.attention_bits)
 
 
 @functools.lru_cache(maxsize=1)
-def _reference_supernet(model: str) -> IR:
+def _reference_supernet(model: str, attention_bits: tuple[int, ...]) -> IR:
     torch.manual_seed(0)
-    full = default_space(model, "layer")  # per-layer bits: the table's subnets mix kernels within a block
+    # Per-layer bits (the table's subnets mix kernels within a block) and per-block attention bits.
+    full = default_space(model, "layer", attention_bits)
     with one_torch_thread():
         supernet, ir = build_model(SupernetSpec(full, num_classes=2, lora=None))
         resolution = max(full.resolutions)

@@ -20,7 +20,8 @@ from typing import Literal, Protocol
 from qsamc.errors import BudgetError, TargetError
 from qsamc.formats import Container
 from qsamc.ir.graph import IR
-from qsamc.passes.count_bitops import BitopsModel, FloatMacs, node_macs
+from qsamc.passes.count_bitops import BitopsModel, FloatMacs, attention_macs, node_macs
+from qsamc.passes.lower_attention import deploys_int8
 from qsamc.supernet.space import LayerBits, SearchSpace, Subnet
 from qsamc.targets import Target
 from qsamc.units import SI, si_prefix
@@ -140,6 +141,10 @@ class RooflineLatency:
             elements *= hidden / (self.space.config.embed_dim * self.space.config.mlp_ratio)
         moved = 2 * elements * _BYTES[fmt.float_type]
         compute = 2 * macs / (self._ops[fmt.float_type] * 1e12)
+        if (a["kind"] == "attention" and bits is not None and bits[0] == 8 and self._ops["int8"]
+                and deploys_int8(fmt.int8_attention, a, grid)):
+            matmul = attention_macs(a, grid)[0]  # q@k and attn@v on INT8 tensor cores, rel-pos in float
+            compute = 2 * matmul / (self._ops["int8"] * 1e12) + 2 * (macs - matmul) / (self._ops[fmt.float_type] * 1e12)
         return max(compute, moved / self._bandwidth)
 
     def cost(self, subnet: Subnet) -> float:
@@ -151,7 +156,12 @@ class RooflineLatency:
             if a["kind"] in ("input", "output") or (a["block"] is not None and a["block"] not in active):
                 continue
             hidden = space.hidden_units(subnet.mlp_ratios[a["block"]]) if a["block"] is not None else None
-            bits = subnet.bits_of(a["module"])[1:] if a.get("quantizable") else None
+            if a.get("quantizable"):
+                bits = subnet.bits_of(a["module"])[1:]
+            elif a["kind"] == "attention":
+                bits = (subnet.attention_of(a["block"]),) * 2
+            else:
+                bits = None
             total += self._seconds(a, grid, hidden, bits)
         return total
 
@@ -169,6 +179,8 @@ def cheapest(space: SearchSpace, model: CostModel) -> Subnet:
         chosen = set(layers)
         options = [set_group_bits(best, chosen, pair) for pair in pairs]
         best = min(options, key=model.cost)
+    for blocks in space.attention_groups().values():  # INT8 attention is not always the cheaper
+        best = min((space.set_attention(best, blocks, bits) for bits in space.attention_bits), key=model.cost)
     return best
 
 

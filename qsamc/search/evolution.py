@@ -168,6 +168,7 @@ class Searcher:
         self.cache: dict[Subnet, Candidate] = {}
         self._cost_cache: dict[Subnet, dict[str, float]] = {}
         self._groups = [set(layers) for layers in space.bit_groups().values()]
+        self._attention_groups = list(space.attention_groups().values())  # empty: attention is float
 
     # --- costs and budgets ------------------------------------------------------------------------
     def cost_of(self, subnet: Subnet) -> dict[str, float]:
@@ -220,6 +221,9 @@ class Searcher:
             w = rng.choice(space.weight_bits) if rng.random() < prob else first.w
             a = rng.choice(space.act_bits) if rng.random() < prob else first.a
             child = set_group_bits(child, layers, (w, a))
+        for blocks in self._attention_groups:
+            if rng.random() < prob:
+                child = space.set_attention(child, blocks, rng.choice(space.attention_bits))
         return child
 
     def mutate(self, parent: Subnet) -> Subnet:
@@ -238,13 +242,15 @@ class Searcher:
         for layers in self._groups:
             donor = pick(a, b).bits_of(next(iter(layers)))
             child = set_group_bits(child, layers, (donor.w, donor.a))
+        for blocks in self._attention_groups:
+            child = self.space.set_attention(child, blocks, pick(a, b).attention_of(blocks[0]))
         return child
 
     def shrink(self, subnet: Subnet) -> Subnet:
         """One random choice moved one step down (resolution, a stage depth, an MLP ratio, or bits)."""
         space, rng = self.space, self.rng
         lower = lambda value, choices: max((c for c in choices if c < value), default=value)  # noqa: E731
-        kind = rng.choice(("resolution", "depth", "ratio", "bits"))
+        kind = rng.choice(("resolution", "depth", "ratio", "bits", *(("attention",) if self._attention_groups else ())))
         if kind == "resolution":
             return replace(subnet, resolution=lower(subnet.resolution, space.resolutions))
         if kind == "depth":
@@ -257,23 +263,29 @@ class Searcher:
             ratios = list(subnet.mlp_ratios)
             ratios[block] = lower(ratios[block], space.mlp_ratios)
             return replace(subnet, mlp_ratios=tuple(ratios))
+        if kind == "attention":
+            blocks = rng.choice(self._attention_groups)
+            return space.set_attention(subnet, blocks, lower(subnet.attention_of(blocks[0]), space.attention_bits))
         layers = rng.choice(self._groups)
         bits = subnet.bits_of(next(iter(layers)))
         pair = (lower(bits.w, space.weight_bits), bits.a) if rng.random() < 0.5 else (bits.w, lower(bits.a, space.act_bits))
         return set_group_bits(subnet, layers, pair)
 
     def uniform_seeds(self, budgets: Sequence[Budget]) -> list[Subnet]:
-        """Per (w, a) pair, the largest architecture at the highest resolution meeting `budgets`;
-        costliest first, ties to the more balanced pair (see `EvolutionConfig.uniform_seeds`)."""
+        """Per (w, a) pair (and attention bits, where they are a choice), the largest architecture at the
+        highest resolution meeting `budgets`; costliest first, ties to the more balanced pair (see
+        `EvolutionConfig.uniform_seeds`)."""
         space, largest, metric = self.space, self.space.max_subnet(), budgets[0].metric
         seeds = []
         for w in sorted(space.weight_bits, reverse=True):
             for a in sorted(space.act_bits, reverse=True):
-                for resolution in sorted(space.resolutions, reverse=True):
-                    subnet = space.canonical(space.uniform_bits(replace(largest, resolution=resolution), w, a))
-                    if self.fits(subnet, budgets):
-                        seeds.append(subnet)
-                        break
+                for t in sorted(space.attention_bits, reverse=True):
+                    for resolution in sorted(space.resolutions, reverse=True):
+                        uniform = space.uniform_attention(space.uniform_bits(replace(largest, resolution=resolution), w, a), t)
+                        subnet = space.canonical(uniform)
+                        if self.fits(subnet, budgets):
+                            seeds.append(subnet)
+                            break
         unique = list(dict.fromkeys(seeds))
         # Ties (W32A2 costs the BitOPs of W8A8) go to the balanced pair, the one runtimes deploy.
         return sorted(unique, key=lambda s: (-self.cost_of(s)[metric], -min(s.bits[0].w, s.bits[0].a)))

@@ -4,7 +4,9 @@
 A table holds one entry per fused part of the encoder, timed on the target's backend as the Q/DQ ONNX
 that export emits for that part:
   patch_embed | resolution | conv kernel          patch embedding + positional embedding
-  attention   | grid | window | qkv, proj kernels  norm1, window partition, qkv, attention, proj, residual
+  attention   | grid | window | qkv, proj kernels [| int8]  norm1, window partition, qkv, attention, proj,
+                                                    residual ("int8": its matmuls deployed in INT8, where a
+                                                    space quantizes attention and the target admits it)
   mlp         | grid | hidden | lin1, lin2 kernels norm2, lin1, GELU, lin2, residual
   neck        | grid | neck.0, neck.2 kernels
 A kernel is a layer's deployed containers (`Deployment.kernel`, e.g. 'int8xint8'), so every (w, a) pair
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qsamc.errors import ConfigError
+from qsamc.passes.lower_attention import deploys_int8
 from qsamc.supernet.space import SearchSpace, Subnet
 from qsamc.targets.base import Target
 
@@ -40,6 +43,15 @@ class PartKeys:
         self.space, self.target = space, target
         cfg = space.config
         self.window = {b: (0 if b in cfg.global_attn_indexes else cfg.window_size) for b in range(cfg.depth)}
+        self.head_dim = cfg.embed_dim // cfg.num_heads
+
+    def attention(self, subnet: Subnet, block: int) -> tuple[str, ...]:
+        """The attention key's suffix: ('int8',) where the block's attention is quantized and the target
+        runs it in INT8, else () (float attention, the tables' original keys)."""
+        if subnet.attention_of(block) == 32:
+            return ()
+        node = {"window": self.window[block], "head_dim": self.head_dim}
+        return ("int8",) if deploys_int8(self.target.deployment.int8_attention, node, subnet.grid) else ()
 
     def kernel(self, subnet: Subnet, layer: str) -> str:
         kind = "linear" if layer.startswith("blocks.") else "conv"
@@ -52,7 +64,8 @@ class PartKeys:
         keys = [part_key("patch_embed", subnet.resolution, k("patch_embed.proj"))]
         for b in space.active_blocks(subnet.depths):
             hidden = space.hidden_units(subnet.mlp_ratios[b])
-            keys.append(part_key("attention", grid, self.window[b], k(f"blocks.{b}.attn.qkv"), k(f"blocks.{b}.attn.proj")))
+            keys.append(part_key("attention", grid, self.window[b], k(f"blocks.{b}.attn.qkv"), k(f"blocks.{b}.attn.proj"),
+                                 *self.attention(subnet, b)))
             keys.append(part_key("mlp", grid, hidden, k(f"blocks.{b}.mlp.lin1"), k(f"blocks.{b}.mlp.lin2")))
         keys.append(part_key("neck", grid, k("neck.0"), k("neck.2")))
         return keys
@@ -126,8 +139,9 @@ class TableLatency:
         missing = next((k for k in self.keys.keys(space.max_subnet()) + self.keys.keys(space.min_subnet())
                         if k not in table.entries), None)
         if missing is not None:
+            hint = " --attention searched" if space.quantized_attention else ""
             raise ConfigError(f"{source} has no entry '{missing}' for this search space; rebuild it with "
-                              f"`qsamc profile --target {target.name} --model {space.model}`")
+                              f"`qsamc profile --target {target.name} --model {space.model}{hint}`")
         self.source = source
 
     def cost(self, subnet: Subnet) -> float:

@@ -68,6 +68,11 @@ class Supernet(nn.Module):
         layers = self.quant_layers()
         for bits in subnet.bits:
             layers[bits.layer].set_bits(bits.w, bits.a)
+        for index, block in enumerate(self.blocks):
+            bits = subnet.attention_of(index)
+            if bits < 32 and bits not in (block.attn.attention_quantizers or ()):
+                raise ValueError(f"block {index}'s attention has no {bits}-bit quantizers (InsertQuantizersPass adds them)")
+            block.attn.attention_bits = bits
         self.subnet = subnet
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:

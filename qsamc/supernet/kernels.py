@@ -16,6 +16,14 @@ so backward keeps the GELU's input once instead of its input and output.
   qkv output and the rel-pos tables are kept, where the reference stores the softmax output (12 heads x
   1024^2 floats for a global block at 512 px), its input scores and the rel-pos einsums' inputs.
 
+Quantized attention (a space with `attention_bits`, beyond the paper): at t < 32 bits a block computes
+segment-anything's attention with LSQ quantizers (zero-point 0) on scale * q, k, v and the softmax output
+(`AttentionQuantizers`), so q@k and attn@v are integer matmuls once lowered. The decomposed rel-pos terms
+stay float: they are computed from the float q and added to the dequantized q@k scores, as a bias would be.
+Putting them on q's grid (the fold below) would quantize a position bias whose range differs from q.k's
+by orders of magnitude; as float they cost the rel-pos einsums and one add, both small next to the matmuls.
+This path materialises the attention map (the fake-quantized softmax output is stored for backward).
+
 The fold: rel_h[n, i] (n a query, i a key row) and rel_w[n, j] are dot products of q with rel-pos rows,
 and a key at (i, j) selects column i of rel_h and column j of rel_w. So with
 q' = [scale q, rel_h, rel_w] and k' = [k, onehot(row), onehot(col)], q' . k' is exactly the reference's
@@ -32,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qsamc.sam import Attention, MLPBlock, get_rel_pos
+from qsamc.sam import Attention, MLPBlock, add_decomposed_rel_pos, get_rel_pos
 
 # Flash kernels want head widths in multiples of 8.
 _WIDTH_MULTIPLE = 8
@@ -83,9 +91,22 @@ class TrainingKernel:
 
 
 class SupernetAttention(TrainingKernel, Attention):
-    """segment-anything's `Attention` (same parameters and state-dict keys) with the training kernel."""
+    """segment-anything's `Attention` (same parameters and state-dict keys) with the training kernel, and
+    quantized attention where the space has it (`attention_quantizers`, `attention_bits`)."""
+
+    @classmethod
+    def from_sam(cls, module: nn.Module):
+        new = super().from_sam(module)
+        new.attention_bits = 32
+        new.register_module("attention_quantizers", None)  # InsertQuantizersPass adds them
+        # A plain int, so the exported Reshapes carry it and ONNX shape inference sees the head size.
+        new.head_dim = module.qkv.in_features // module.num_heads
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantizers = self.attention_quantizers
+        if quantizers is not None and (self.attention_bits < 32 or quantizers.observing):
+            return self.quantized_forward(x)
         if not self.uses_kernel():
             return super().forward(x)
         b, h, w, _ = x.shape
@@ -96,6 +117,23 @@ class SupernetAttention(TrainingKernel, Attention):
         tables = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
         out = checkpoint(relpos_attention, q, k, v, *tables, (h, w), self.scale, use_reentrant=False)
         return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """segment-anything's attention with scale * q, k, v and the softmax output quantized at
+        `attention_bits` (observed only, while calibrating at 32); rel-pos terms float (module docstring)."""
+        b, h, w, _ = x.shape
+        bits, quantize = self.attention_bits, self.attention_quantizers
+        head_dim = self.head_dim
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, head_dim).unbind(0)
+        # k is transposed before its Q/DQ (per-tensor: the same grid) so that DQ feeds the MatMul directly.
+        attn = quantize("q", q * self.scale, bits) @ quantize("k", k.transpose(-2, -1), bits)
+        if self.use_rel_pos:
+            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        out = quantize("p", attn.softmax(dim=-1), bits) @ quantize("v", v, bits)
+        out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(out)
 
 
 class SupernetMLP(TrainingKernel, MLPBlock):

@@ -313,3 +313,61 @@ class QuantizerBank(nn.Module):
 
     def __contains__(self, bits: object) -> bool:
         return str(bits) in self.quantizers
+
+
+class LsqSymmetricActQuantizer(LsqActQuantizer):
+    """LSQ activation quantizer with zero-point 0 for ONE bit-width, on the signed grid
+    [-2**(b-1), 2**(b-1) - 1]; learnable s only. Attention's operands take it: integer attention matmuls
+    need zero-point 0 on both sides, which an LSQ+ offset would break (no norm precedes them to fold it
+    into). q, k and v centre on zero; the softmax output lies in [0, 1] and so uses the grid's upper half
+    (7 bits at 8), as TensorRT's INT8 fused attention quantizes it: one INT8 form for every target."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits)
+        self.n, self.p = weight_range(bits)
+        self.register_parameter("offset", None)
+
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """s = max |x| / p: the observed range fills the grid."""
+        lo, hi = self.observed_min, self.observed_max
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise RuntimeError("LsqSymmetricActQuantizer.initialize() needs observe() on at least one finite batch first")
+        peak = torch.maximum(hi.abs(), lo.abs())
+        self.scale.copy_(torch.where(peak > 0, peak, torch.ones_like(peak)) / self.p)
+        self.initialized.fill_(True)
+
+
+ATTENTION_OPERANDS = ("q", "k", "v", "p")  # p: the softmax output
+
+
+class AttentionQuantizers(nn.Module):
+    """One quantizer per attention operand (scale * q, k^T, v and the softmax output p) per bit-width
+    below 32 of a block's attention choices (one parameter set per bit-width, as the layers' banks)."""
+
+    def __init__(self, bit_choices: Sequence[int]) -> None:
+        super().__init__()
+        self.bit_choices = tuple(b for b in dict.fromkeys(int(b) for b in bit_choices))
+        self.sets = nn.ModuleDict({
+            str(b): nn.ModuleDict({name: LsqSymmetricActQuantizer(b) for name in ATTENTION_OPERANDS})
+            for b in self.bit_choices if b != FULL_PRECISION})
+        self.observing = False  # calibration: float attention, every quantizer observes its operand
+
+    def __contains__(self, bits: object) -> bool:
+        return str(bits) in self.sets
+
+    def quantizers(self, bits: int) -> nn.ModuleDict:
+        return self.sets[str(bits)]
+
+    def forward(self, name: str, x: Tensor, bits: int) -> Tensor:
+        if bits == FULL_PRECISION:
+            if self.observing:
+                for quantizers in self.sets.values():
+                    quantizers[name].observe(x)
+            return x
+        if str(bits) not in self.sets:
+            raise KeyError(f"{bits} bits is not an attention choice here {self.bit_choices}")
+        if x.dtype == torch.float32:  # no Cast in the exported graph: Q/DQ must sit right on the MatMul
+            return self.sets[str(bits)][name](x)
+        with without_autocast(x.device.type):
+            return self.sets[str(bits)][name](x.float()).to(x.dtype)

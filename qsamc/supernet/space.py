@@ -3,6 +3,11 @@
 Elastic operators: input resolution, stage-wise depth, MLP ratio per block, and (weight, activation)
 bit-widths per quantized layer. Training samples subnets from the space, search walks it, and export
 reads one `Subnet` back from JSON; all three validate against the same `SearchSpace`.
+
+Beyond the paper, attention precision can be a choice too (`attention_bits`, off by default: (32,)
+keeps every block's attention float, the paper's space). With (8, 32) each block's q, k, v and softmax
+output are on 8-bit grids or float, per block (layer and block granularity), per stage or for the whole
+model; the decomposed rel-pos terms stay float (see `qsamc.supernet.kernels`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from qsamc.errors import SubnetError
 from qsamc.sam import EncoderConfig, get_config
 
 BIT_CHOICES = (2, 3, 4, 8, 32)
+ATTENTION_BIT_CHOICES = (8, 32)
+FLOAT_BITS = 32
 MLP_RATIOS = (3.0, 3.5, 4.0)
 Granularity = Literal["layer", "block", "stage", "model"]
 GRANULARITIES = ("layer", "block", "stage", "model")
@@ -53,9 +60,15 @@ class Subnet:
     depths: tuple[int, ...]
     mlp_ratios: tuple[float, ...]
     bits: tuple[LayerBits, ...]
+    # Per block, the bits of attention's q, k, v and softmax output; () is float attention everywhere.
+    attention: tuple[int, ...] = ()
 
     def bits_of(self, layer: str) -> LayerBits:
         return self._bits_by_layer[layer]
+
+    def attention_of(self, block: int) -> int:
+        """Block `block`'s attention bits (32: float)."""
+        return self.attention[block] if self.attention else FLOAT_BITS
 
     @property
     def grid(self) -> int:
@@ -79,6 +92,7 @@ class Subnet:
             "depths": list(self.depths),
             "mlp_ratios": list(self.mlp_ratios),
             "bits": {b.layer: [b.w, b.a] for b in self.bits},
+            **({"attention": list(self.attention)} if self.attention else {}),
         }
 
     @classmethod
@@ -120,6 +134,7 @@ class Subnet:
             depths=ints(data["depths"], "depths"),
             mlp_ratios=tuple(float(r) for r in ratios),
             bits=tuple(bits),
+            attention=ints(data.get("attention", []), "attention"),
         )
 
     def save(self, path: str | Path) -> None:
@@ -148,6 +163,7 @@ class SearchSpace:
     weight_bits: tuple[int, ...] = BIT_CHOICES
     act_bits: tuple[int, ...] = BIT_CHOICES
     granularity: Granularity = "layer"
+    attention_bits: tuple[int, ...] = (FLOAT_BITS,)
     config: EncoderConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +187,8 @@ class SearchSpace:
         for name, choices in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
             if not choices or any(b not in BIT_CHOICES for b in choices):
                 out.append(f"{name} must be drawn from {list(BIT_CHOICES)}, got {list(choices)}")
+        if not self.attention_bits or any(b not in ATTENTION_BIT_CHOICES for b in self.attention_bits):
+            out.append(f"attention_bits must be drawn from {list(ATTENTION_BIT_CHOICES)}, got {list(self.attention_bits)}")
         if self.granularity not in GRANULARITIES:
             out.append(f"granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
         return out
@@ -216,10 +234,50 @@ class SearchSpace:
             groups.setdefault(self.bit_group(layer), []).append(layer)
         return {g: tuple(layers) for g, layers in groups.items()}
 
+    @property
+    def quantized_attention(self) -> bool:
+        """Whether attention precision is part of this space (else every subnet's attention is float)."""
+        return self.attention_bits != (FLOAT_BITS,)
+
+    def attention_groups(self) -> dict[str, tuple[int, ...]]:
+        """Blocks whose attention shares bits at this space's granularity ({} when attention is float)."""
+        if not self.quantized_attention:
+            return {}
+        groups: dict[str, list[int]] = {}
+        for block in range(self.config.depth):
+            if self.granularity == "model":
+                name = "attention"
+            elif self.granularity == "stage":
+                name = f"attention.stage.{next(s for s, b in enumerate(self.config.stages) if block in b)}"
+            else:
+                name = f"attention.{block}"
+            groups.setdefault(name, []).append(block)
+        return {g: tuple(blocks) for g, blocks in groups.items()}
+
+    def _attention(self, group_bits: dict[str, int]) -> tuple[int, ...]:
+        out = [FLOAT_BITS] * self.config.depth
+        for group, blocks in self.attention_groups().items():
+            for block in blocks:
+                out[block] = group_bits[group]
+        return tuple(out) if self.quantized_attention else ()
+
+    def set_attention(self, subnet: Subnet, blocks: tuple[int, ...], bits: int) -> Subnet:
+        """`subnet` with the attention of `blocks` (one attention group) at `bits`."""
+        attention = list(subnet.attention)
+        for block in blocks:
+            attention[block] = bits
+        return replace(subnet, attention=tuple(attention))
+
+    def uniform_attention(self, subnet: Subnet, bits: int) -> Subnet:
+        """`subnet` with every block's attention at `bits` (no change where attention is float-only)."""
+        return replace(subnet, attention=self._attention({g: bits for g in self.attention_groups()}))
+
     # --- subnets --------------------------------------------------------------------------------
-    def _subnet(self, resolution, depths, ratios, group_bits: dict[str, tuple[int, int]]) -> Subnet:
+    def _subnet(self, resolution, depths, ratios, group_bits: dict[str, tuple[int, int]],
+                attention: dict[str, int]) -> Subnet:
         bits = tuple(LayerBits(l, *group_bits[self.bit_group(l)]) for l in self.quant_layers)
-        return Subnet(self.model, resolution, tuple(depths), tuple(float(r) for r in ratios), bits)
+        return Subnet(self.model, resolution, tuple(depths), tuple(float(r) for r in ratios), bits,
+                      self._attention(attention))
 
     def max_subnet(self) -> Subnet:
         wa = (max(self.weight_bits), max(self.act_bits))
@@ -228,6 +286,7 @@ class SearchSpace:
             [max(c) for c in self.depth_choices],
             [max(self.mlp_ratios)] * self.config.depth,
             {g: wa for g in self.bit_groups()},
+            {g: max(self.attention_bits) for g in self.attention_groups()},
         )
 
     def min_subnet(self) -> Subnet:
@@ -237,6 +296,7 @@ class SearchSpace:
             [min(c) for c in self.depth_choices],
             [min(self.mlp_ratios)] * self.config.depth,
             {g: wa for g in self.bit_groups()},
+            {g: min(self.attention_bits) for g in self.attention_groups()},
         )
 
     def uniform_bits(self, subnet: Subnet, w: int, a: int) -> Subnet:
@@ -249,7 +309,9 @@ class SearchSpace:
         depths = [rng.choice(c) for c in self.depth_choices]
         ratios = [rng.choice(self.mlp_ratios) for _ in range(self.config.depth)]
         bits = {g: (rng.choice(self.weight_bits), rng.choice(self.act_bits)) for g in self.bit_groups()}
-        return self._subnet(resolution, depths, ratios, bits)
+        # Drawn last, and only where attention is a choice: the paper's space keeps its random stream.
+        attention = {g: rng.choice(self.attention_bits) for g in self.attention_groups()}
+        return self._subnet(resolution, depths, ratios, bits, attention)
 
     def canonical(self, subnet: Subnet) -> Subnet:
         """The same network with the unused choices of dropped blocks set to the maximum.
@@ -273,7 +335,12 @@ class SearchSpace:
             b if live(b.layer) else LayerBits(b.layer, *group_bits.get(self.bit_group(b.layer), top))
             for b in subnet.bits
         )
-        return replace(subnet, mlp_ratios=ratios, bits=bits)
+        attention = subnet.attention
+        if attention:
+            live_bits = {g: next((attention[b] for b in blocks if b in active), max(self.attention_bits))
+                         for g, blocks in self.attention_groups().items()}
+            attention = self._attention(live_bits)
+        return replace(subnet, mlp_ratios=ratios, bits=bits, attention=attention)
 
     def validate(self, subnet: Subnet) -> Subnet:
         """Return `subnet` if it lies in this space; else raise one sentence naming the field."""
@@ -310,7 +377,27 @@ class SearchSpace:
                     f"bits.{b.layer} = [{b.w}, {b.a}] differs from bits.{first.layer} = [{first.w}, {first.a}], "
                     f"but bits are tied per {self.granularity}"
                 )
+        self._validate_attention(subnet)
         return subnet
+
+    def _validate_attention(self, subnet: Subnet) -> None:
+        if not subnet.attention:
+            if FLOAT_BITS not in self.attention_bits:
+                raise SubnetError(f"subnet has float attention, but this space's attention bits are "
+                                  f"{list(self.attention_bits)}")
+            return
+        if not self.quantized_attention:
+            raise SubnetError("subnet sets attention bits, but attention is float in this space")
+        if len(subnet.attention) != self.config.depth:
+            raise SubnetError(f"attention has {len(subnet.attention)} entries; {self.model} has {self.config.depth} blocks")
+        for group, blocks in self.attention_groups().items():
+            for block in blocks:
+                bits = subnet.attention[block]
+                if bits not in self.attention_bits:
+                    raise SubnetError(f"attention[{block}] = {bits} is not one of {list(self.attention_bits)}")
+                if bits != subnet.attention[blocks[0]]:
+                    raise SubnetError(f"attention[{block}] = {bits} differs from attention[{blocks[0]}] = "
+                                      f"{subnet.attention[blocks[0]]}, but attention bits are tied per {self.granularity}")
 
     def count(self) -> int:
         """The exact number of distinct subnets (dropped blocks' choices do not make new subnets)."""
@@ -323,7 +410,9 @@ class SearchSpace:
                 any(not l.startswith("blocks.") or int(l.split(".")[1]) in active for l in layers)
                 for layers in groups.values()
             )
-            total += len(self.mlp_ratios) ** len(active) * pairs ** live_groups
+            live_attention = sum(any(b in active for b in blocks) for blocks in self.attention_groups().values())
+            total += (len(self.mlp_ratios) ** len(active) * pairs ** live_groups
+                      * len(self.attention_bits) ** live_attention)
         return total * len(self.resolutions)
 
     def log10_count(self) -> float:
@@ -339,6 +428,7 @@ class SearchSpace:
             "weight_bits": list(self.weight_bits),
             "act_bits": list(self.act_bits),
             "granularity": self.granularity,
+            "attention_bits": list(self.attention_bits),
         }
 
     @classmethod
@@ -351,6 +441,7 @@ class SearchSpace:
             weight_bits=tuple(data["weight_bits"]),
             act_bits=tuple(data["act_bits"]),
             granularity=data["granularity"],
+            attention_bits=tuple(data.get("attention_bits", (FLOAT_BITS,))),  # runs before attention bits
         )
 
     def restrict(self, **changes: Any) -> SearchSpace:
@@ -358,8 +449,8 @@ class SearchSpace:
         return replace(self, **changes)
 
 
-def default_space(model: str, granularity: Granularity = "layer") -> SearchSpace:
-    """The paper's space (Tab. 1), scaled to the encoder.
+def default_space(model: str, granularity: Granularity = "layer", attention_bits: tuple[int, ...] = (FLOAT_BITS,)) -> SearchSpace:
+    """The paper's space (Tab. 1), scaled to the encoder; `attention_bits=(8, 32)` adds attention precision.
 
     Resolution: from half the native input to the native input in 9 steps (512..1024 step 64 for
     `vit_*`). Depth: each stage keeps at least two thirds of its blocks (ViT-L's {4, 5, 6} of 6).
@@ -370,4 +461,4 @@ def default_space(model: str, granularity: Granularity = "layer") -> SearchSpace
     depth_choices = tuple(
         tuple(range(math.ceil(2 * len(blocks) / 3), len(blocks) + 1)) for blocks in cfg.stages
     )
-    return SearchSpace(model, resolutions, depth_choices, granularity=granularity)
+    return SearchSpace(model, resolutions, depth_choices, granularity=granularity, attention_bits=tuple(attention_bits))

@@ -28,6 +28,9 @@ from qsamc.task.data import TASKS
 from qsamc.task.head import HEADS
 from qsamc.task.mask2former import Mask2FormerSpec
 
+# --attention: the space's attention bits (float only: the paper's space).
+ATTENTION_MODES = {"float": (32,), "searched": (8, 32)}
+
 SCHEDULES = ("progressive", "lora", "full", "fp32")
 SAMPLINGS = ("uniform", "sandwich")
 DISTILLATIONS = ("none", "reference")
@@ -100,6 +103,7 @@ class TrainConfig:
     head_queries: int = 100
     head_layers: int = 9
     task: str = "semantic"
+    attention: str = "float"
 
     def __post_init__(self) -> None:
         get_config(self.model)
@@ -138,6 +142,7 @@ class TrainConfig:
             (self.distill == "none" or self.head == "light",
              "distill=reference distils the light head's per-pixel logits; the mask2former head trains without it"),
             (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got '{self.task}'"),
+            (self.attention in ATTENTION_MODES, f"attention must be one of {', '.join(ATTENTION_MODES)}, got '{self.attention}'"),
             (self.task == "semantic" or self.head == "mask2former",
              "the instance task needs --head mask2former; the light head predicts classes per pixel"),
         ]
@@ -151,6 +156,11 @@ class TrainConfig:
             return None
         return LoraConfig(self.lora_variant, self.lora_rank, self.lora_alpha, tuple(self.lora_modules),
                           self.multiplex_modules, self.lora_switch, self.lora_detach)  # type: ignore[arg-type]
+
+    @property
+    def attention_bits(self) -> tuple[int, ...]:
+        """The space's attention choices: float only (the paper) or searched INT8 / float."""
+        return ATTENTION_MODES[self.attention]
 
     @property
     def mask2former(self) -> Mask2FormerSpec | None:
@@ -172,7 +182,7 @@ class TrainConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "granularity": GRANULARITIES, "schedule": SCHEDULES, "lora_variant": LORA_VARIANTS, "lora_switch": LORA_SWITCHES,
     "sampling": SAMPLINGS, "distill": DISTILLATIONS, "weight_init": WEIGHT_INITS, "device": DEVICES,
-    "precision": PRECISIONS, "head": HEADS, "task": TASKS,
+    "precision": PRECISIONS, "head": HEADS, "task": TASKS, "attention": tuple(ATTENTION_MODES),
 }
 HELP: dict[str, str] = {
     "model": "Encoder config (vit_t, vit_b, vit_l, vit_h).",
@@ -215,6 +225,8 @@ HELP: dict[str, str] = {
     "head_queries": "Mask2Former head: object queries.",
     "head_layers": "Mask2Former head: masked-attention decoder layers.",
     "task": "semantic (mIoU) or instance (COCO-format data, mask AP; needs --head mask2former).",
+    "attention": "float (the paper: attention matmuls stay float) or searched (q, k, v and softmax output "
+                 "8-bit or float per block, or per stage / model with --granularity; beyond the paper).",
 }
 
 

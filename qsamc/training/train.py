@@ -254,7 +254,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     val_set = build_dataset(config.dataset, config.data_root, "val", seed=config.seed, task=config.task)
     for split in (train_set, val_set):  # a bad file is found now, not after every iteration has run
         split.check_files()
-    space = default_space(config.model, config.granularity)  # type: ignore[arg-type]
+    space = default_space(config.model, config.granularity, config.attention_bits)  # type: ignore[arg-type]
     spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel, config.head, config.mask2former,
                         config.task)
     model, ir = build_model(replace(spec, lora=None), config.checkpoint,

@@ -1,0 +1,161 @@
+"""Forms of one attention core in ONNX Runtime CPU: what each costs, as emitted or fused.
+
+    python benchmarks/attention_core.py [--threads 2] [--runs 15]
+
+vit_b's two shapes at 512 px: a windowed block (9 windows x 12 heads of 14 x 14 tokens) and a global
+block (12 heads of 32 x 32 tokens), head size 64, with SAM's decomposed rel-pos terms. Each form takes q,
+k, v and computes softmax(scale q k^T + rel_h + rel_w) v:
+- reference: segment-anything's ops, as `qsamc export` emits float attention;
+- fold: the rel-pos terms folded into q.k (q' = [scale q, rel_h, rel_w], k' = [k, one-hot row, one-hot
+  column]; `qsamc.supernet.kernels`), then plain MatMul / Softmax / MatMul;
+- INT8: scale q, k^T, v and the softmax output through INT8 Q/DQ (zero-point 0), rel-pos added in float,
+  as `qsamc export` emits quantized attention;
+- INT8 fold: the fold with q' and k' each on one INT8 grid;
+- MultiHeadAttention: ONNX Runtime's fused contrib op on the folded q', k' (the fold itself computed
+  outside the timed graph), unpadded and padded to a multiple of 8.
+Q/DQ scales are fixed (not calibrated): the timing does not depend on them, and the error column shows
+only that the forms compute the same function (exact forms) or a quantized one. Best of `runs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+
+from qsamc.export.ort import ort_session
+from qsamc.sam import get_rel_pos
+
+HEADS, DIM = 12, 64
+SCALE = DIM**-0.5
+
+
+def rel_terms(q, h, w, rel_h, rel_w):
+    n, tokens, dim = q.shape
+    grid = q.reshape(n, h, w, dim)
+    a = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, rel_h))
+    b = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, rel_w))
+    return a, b
+
+
+def folded(q, k, h, w, rel_h, rel_w):
+    n, tokens, _ = q.shape
+    a, b = rel_terms(q, h, w, rel_h, rel_w)
+    index = torch.arange(tokens)
+    selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], -1).float()
+    return (torch.cat([q * SCALE, a.reshape(n, tokens, h), b.reshape(n, tokens, w)], -1),
+            torch.cat([k, selectors.expand(n, -1, -1)], -1))
+
+
+class QDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        return torch.round(torch.clamp(x / scale, -128, 127)) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale):
+        s = g.op("Constant", value_t=torch.tensor(scale))
+        z = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+class Core(torch.nn.Module):
+    def __init__(self, h: int, w: int, form: str) -> None:
+        super().__init__()
+        self.h, self.w, self.form = h, w, form
+        generator = torch.Generator().manual_seed(0)
+        self.rel_h = torch.nn.Parameter(torch.randn(2 * h - 1, DIM, generator=generator) * 0.1)
+        self.rel_w = torch.nn.Parameter(torch.randn(2 * w - 1, DIM, generator=generator) * 0.1)
+
+    def forward(self, q, k, v):
+        h, w = self.h, self.w
+        n, tokens, _ = q.shape
+        if self.form.endswith("fold"):
+            qf, kf = folded(q, k, h, w, self.rel_h, self.rel_w)
+            if self.form == "int8 fold":
+                qf, kf = QDQ.apply(qf, 0.02), QDQ.apply(kf, 1 / 127)
+            p = (qf @ kf.transpose(-2, -1)).softmax(-1)
+            return (QDQ.apply(p, 1 / 127) @ QDQ.apply(v, 0.03)) if self.form == "int8 fold" else p @ v
+        int8 = self.form == "int8"
+        scores = (QDQ.apply(q * SCALE, 0.02) @ QDQ.apply(k.transpose(-2, -1), 0.03)) if int8 else (q * SCALE) @ k.transpose(-2, -1)
+        a, b = rel_terms(q, h, w, self.rel_h, self.rel_w)
+        scores = (scores.view(n, h, w, h, w) + a[:, :, :, :, None] + b[:, :, :, None, :]).view(n, tokens, tokens)
+        p = scores.softmax(-1)
+        return QDQ.apply(p, 1 / 127) @ QDQ.apply(v, 0.03) if int8 else p @ v
+
+
+def exported(module: torch.nn.Module, inputs, folder: Path) -> onnx.ModelProto:
+    path = folder / "core.onnx"
+    torch.onnx.export(module, inputs, path, opset_version=17, dynamo=False, input_names=["q", "k", "v"])
+    model = onnx.load(path)
+    model.ir_version = 10
+    return model
+
+
+def mha(n: int, tokens: int, width: int) -> onnx.ModelProto:
+    """com.microsoft MultiHeadAttention with one head per (window, head) pair, scale 1 (folded in q')."""
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, tokens, width if name != "v" else DIM])
+              for name in ("q", "k", "v")]
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["out"], domain="com.microsoft", num_heads=1, scale=1.0)
+    graph = helper.make_graph([node], "mha", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model
+
+
+def timed(session: ort.InferenceSession, feed: dict, runs: int) -> tuple[float, np.ndarray]:
+    out = session.run(None, feed)[0]
+    best = min(_once(session, feed) for _ in range(runs))
+    return best, out
+
+
+def _once(session, feed) -> float:
+    start = time.perf_counter()
+    session.run(None, feed)
+    return (time.perf_counter() - start) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+    print(f"ONNX Runtime {ort.__version__}, {args.threads} threads, best of {args.runs}\n")
+    print("| form | windowed block (ms) | error | global block (ms) | error |")
+    print("|---|---:|---:|---:|---:|")
+    rows: dict[str, list[str]] = {}
+    for n, h, w in ((9 * HEADS, 14, 14), (HEADS, 32, 32)):
+        tokens = h * w
+        generator = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(n, tokens, DIM, generator=generator) for _ in range(3))
+        reference = Core(h, w, "reference").eval()
+        with torch.no_grad():
+            expected = reference(q, k, v).numpy()
+        feed = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
+        span = float(np.abs(expected).max())
+        with tempfile.TemporaryDirectory() as folder:
+            for form in ("reference", "fold", "int8", "int8 fold"):
+                model = exported(Core(h, w, form).eval(), (q, k, v), Path(folder))
+                ms, out = timed(ort_session(model, args.threads, spinning=True), feed, args.runs)
+                rows.setdefault(form, []).extend([f"{ms:.2f}", f"{np.abs(out - expected).max() / span:.1e}"])
+        with torch.no_grad():
+            qf, kf = folded(q, k, h, w, reference.rel_h, reference.rel_w)
+        for pad, label in ((0, "MultiHeadAttention on q', k'"), (-qf.shape[-1] % 8, "MultiHeadAttention, width padded to x8")):
+            qp, kp = F.pad(qf, (0, pad)), F.pad(kf, (0, pad))
+            session = ort_session(mha(n, tokens, qp.shape[-1]), args.threads, spinning=True)
+            ms, out = timed(session, {"q": qp.numpy(), "k": kp.numpy(), "v": v.numpy()}, args.runs)
+            rows.setdefault(label, []).extend([f"{ms:.2f}", f"{np.abs(out - expected).max() / span:.1e}"])
+    for form, cells in rows.items():
+        print(f"| {form} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
