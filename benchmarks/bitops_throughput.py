@@ -18,6 +18,7 @@ import platform
 import random
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -33,7 +34,8 @@ def flop_counter_macs(model: str, subnet) -> int:
     with torch.device("meta"):
         supernet = Supernet.build(model)
     space = supernet.space
-    supernet.set_subnet(space.uniform_bits(subnet, 32, 32))
+    # MACs do not depend on bits: the float realisation (attention bits need quantizers a meta model lacks)
+    supernet.set_subnet(space.uniform_bits(replace(subnet, attention=()), 32, 32))
     x = torch.zeros(1, 3, subnet.resolution, subnet.resolution, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         supernet(x)
@@ -47,9 +49,11 @@ def main() -> None:
     parser.add_argument("--pass-subnets", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attention", choices=("float", "searched"), default="float",
+                        help="searched: attention precision in the space (INT8 attention matmuls count at 8 x 8 bits)")
     args = parser.parse_args()
 
-    space = default_space(args.model)
+    space = default_space(args.model, attention_bits=(8, 32) if args.attention == "searched" else (32,))
     start = time.perf_counter()
     ir = analysis_ir(space)
     trace_s = time.perf_counter() - start
@@ -84,7 +88,7 @@ def main() -> None:
     torch_macs = flop_counter_macs(args.model, top)
     counter_s = time.perf_counter() - start
 
-    print(f"# BitOPs throughput and exactness: {args.model}, {len(space.quant_layers)} quantized layers, "
+    print(f"# BitOPs throughput and exactness: {args.model}, attention {args.attention}, {len(space.quant_layers)} quantized layers, "
           f"10^{space.log10_count():.1f} subnets")
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}); one Python thread")

@@ -124,11 +124,13 @@ class SupernetAttention(TrainingKernel, Attention):
         `attention_bits` (observed only, while calibrating at 32); rel-pos terms float (module docstring)."""
         b, h, w, _ = x.shape
         bits, quantize = self.attention_bits, self.attention_quantizers
-        head_dim = self.head_dim
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, head_dim).unbind(0)
-        # k is transposed before its Q/DQ (per-tensor: the same grid) so that DQ feeds the MatMul directly.
-        attn = quantize("q", q * self.scale, bits) @ quantize("k", k.transpose(-2, -1), bits)
+        n, tokens, head_dim = b * self.num_heads, h * w, self.head_dim
+        qkv = self.qkv(x).reshape(b, tokens, 3, self.num_heads, head_dim)
+        q, v = (qkv[:, :, i].permute(0, 2, 1, 3).reshape(n, tokens, head_dim) for i in (0, 2))
+        # k^T straight from the qkv output (one layout change, as q's and v's), so that its DQ feeds the
+        # MatMul: an integer MatMul has no transposed-input form for the exporter's k.transpose to fuse into.
+        k_t = qkv[:, :, 1].permute(0, 2, 3, 1).reshape(n, head_dim, tokens)
+        attn = quantize("q", q * self.scale, bits) @ quantize("k", k_t, bits)
         if self.use_rel_pos:
             attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
         out = quantize("p", attn.softmax(dim=-1), bits) @ quantize("v", v, bits)
