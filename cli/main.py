@@ -66,11 +66,13 @@ def options(ctx: typer.Context,
 
 @app.command()
 def space(model: str = typer.Option("vit_l", help=MODEL_HELP),
-          granularity: Granularity = typer.Option(Granularity.layer, help="Bits tied per layer, block, stage or model.")):
+          granularity: Granularity = typer.Option(Granularity.layer, help="Bits tied per layer, block, stage or model."),
+          attention: Attention = typer.Option(Attention.float, help="searched: with attention precision (--attention "
+                                              "searched of qsamc train).")):
     """Show the search space: operators, choices, number of subnets and BitOPs range."""
     from qsamc.pipeline import describe_space
 
-    info = describe_space(model, granularity.value)
+    info = describe_space(model, granularity.value, attention.value)
     table = Table(title=f"search space of {model} (bits per {granularity.value})")
     table.add_column("operator")
     table.add_column("choices")
@@ -79,7 +81,7 @@ def space(model: str = typer.Option("vit_l", help=MODEL_HELP),
     console.print(table)
     console.print(f"subnets: 10^{info.log10_subnets:.1f}   quantized layers: {info.quantized_layers}")
     console.print(f"MACs:   {human(info.macs[0])} .. {human(info.macs[1])}")
-    console.print(f"BitOPs: {human(info.bitops[0])} .. {human(info.bitops[1])} (attention matmuls at 32x32 bits)")
+    console.print(f"BitOPs: {human(info.bitops[0])} .. {human(info.bitops[1])} (float attention matmuls at 32x32 bits)")
 
 
 @app.command()

@@ -51,8 +51,8 @@ class SpaceSummary:
     bitops: tuple[int, int]
 
 
-def describe_space(model: str, granularity: str = "layer") -> SpaceSummary:
-    space = default_space(model, granularity)  # type: ignore[arg-type]
+def describe_space(model: str, granularity: str = "layer", attention: str = "float") -> SpaceSummary:
+    space = default_space(model, granularity, ATTENTION_MODES[attention])  # type: ignore[arg-type]
     ir = analysis_ir(space)
     costs = BitopsModel(ir, space)
     low, high = costs.cost(space.min_subnet()), costs.cost(space.max_subnet())
@@ -63,6 +63,7 @@ def describe_space(model: str, granularity: str = "layer") -> SpaceSummary:
         "MLP ratio (per block)": str(list(space.mlp_ratios)),
         "weight bits": str(list(space.weight_bits)),
         "activation bits": str(list(space.act_bits)),
+        **({"attention bits (q, k, v, softmax)": str(list(space.attention_bits))} if space.quantized_attention else {}),
     }
     return SpaceSummary(operators, space.log10_count(), len(space.quant_layers), (low[0], high[0]), (low[1], high[1]))
 
@@ -72,12 +73,19 @@ def subnet_bitops(model: str, use_max: bool, use_min: bool, subnet_file: Path | 
     """What `qsamc bitops` prints: the report of exactly one of --max, --min, --subnet."""
     if use_max + use_min + (subnet_file is not None) != 1:
         raise ConfigError("choose exactly one of --max, --min or --subnet FILE")
-    space = default_space(model)
     if subnet_file is not None:
-        subnet = space.validate(load_subnet(subnet_file))
+        subnet = load_subnet(subnet_file)
+        space = subnet_space(model, subnet)
+        subnet = space.validate(subnet)
     else:
+        space = default_space(model)
         subnet = space.max_subnet() if use_max else space.min_subnet()
     return count_bitops(space, subnet, float_macs)[1], subnet
+
+
+def subnet_space(model: str, subnet: Subnet) -> SearchSpace:
+    """The default space of `model` that holds `subnet`: with attention precision when it sets attention bits."""
+    return default_space(model, attention_bits=ATTENTION_MODES["searched" if subnet.attention else "float"])
 
 
 def write_ir(model: str, out: Path, subnet_file: Path | None = None) -> list[Path]:
@@ -85,8 +93,9 @@ def write_ir(model: str, out: Path, subnet_file: Path | None = None) -> list[Pat
     check_output_folder(out)
     space = default_space(model)
     if subnet_file is not None:
-        subnet = space.validate(load_subnet(subnet_file))
-        ir = count_bitops(space, subnet)[0]
+        subnet = load_subnet(subnet_file)
+        space = subnet_space(model, subnet)
+        ir = count_bitops(space, space.validate(subnet))[0]
     else:
         ir = analysis_ir(space)
     out.mkdir(parents=True, exist_ok=True)

@@ -278,3 +278,20 @@ def test_latency_search_takes_int8_attention_exactly_where_the_table_says_it_pay
     found = next(p for p in written if p.name.startswith("best-"))
     report = export_subnet(run, found, "cpu", "onnx", tmp_path / "export", samples=1, dataset="synthetic", val_limit=4)
     assert report.subnet == best.subnet and all(p.ok for p in report.parts) and report.task.ok
+
+
+def test_space_and_bitops_commands_know_attention_bits(run_cli, tmp_path):
+    import json
+
+    code, out, err = run_cli("space", "--model", "vit_t", "--attention", "searched")
+    assert (code, err) == (0, "")
+    assert "attention bits (q, k, v, softmax)" in out and "[8, 32]" in out
+    assert f"subnets: 10^{SPACE.log10_count():.1f}" in out
+    subnet = SPACE.sample(random.Random(4))
+    assert 8 in subnet.attention
+    subnet.save(tmp_path / "subnet.json")
+    code, out, err = run_cli("bitops", "--model", "vit_t", "--subnet", str(tmp_path / "subnet.json"), "--json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    assert data["subnet"]["attention"] == list(subnet.attention)
+    assert (data["macs"], data["bitops"]) == BitopsModel(analysis_ir(SPACE), SPACE).cost(subnet)

@@ -39,7 +39,7 @@ def test_space(run, vit_t_model):
     assert f"subnets: 10^{space.log10_count():.1f}   quantized layers: 51" in out
     (low_macs, low_bitops), (high_macs, high_bitops) = model.cost(space.min_subnet()), model.cost(space.max_subnet())
     assert f"MACs:   {human(low_macs)} .. {human(high_macs)}" in out
-    assert f"BitOPs: {human(low_bitops)} .. {human(high_bitops)} (attention matmuls at 32x32 bits)" in out
+    assert f"BitOPs: {human(low_bitops)} .. {human(high_bitops)} (float attention matmuls at 32x32 bits)" in out
 
 
 def test_space_granularity(run):
