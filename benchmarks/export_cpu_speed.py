@@ -8,7 +8,9 @@ subnet at FP32, at W8A8 with float attention (the paper's space), and at W8A8 wi
 v and the softmax output on 8-bit grids, `--attention searched`). The FP32 model is also quantized by
 ONNX Runtime's `quantize_static` (QDQ, per-channel, S8S8, every MatMul, min-max calibration on the same
 images) and `quantize_dynamic` (the peers a user would pick instead). All models run in one process with
-the same session settings, interleaved so that load from other processes hits them alike; the best run
+the same session settings, interleaved so that load from other processes hits them alike (FP32 is the
+plain graph, segment-anything's attention ops; qsamc's cpu export fuses float attention into ONNX
+Runtime's MultiHeadAttention, shown also unfused and at FP32); the best run
 of each is compared, and each model's deviation from the FP32 output on a held-out image is reported as
 max |error| / output range. A per-node profile (ORT enable_profiling) says where the time goes.
 Prints markdown tables.
@@ -17,6 +19,7 @@ Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import collections
 import json
 import logging
@@ -44,12 +47,12 @@ from qsamc.training.runs import SupernetSpec, build_model
 # ONNX Runtime's fused nodes keep a member's name). Everything else stays float in the paper's space.
 LAYER_SCOPE = re.compile(r"/(attn/qkv|attn/proj|mlp/lin1|mlp/lin2|patch_embed/proj|neck\.0|neck\.2)/")
 # The attention core: q@k, rel-pos, softmax, @v (and their Q/DQ when quantized).
-ATTENTION_SCOPE = re.compile(r"/attn/(MatMul|Softmax|Add|Einsum|Mul|attention_quantizers|Reshape|Transpose|Split|Squeeze)")
+ATTENTION_SCOPE = re.compile(r"/attn/")  # checked after LAYER_SCOPE: the rest of attention is its core
 
 
-def export(ir, subnet, example):
+def export(ir, subnet, example, fuse: bool = True):
     static = ExtractSubnetPass(subnet)(ir).ir
-    cpu = get_target("cpu")
+    cpu = dataclasses.replace(get_target("cpu"), fuse_attention=fuse)
     PassManager(cpu.lowering_passes())(static)
     return emit_onnx(static.root, example, cpu, "image", "image_embeddings")
 
@@ -114,9 +117,13 @@ def main() -> None:
     images = [torch.randn(1, 3, args.resolution, args.resolution, generator=generator) for _ in range(3)]
     CalibrateActivationsPass(model.supernet, images[:2], space.uniform_attention(subnet, 32))(ir)
     w8a8 = space.uniform_bits(subnet, 8, 8)
-    models = {"FP32": export(ir, space.uniform_attention(space.uniform_bits(subnet, 32, 32), 32), images[0]),
+    fp32 = space.uniform_attention(space.uniform_bits(subnet, 32, 32), 32)
+    models = {"FP32": export(ir, fp32, images[0], fuse=False),
               "qsamc W8A8, float attention (the paper's space)": export(ir, space.uniform_attention(w8a8, 32), images[0]),
-              "qsamc W8A8, INT8 attention (--attention searched)": export(ir, space.uniform_attention(w8a8, 8), images[0])}
+              "qsamc W8A8, INT8 attention (--attention searched)": export(ir, space.uniform_attention(w8a8, 8), images[0]),
+              "qsamc W8A8, float attention unfused (as before FuseFloatAttentionPass)":
+                  export(ir, space.uniform_attention(w8a8, 32), images[0], fuse=False),
+              "qsamc FP32, fused attention": export(ir, fp32, images[0])}
     with tempfile.TemporaryDirectory() as folder:
         models.update(ort_quantized(models["FP32"], [i.numpy() for i in images[:2]], Path(folder)))
 

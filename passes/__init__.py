@@ -8,6 +8,7 @@ from qsamc.passes.count_bitops import BitopsModel, BitopsReport, CountBitopsPass
 from qsamc.passes.extract_subnet import ExtractSubnetPass
 from qsamc.passes.fold_offset_into_norm import FoldOffsetIntoNormPass
 from qsamc.passes.fold_weight_quantizers import FoldWeightQuantizersPass
+from qsamc.passes.fuse_attention import FuseFloatAttentionPass
 from qsamc.passes.insert_quantizers import InsertQuantizersPass
 from qsamc.passes.lower_activation_offsets import LowerActivationOffsetsPass
 from qsamc.passes.lower_attention import LowerAttentionQuantizersPass
@@ -24,6 +25,7 @@ __all__ = [
     "ExtractSubnetPass",
     "FoldOffsetIntoNormPass",
     "FoldWeightQuantizersPass",
+    "FuseFloatAttentionPass",
     "InsertQuantizersPass",
     "LowerActivationOffsetsPass",
     "LowerAttentionQuantizersPass",

@@ -21,6 +21,8 @@ The libraries do the quantizing; qsamc only wires the reference, the data and th
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 import logging
@@ -232,7 +234,8 @@ def fp32_encoder_onnx(reference: Reference):
 
     model, ir, spec = load_supernet(reference.run)
     example = torch.zeros(1, 3, reference.resolution, reference.resolution)
-    return export_static(ir, spec.space, reference.subnet(32, 32), get_target("cpu"), example)[2]
+    plain = dataclasses.replace(get_target("cpu"), fuse_attention=False)  # standard ops, as a user's export
+    return export_static(ir, spec.space, reference.subnet(32, 32), plain, example)[2]
 
 
 def ort_static(reference: Reference, calibration: list[torch.Tensor], out: Path):

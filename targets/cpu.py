@@ -3,7 +3,8 @@
 Its phases:
 - Lowering: the common passes, then INT32 biases (`QuantizeBiasPass`): ONNX Runtime fuses
   Q/DQ -> Gemm <- DQ(INT32 bias) into one QGemm, where a float bias stays a separate Add over the whole
-  output (16% of a ViT-B encoder's time).
+  output (16% of a ViT-B encoder's time); then float attention as ONNX Runtime's fused
+  `MultiHeadAttention` on the rel-pos-folded q', k' (`FuseFloatAttentionPass`).
 - Emission: FP32 float parts, opset 17 (21 with INT4 block-quantized weights, which it runs as
   MatMulNBits).
 - Lint: reported, never enforced (the model does not go to TensorRT).
@@ -23,11 +24,14 @@ from qsamc.targets.base import Peaks, Target, register
 @dataclass(frozen=True)
 class OnnxRuntimeCpuTarget(Target):
     latency_backend: ClassVar[str] = "onnxruntime"
+    # False: float attention as segment-anything's ops (the plain FP32 graph ONNX Runtime's own quantizers
+    # start from in `qsamc baseline` and the benchmarks).
+    fuse_attention: bool = True
 
     def lowering_passes(self):
-        from qsamc.passes import QuantizeBiasPass
+        from qsamc.passes import FuseFloatAttentionPass, QuantizeBiasPass
 
-        return [*super().lowering_passes(), QuantizeBiasPass()]
+        return [*super().lowering_passes(), QuantizeBiasPass(), *([FuseFloatAttentionPass()] if self.fuse_attention else [])]
 
     def timer(self, settings):
         from qsamc.profiling.timers import OnnxRuntimeTimer

@@ -295,3 +295,25 @@ def test_space_and_bitops_commands_know_attention_bits(run_cli, tmp_path):
     data = json.loads(out)
     assert data["subnet"]["attention"] == list(subnet.attention)
     assert (data["macs"], data["bitops"]) == BitopsModel(analysis_ir(SPACE), SPACE).cost(subnet)
+
+
+def test_cpu_target_runs_float_attention_as_one_fused_op_equal_to_sams(quantized_attention_supernet):
+    """Float attention on the cpu target: the rel-pos fold and ONNX Runtime's MultiHeadAttention in place
+    of SAM's MatMul / rel-pos adds / Softmax / MatMul, the same function (windowed and global blocks);
+    TensorRT targets keep the standard ops, and so does the plain cpu graph the baselines quantize."""
+    _, ir, _ = quantized_attention_supernet
+    subnet = SPACE.uniform_bits(replace(SPACE.max_subnet(), resolution=256), 32, 32)
+    from qsamc.export.parts import AttentionPart
+    from qsamc.passes import ExtractSubnetPass
+
+    reference = ExtractSubnetPass(subnet)(ir).ir.root
+    for target, fused in ((CPU, True), (dataclasses.replace(CPU, fuse_attention=False), False), (A100, False)):
+        static = lowered_subnet(ir, subnet, target.with_float_type("fp32"))
+        for block in (0, 2):
+            model, tokens = part_onnx(static, "attention", block, target.with_float_type("fp32"))
+            ops = [n.op_type for n in model.graph.node]
+            assert ("MultiHeadAttention" in ops) == fused and ("Softmax" in ops) == (not fused)
+            with torch.no_grad():
+                expected = AttentionPart(reference.blocks[str(block)])(tokens).numpy()
+            actual = ort_session(model, threads=1).run(None, {model.graph.input[0].name: tokens.numpy()})[0]
+            assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()

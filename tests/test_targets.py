@@ -54,11 +54,12 @@ def test_gpu_peaks_come_from_the_datasheets():
 def test_each_target_owns_its_lowering_emission_and_latency_backend():
     """The phases that differ between runtimes are asked of the target, never decided by its name."""
     from qsamc.passes import (FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass,
-                              LowerAttentionQuantizersPass, QuantizeBiasPass)
+                              LowerAttentionQuantizersPass, QuantizeBiasPass, FuseFloatAttentionPass)
 
     common = [FoldWeightQuantizersPass, LowerActivationOffsetsPass, FoldOffsetIntoNormPass, LowerAttentionQuantizersPass]
     cpu = get_target("cpu")
-    assert [type(p) for p in cpu.lowering_passes()] == [*common, QuantizeBiasPass]  # ORT fuses INT32 biases
+    # ORT fuses INT32 biases, and runs float attention as its fused MultiHeadAttention
+    assert [type(p) for p in cpu.lowering_passes()] == [*common, QuantizeBiasPass, FuseFloatAttentionPass]
     assert (cpu.onnx_opset(int4=False), cpu.onnx_opset(int4=True)) == (17, 21)
     assert (cpu.engine_format, cpu.lint_required, cpu.latency_backend) == (None, False, "onnxruntime")
     for name in ("a100", "h100", "orin"):

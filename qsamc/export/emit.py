@@ -127,9 +127,10 @@ def emit_onnx(module: nn.Module, example_input: torch.Tensor, target: Target, in
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        fused = any(getattr(m, "fused", False) for m in module.modules())  # ONNX Runtime's fused attention
         torch.onnx.export(module.eval(), (example_input,), buffer, dynamo=False, opset_version=target.onnx_opset(int4),
                           input_names=[input_name], output_names=[output_name], do_constant_folding=True,
-                          dynamic_axes=axes)
+                          dynamic_axes=axes, custom_opsets={"com.microsoft": 1} if fused else None)
     model = onnx.load_from_string(buffer.getvalue())
     _resolve_constant_identities(model)
     _narrow_int4(model)
@@ -139,7 +140,8 @@ def emit_onnx(module: nn.Module, example_input: torch.Tensor, target: Target, in
 def finish_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """The tail of every model qsamc writes: the lowest IR version its opsets need, the producer, the
     checker."""
-    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    # onnx knows the IR versions of its own domains only (not com.microsoft, ONNX Runtime's contrib ops)
+    model.ir_version = helper.find_min_ir_version_for([o for o in model.opset_import if o.domain in ("", "ai.onnx")])
     model.producer_name = "qsamc"
     onnx.checker.check_model(model)
     return model

@@ -72,6 +72,20 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_
     return out[:, 0, :, :dim]
 
 
+class FusedAttention(torch.autograd.Function):
+    """softmax(q k^T) v for (sequences, tokens, width) operands, scale folded into q: in ONNX one
+    `com.microsoft.MultiHeadAttention` (one head per sequence, scale 1), which ONNX Runtime's CPU provider
+    runs fused; q and k may be wider than v (the rel-pos fold)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+    @staticmethod
+    def symbolic(g, q, k, v):
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=1, scale_f=1.0)
+
+
 class TrainingKernel:
     """Whether a module takes its training kernel now. `TrainingKernel.enabled = False` trains through
     segment-anything's code instead (what `benchmarks/train_memory.py` compares against)."""
@@ -98,6 +112,7 @@ class SupernetAttention(TrainingKernel, Attention):
     def from_sam(cls, module: nn.Module):
         new = super().from_sam(module)
         new.attention_bits = 32
+        new.fused = False  # FuseFloatAttentionPass: float attention as one fused op (the cpu target)
         new.register_module("attention_quantizers", None)  # InsertQuantizersPass adds them
         # A plain int, so the exported Reshapes carry it and ONNX shape inference sees the head size.
         new.head_dim = module.qkv.in_features // module.num_heads
@@ -107,6 +122,8 @@ class SupernetAttention(TrainingKernel, Attention):
         quantizers = self.attention_quantizers
         if quantizers is not None and (self.attention_bits < 32 or quantizers.observing):
             return self.quantized_forward(x)
+        if self.fused and self.attention_bits == 32 and not self.uses_kernel():
+            return self.fused_forward(x)
         if not self.uses_kernel():
             return super().forward(x)
         b, h, w, _ = x.shape
@@ -118,6 +135,28 @@ class SupernetAttention(TrainingKernel, Attention):
         out = checkpoint(relpos_attention, q, k, v, *tables, (h, w), self.scale, use_reentrant=False)
         return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
 
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float attention as one fused attention op on the folded q', k' (module docstring): exported as
+        ONNX Runtime's `MultiHeadAttention` (`FusedAttention`), which leaves out the broadcast rel-pos adds
+        and the separate softmax; the same function as segment-anything's to float rounding."""
+        b, h, w, _ = x.shape
+        n, tokens, head_dim = b * self.num_heads, h * w, self.head_dim
+        qkv = self.qkv(x).reshape(b, tokens, 3, self.num_heads, head_dim)
+        q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3).reshape(n, tokens, head_dim) for i in range(3))
+        if self.use_rel_pos:
+            grid = q.reshape(n, h, w, head_dim)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, self.rel_pos_h)).reshape(n, tokens, h)
+            rel_w = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, self.rel_pos_w)).reshape(n, tokens, w)
+            index = torch.arange(tokens, device=x.device)
+            selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(k.dtype)
+            pad = -(head_dim + h + w) % _WIDTH_MULTIPLE
+            q = F.pad(torch.cat([q * self.scale, rel_h, rel_w], dim=-1), (0, pad))
+            k = F.pad(torch.cat([k, selectors.expand(n, -1, -1)], dim=-1), (0, pad))
+        else:
+            q = q * self.scale
+        out = FusedAttention.apply(q, k, v)
+        return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         """segment-anything's attention with scale * q, k, v and the softmax output quantized at
