@@ -154,17 +154,17 @@ def main() -> None:
         print(f"| {name} | {m.ByteSize() / 1e6:.0f} MB | {best[name]:.0f} | {median:.0f} | "
               f"{best['FP32'] / best[name]:.2f}x | {error} |")
 
-    names = list(models)[:3]
+    names = list(models)[:4]
     profiles = {name: profile(models[name], feed, args.threads) for name in names}
-    short = ["FP32", "W8A8", "W8A8 + INT8 attention"]
+    short = ["FP32", "W8A8", "W8A8 + INT8 attention", "W8A8 unfused"]
     print("\n## per-node profile (ms per run, by op type)\n")
     print(f"| op | {' | '.join(short)} |")
-    print("|---|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|")
     ops = sorted(set().union(*(p[0] for p in profiles.values())), key=lambda op: -max(p[0][op] for p in profiles.values()))
     for op in ops[:18]:
         print(f"| {op} | {' | '.join(f'{profiles[n][0][op]:.0f}' for n in names)} |")
     print(f"\n| part | {' | '.join(short)} |")
-    print("|---|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|")
     for part, label in (("layers", "searched layers (qkv, proj, lin1, lin2, patch, neck; with Q/DQ)"),
                         ("attention", "attention core (q@k, rel-pos, softmax, @v, their layout and Q/DQ)"),
                         ("other", "the rest (LayerNorm, GELU, residual adds, window partition)")):

@@ -150,9 +150,10 @@ class SupernetAttention(TrainingKernel, Attention):
             rel_w = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, self.rel_pos_w)).reshape(n, tokens, w)
             index = torch.arange(tokens, device=x.device)
             selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(k.dtype)
-            pad = -(head_dim + h + w) % _WIDTH_MULTIPLE
-            q = F.pad(torch.cat([q * self.scale, rel_h, rel_w], dim=-1), (0, pad))
-            k = F.pad(torch.cat([k, selectors.expand(n, -1, -1)], dim=-1), (0, pad))
+            # zero columns up to a multiple of 8 inside the one Concat (a separate Pad would copy again)
+            zeros = q.new_zeros(n, tokens, -(head_dim + h + w) % _WIDTH_MULTIPLE)
+            q = torch.cat([q * self.scale, rel_h, rel_w, zeros], dim=-1)
+            k = torch.cat([k, selectors.expand(n, -1, -1), zeros], dim=-1)
         else:
             q = q * self.scale
         out = FusedAttention.apply(q, k, v)
