@@ -41,8 +41,8 @@ class CalibrateActivationsPass(Pass):
             return hook
 
         handles = [ir.module_of(n).register_forward_pre_hook(observe(b)) for n, b in banks.items()]
-        attention = {name: ir.module_of(name).attention_quantizers for name, a in ir.nodes()
-                     if a["kind"] == "attention" and getattr(ir.module_of(name), "attention_quantizers", None) is not None}
+        attention = {name: module.attention_quantizers for name, _a, module in ir.modules("attention")
+                     if getattr(module, "attention_quantizers", None) is not None}
         seen: set[str] = set()
         try:
             for quantizers in attention.values():

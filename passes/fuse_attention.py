@@ -23,10 +23,7 @@ from qsamc.ir.pass_manager import Pass, PassResult
 class FuseFloatAttentionPass(Pass):
     def call(self, ir: IR) -> PassResult:
         modified = False
-        for name, a in ir.nodes():
-            if a["kind"] != "attention":
-                continue
-            attention = ir.module_of(name)
+        for _name, _a, attention in ir.modules("attention"):
             if getattr(attention, "attention_bits", 32) == 32 and not getattr(attention, "fused", True):
                 attention.fused = True
                 modified = True

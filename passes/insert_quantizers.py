@@ -40,9 +40,8 @@ class InsertQuantizersPass(Pass):
             layer.act_quantizer = QuantizerBank("act", self.space.act_bits).to(layer.weight.device)
             modified = True
         if self.space.quantized_attention:
-            for name, a in ir.nodes():
-                attention = ir.module_of(name) if a["kind"] == "attention" else None
-                if attention is not None and attention.attention_quantizers is None:
+            for _name, _a, attention in ir.modules("attention"):
+                if attention.attention_quantizers is None:
                     device = attention.qkv.weight.device
                     attention.attention_quantizers = AttentionQuantizers(self.space.attention_bits).to(device)
                     modified = True

@@ -35,10 +35,7 @@ class LowerAttentionQuantizersPass(Pass):
 
     def call(self, ir: IR) -> PassResult:
         modified = False
-        for name, a in ir.nodes():
-            if a["kind"] != "attention":
-                continue
-            attention = ir.module_of(name)
+        for _name, a, attention in ir.modules("attention"):
             quantizers = getattr(attention, "attention_quantizers", None)
             if quantizers is not None and attention.attention_bits < 32 and not deploys_int8(self.rule, a, ir.subnet.grid):
                 attention.attention_bits = 32  # rule 3

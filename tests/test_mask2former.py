@@ -58,16 +58,21 @@ def test_head_choices_are_checked():
         Mask2FormerSpec(64, 20, 3)
 
 
-@pytest.fixture(scope="module")
-def mask2former_run(tmp_path_factory):
+def _train_tiny_mask2former(tmp_path_factory, **options):
+    """A tiny supernet with the Mask2Former head trained for 6 iterations on generated data."""
     from qsamc.training.train import train
 
     run = tmp_path_factory.mktemp("m2f") / "run"
     config = load_train_config(None, {
         "out": str(run), "iterations": 6, "phase1_iterations": 3, "batch_size": 2, "val_limit": 4,
         "checkpoint_every": 3, "calibration_batches": 1, "head": "mask2former", "head_dim": 32,
-        "head_queries": 8, "head_layers": 2})
+        "head_queries": 8, "head_layers": 2, **options})
     return run, train(config, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def mask2former_run(tmp_path_factory):
+    return _train_tiny_mask2former(tmp_path_factory)
 
 
 def test_a_run_records_its_head_and_is_read_back_with_it(mask2former_run):
@@ -117,14 +122,7 @@ def test_the_instance_task_needs_the_mask2former_head():
 
 @pytest.fixture(scope="module")
 def instance_run(tmp_path_factory):
-    from qsamc.training.train import train
-
-    run = tmp_path_factory.mktemp("m2f-instance") / "run"
-    config = load_train_config(None, {
-        "out": str(run), "iterations": 6, "phase1_iterations": 3, "batch_size": 2, "val_limit": 4,
-        "checkpoint_every": 3, "calibration_batches": 1, "head": "mask2former", "head_dim": 32,
-        "head_queries": 8, "head_layers": 2, "task": "instance"})
-    return run, train(config, show_progress=False)
+    return _train_tiny_mask2former(tmp_path_factory, task="instance")
 
 
 def test_an_instance_run_records_its_task_and_scores_mask_ap(instance_run):

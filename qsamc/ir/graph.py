@@ -86,6 +86,11 @@ class IR:
             if kind is None or attrs["kind"] == kind:
                 yield name, attrs
 
+    def modules(self, kind: str) -> Iterator[tuple[str, dict[str, Any], nn.Module]]:
+        """(name, attributes, module) of every node of one kind, in topological order."""
+        for name, attrs in self.nodes(kind):
+            yield name, attrs, self.module_of(name)
+
     def quantizable(self) -> list[str]:
         return [n for n, a in self.nodes() if a.get("quantizable")]
 

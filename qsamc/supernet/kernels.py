@@ -50,24 +50,35 @@ _WIDTH_MULTIPLE = 8
 FOLD_FROM_ELEMENTS = 2**21
 
 
+def fold_relpos(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                size: tuple[int, int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fold (module docstring): q' = [scale q, rel_h, rel_w] and k' = [k, onehot(row), onehot(col)] for
+    q, k of shape (batch x heads, h*w, head_dim), so that q' . k' is the reference's score. Their width is
+    zero-padded to a multiple of 8 inside the one Concat (a separate Pad would copy again)."""
+    h, w = size
+    n, tokens, dim = q.shape
+    grid = q.reshape(n, h, w, dim)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, rel_pos_h)).reshape(n, tokens, h)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, rel_pos_w)).reshape(n, tokens, w)
+    index = torch.arange(tokens, device=q.device)
+    selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(k.dtype)
+    zeros = q.new_zeros(n, tokens, -(dim + h + w) % _WIDTH_MULTIPLE)
+    if rel_h.dtype != q.dtype:  # autocast; no Cast in an exported float graph
+        rel_h, rel_w = rel_h.to(q.dtype), rel_w.to(q.dtype)
+    q_fold = torch.cat([q * scale, rel_h, rel_w, zeros], dim=-1)
+    k_fold = torch.cat([k, selectors.expand(n, -1, -1), zeros], dim=-1)
+    return q_fold, k_fold
+
+
 def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor | None,
                      rel_pos_w: torch.Tensor | None, size: tuple[int, int], scale: float) -> torch.Tensor:
     """softmax(scale q k^T + rel_h + rel_w) v for q, k, v of shape (batch x heads, h*w, head_dim), as one
     mask-free attention call (the fold above). Without rel-pos tables it is plain scaled attention."""
     if rel_pos_h is None:
         return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)[:, 0]
-    h, w = size
-    n, tokens, dim = q.shape
-    grid = q.reshape(n, h, w, dim)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, rel_pos_h)).reshape(n, tokens, h)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, rel_pos_w)).reshape(n, tokens, w)
-    width = dim + h + w
-    pad = -width % _WIDTH_MULTIPLE
-    index = torch.arange(tokens, device=q.device)
-    selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(k.dtype)
-    q_fold = F.pad(torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1), (0, pad))
-    k_fold = F.pad(torch.cat([k, selectors.expand(n, -1, -1)], dim=-1), (0, pad))
-    v_fold = F.pad(v, (0, width + pad - dim))
+    dim = q.shape[-1]
+    q_fold, k_fold = fold_relpos(q, k, rel_pos_h, rel_pos_w, size, scale)
+    v_fold = F.pad(v, (0, q_fold.shape[-1] - dim))
     out = F.scaled_dot_product_attention(q_fold[:, None], k_fold[:, None], v_fold[:, None], scale=1.0)
     return out[:, 0, :, :dim]
 
@@ -145,15 +156,7 @@ class SupernetAttention(TrainingKernel, Attention):
         qkv = self.qkv(x).reshape(b, tokens, 3, self.num_heads, head_dim)
         q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3).reshape(n, tokens, head_dim) for i in range(3))
         if self.use_rel_pos:
-            grid = q.reshape(n, h, w, head_dim)
-            rel_h = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, self.rel_pos_h)).reshape(n, tokens, h)
-            rel_w = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, self.rel_pos_w)).reshape(n, tokens, w)
-            index = torch.arange(tokens, device=x.device)
-            selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(k.dtype)
-            # zero columns up to a multiple of 8 inside the one Concat (a separate Pad would copy again)
-            zeros = q.new_zeros(n, tokens, -(head_dim + h + w) % _WIDTH_MULTIPLE)
-            q = torch.cat([q * self.scale, rel_h, rel_w, zeros], dim=-1)
-            k = torch.cat([k, selectors.expand(n, -1, -1), zeros], dim=-1)
+            q, k = fold_relpos(q, k, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
         else:
             q = q * self.scale
         out = FusedAttention.apply(q, k, v)
