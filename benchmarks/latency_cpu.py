@@ -7,12 +7,16 @@ none of them the table's calibration subnets. Prints two markdown tables:
 2. ranking: Kendall's tau between measured latency and BitOPs, and between measured latency and the
    table's prediction, over the same subnets (tau = 1: the same order).
 
-    python benchmarks/latency_cpu.py [--table PATH] [--subnets 20] [--seed 1]
+    python benchmarks/latency_cpu.py [--table PATH] [--subnets 20] [--seed 1] [--plain-attention]
+
+`--plain-attention` measures the cpu target without its fused float attention (`FuseFloatAttentionPass`),
+to tell the table's accuracy with and without that op apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import time
@@ -40,9 +44,12 @@ def main() -> None:
     parser.add_argument("--table", default=None, help="An existing vit_t cpu table (default: build one).")
     parser.add_argument("--subnets", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--plain-attention", action="store_true", help="The cpu target without fused float attention.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     space, target, settings = default_space("vit_t"), get_target("cpu"), ProfileSettings()
+    if args.plain_attention:
+        target = dataclasses.replace(target, fuse_attention=False)
     start = time.time()
     if args.table:
         table = LatencyTable.load(args.table)
@@ -54,7 +61,8 @@ def main() -> None:
     bitops = BitopsCost(analysis_ir(space), space)
     measured = [c.measured for c in checks]
 
-    print(f"vit_t on cpu ({table.machine.get('cpu')}, onnxruntime {table.libraries.get('onnxruntime')}, "
+    attention = "plain" if args.plain_attention else "fused"
+    print(f"vit_t on cpu, {attention} float attention ({table.machine.get('cpu')}, onnxruntime {table.libraries.get('onnxruntime')}, "
           f"{settings.threads} thread, {settings.clock} clock, median of {settings.repeats} runs): "
           f"{len(table.entries)} entries, context scale {table.context_scale:.3f}, "
           f"{'read' if args.table else f'built in {built:.0f} s'}\n")

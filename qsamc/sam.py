@@ -117,6 +117,12 @@ def get_config(name: str) -> EncoderConfig:
         ) from None
 
 
+def is_quantizer_state(key: str) -> bool:
+    """Whether a supernet state-dict key is a quantizer's (step size, offset, observed range): the layers'
+    `weight_quantizer` / `act_quantizer` banks and quantized attention's `attention_quantizers`."""
+    return "_quantizer." in key or "attention_quantizers." in key
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from an untrusted file (`weights_only=True`): a whole SAM or a bare encoder.
 
@@ -133,7 +139,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                     f"checkpoint {path} is a supernet trained with LoRA; start from an FP32 reference run "
                     f"(`qsamc train --schedule fp32`) or a SAM checkpoint")
             obj = {k[len(prefix):]: v for k, v in obj.items()
-                   if k.startswith(prefix) and "_quantizer." not in k}
+                   if k.startswith(prefix) and not is_quantizer_state(k)}
             break
     return obj
 

@@ -156,6 +156,71 @@ def test_int8_attention_is_the_reference_on_8bit_grids_and_trains_its_steps(quan
     model.supernet.set_subnet(subnet)
 
 
+def test_a_run_with_attention_searched_trains_the_sampled_steps_and_resumes_exactly(tmp_path, monkeypatch):
+    """`qsamc train --attention searched`: the sampled subnets carry attention bits, exactly the attention
+    quantizers a step ran at INT8 have their step sizes trained, and a run stopped after its checkpoint
+    resumes to the same weights, attention steps included, as the run that was not stopped."""
+    from qsamc.training import train as T
+    from qsamc.training.config import load_train_config
+
+    options = {"iterations": 4, "phase1_iterations": 2, "checkpoint_every": 2, "batch_size": 1, "val_limit": 2,
+               "calibration_batches": 1, "attention": "searched"}
+    sample, save = T.sample_subnets, T.atomic_torch_save
+    sampled, saved = {}, {}
+
+    def spied_sample(config, space, iteration):
+        sampled[iteration] = sample(config, space, iteration)
+        return sampled[iteration]
+
+    def spied_save(obj, path):
+        save(obj, path)
+        saved[obj["iteration"]] = {k: v.clone() for k, v in obj["model"].items() if "attention_quantizers" in k}
+
+    monkeypatch.setattr(T, "sample_subnets", spied_sample)
+    monkeypatch.setattr(T, "atomic_torch_save", spied_save)
+    reference = tmp_path / "reference"
+    T.train(load_train_config(None, {"out": str(reference), **options}), show_progress=False)
+    space = default_space("vit_t", attention_bits=(8, 32))
+    assert all(len(s.attention) == 12 for subnets in sampled.values() for s in subnets)
+    # Iterations 3 and 4 (after the checkpoint at 2): the blocks that ran INT8 attention in either.
+    ran = {b for i in (2, 3) for s in sampled[i] for b in space.active_blocks(s.depths) if s.attention_of(b) == 8}
+    assert 0 < len(ran) < 12
+    for block in range(12):
+        for operand in "qkvp":
+            key = next(k for k in saved[4] if k.startswith(f"supernet.blocks.{block}.attn.") and f".{operand}." in k
+                       and k.endswith("scale"))
+            assert torch.equal(saved[2][key], saved[4][key]) == (block not in ran), key
+
+    stopped = tmp_path / "stopped"
+
+    def stop_at_3(config, space, iteration):
+        if iteration == 3:
+            raise KeyboardInterrupt
+        return sample(config, space, iteration)
+
+    monkeypatch.setattr(T, "sample_subnets", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(load_train_config(None, {"out": str(stopped), **options}), show_progress=False)
+    monkeypatch.setattr(T, "sample_subnets", sample)
+    T.train(load_train_config(None, {"out": str(stopped), **options}), resume=True, show_progress=False)
+    final, expected = (torch.load(run / "supernet.pt", weights_only=True) for run in (stopped, reference))
+    assert list(final) == list(expected) and any("attention_quantizers" in k for k in final)
+    assert [k for k in final if not torch.equal(final[k], expected[k])] == []
+
+
+def test_a_supernet_with_attention_quantizers_is_an_encoder_checkpoint(quantized_attention_supernet, tmp_path):
+    """A run's supernet.pt (an FP32 reference run's, say) starts the next run: its encoder is the float
+    weights, without the layers' or attention's quantizer state."""
+    from qsamc.sam import build_encoder
+
+    model, _, _ = quantized_attention_supernet
+    state = model.state_dict()
+    assert any(".attention_quantizers." in k for k in state)
+    torch.save(state, tmp_path / "supernet.pt")
+    encoder = build_encoder("vit_t", tmp_path / "supernet.pt")
+    assert all(torch.equal(v, state[f"supernet.{k}"]) for k, v in encoder.state_dict().items())
+
+
 def test_a_subnet_cannot_ask_for_attention_bits_without_quantizers():
     from qsamc.supernet.encoder import Supernet
 

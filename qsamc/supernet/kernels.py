@@ -94,7 +94,9 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v):
-        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=1, scale_f=1.0)
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=1, scale_f=1.0)
+        out.setType(v.type())  # self-attention: the output has v's shape and type
+        return out
 
 
 class TrainingKernel:

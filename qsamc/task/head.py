@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsamc.errors import ConfigError
-from qsamc.sam import check_state_dict
+from qsamc.sam import check_state_dict, is_quantizer_state
 from qsamc.supernet.layers import QuantConv2d
 from qsamc.supernet.quant import QuantizerBank, weight_range
 from qsamc.task.data import IGNORE_INDEX
@@ -58,7 +58,7 @@ class SegmentationHead(nn.Module):
     def load_float_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Load a trained head's float weights (a reference run's) and re-calibrate the weight scales;
         the activation quantizers re-initialise from the first batch they see."""
-        expected = {k: v for k, v in self.state_dict().items() if "_quantizer." not in k}
+        expected = {k: v for k, v in self.state_dict().items() if not is_quantizer_state(k)}
         check_state_dict(expected, state, source, f"a {self.classifier.out_channels}-class head")
         self.load_state_dict(state, strict=False)
         for layer in (self.conv, self.classifier):

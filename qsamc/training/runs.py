@@ -28,7 +28,7 @@ from qsamc.task.head import SegmentationModel
 from qsamc.task.mask2former import Mask2FormerSpec
 from qsamc.supernet.lora import LoraConfig
 from qsamc.supernet.quant import WeightInit
-from qsamc.sam import check_state_dict, read_tensors
+from qsamc.sam import check_state_dict, is_quantizer_state, read_tensors
 from qsamc.supernet.space import SearchSpace
 
 RUN_FORMAT = "qsamc.supernet"
@@ -84,7 +84,7 @@ def reference_weights(checkpoint: str | Path) -> Path:
 def read_head_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """The task head's float weights in a qsamc run's `supernet.pt` (empty for a SAM checkpoint)."""
     state = read_tensors(reference_weights(checkpoint))
-    return {k[len("head."):]: v for k, v in state.items() if k.startswith("head.") and "_quantizer." not in k}
+    return {k[len("head."):]: v for k, v in state.items() if k.startswith("head.") and not is_quantizer_state(k)}
 
 
 def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_seed: int = 0,

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qsamc.distributed import init_distributed, uses_cuda
+from qsamc.sam import is_quantizer_state
 from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.training.runs import (SupernetSpec, build_model, checkpoint_path, load_checkpoint, prepare_run_folder,
                                  run_lock, save_supernet)
@@ -120,7 +121,7 @@ def peak_memory_mb() -> float:
 def _trainable(model: SegmentationModel, lora_phase: bool) -> list[nn.Parameter]:
     """Phase 1 (and QFA*) trains everything; the LoRA phase freezes the pre-trained encoder weights."""
     for name, param in model.named_parameters():
-        frozen = lora_phase and name.startswith("supernet.") and ".lora." not in name and "quantizer." not in name
+        frozen = lora_phase and name.startswith("supernet.") and ".lora." not in name and not is_quantizer_state(name)
         param.requires_grad_(not frozen)
     return [p for p in model.parameters() if p.requires_grad]
 
