@@ -12,7 +12,9 @@ k, v and computes softmax(scale q k^T + rel_h + rel_w) v:
   as `qsamc export` emits quantized attention;
 - INT8 fold: the fold with q' and k' each on one INT8 grid;
 - MultiHeadAttention: ONNX Runtime's fused contrib op on the folded q', k' (the fold itself computed
-  outside the timed graph), unpadded and padded to a multiple of 8.
+  outside the timed graph): one head per (window, head) sequence, and token-major with the heads split
+  by the op (`num_heads` 12; operands (windows, tokens, heads x width)), as the cpu target emits it.
+The fold is `qsamc.supernet.kernels.fold_relpos` (width padded to a multiple of 8).
 Q/DQ scales are fixed (not calibrated): the timing does not depend on them, and the error column shows
 only that the forms compute the same function (exact forms) or a quantized one. Best of `runs`.
 """
@@ -33,6 +35,7 @@ from onnx import TensorProto, helper
 
 from qsamc.export.ort import ort_session
 from qsamc.sam import get_rel_pos
+from qsamc.supernet.kernels import fold_relpos
 
 HEADS, DIM = 12, 64
 SCALE = DIM**-0.5
@@ -44,15 +47,6 @@ def rel_terms(q, h, w, rel_h, rel_w):
     a = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, rel_h))
     b = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, rel_w))
     return a, b
-
-
-def folded(q, k, h, w, rel_h, rel_w):
-    n, tokens, _ = q.shape
-    a, b = rel_terms(q, h, w, rel_h, rel_w)
-    index = torch.arange(tokens)
-    selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], -1).float()
-    return (torch.cat([q * SCALE, a.reshape(n, tokens, h), b.reshape(n, tokens, w)], -1),
-            torch.cat([k, selectors.expand(n, -1, -1)], -1))
 
 
 class QDQ(torch.autograd.Function):
@@ -79,11 +73,13 @@ class Core(torch.nn.Module):
         h, w = self.h, self.w
         n, tokens, _ = q.shape
         if self.form.endswith("fold"):
-            qf, kf = folded(q, k, h, w, self.rel_h, self.rel_w)
+            qf, kf = fold_relpos(q, k, self.rel_h, self.rel_w, (h, w), SCALE)
+            v = F.pad(v, (0, qf.shape[-1] - DIM))
             if self.form == "int8 fold":
                 qf, kf = QDQ.apply(qf, 0.02), QDQ.apply(kf, 1 / 127)
             p = (qf @ kf.transpose(-2, -1)).softmax(-1)
-            return (QDQ.apply(p, 1 / 127) @ QDQ.apply(v, 0.03)) if self.form == "int8 fold" else p @ v
+            out = (QDQ.apply(p, 1 / 127) @ QDQ.apply(v, 0.03)) if self.form == "int8 fold" else p @ v
+            return out[..., :DIM]
         int8 = self.form == "int8"
         scores = (QDQ.apply(q * SCALE, 0.02) @ QDQ.apply(k.transpose(-2, -1), 0.03)) if int8 else (q * SCALE) @ k.transpose(-2, -1)
         a, b = rel_terms(q, h, w, self.rel_h, self.rel_w)
@@ -100,11 +96,12 @@ def exported(module: torch.nn.Module, inputs, folder: Path) -> onnx.ModelProto:
     return model
 
 
-def mha(n: int, tokens: int, width: int) -> onnx.ModelProto:
-    """com.microsoft MultiHeadAttention with one head per (window, head) pair, scale 1 (folded in q')."""
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, tokens, width if name != "v" else DIM])
+def mha(n: int, tokens: int, width: int, heads: int) -> onnx.ModelProto:
+    """com.microsoft MultiHeadAttention on (n, tokens, heads x width) q', k' and (n, tokens, heads x DIM)
+    v, scale 1 (folded in q')."""
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, tokens, heads * (width if name != "v" else DIM)])
               for name in ("q", "k", "v")]
-    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["out"], domain="com.microsoft", num_heads=1, scale=1.0)
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["out"], domain="com.microsoft", num_heads=heads, scale=1.0)
     graph = helper.make_graph([node], "mha", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
@@ -147,11 +144,17 @@ def main() -> None:
                 ms, out = timed(ort_session(model, args.threads, spinning=True), feed, args.runs)
                 rows.setdefault(form, []).extend([f"{ms:.2f}", f"{np.abs(out - expected).max() / span:.1e}"])
         with torch.no_grad():
-            qf, kf = folded(q, k, h, w, reference.rel_h, reference.rel_w)
-        for pad, label in ((0, "MultiHeadAttention on q', k'"), (-qf.shape[-1] % 8, "MultiHeadAttention, width padded to x8")):
-            qp, kp = F.pad(qf, (0, pad)), F.pad(kf, (0, pad))
-            session = ort_session(mha(n, tokens, qp.shape[-1]), args.threads, spinning=True)
-            ms, out = timed(session, {"q": qp.numpy(), "k": kp.numpy(), "v": v.numpy()}, args.runs)
+            qf, kf = fold_relpos(q, k, reference.rel_h, reference.rel_w, (h, w), SCALE)
+        windows, width = n // HEADS, qf.shape[-1]
+
+        def token_major(t: torch.Tensor) -> np.ndarray:  # (windows x heads, tokens, c) -> (windows, tokens, heads x c)
+            return t.reshape(windows, HEADS, tokens, -1).transpose(1, 2).reshape(windows, tokens, -1).numpy()
+
+        for label, heads, layout in (("MultiHeadAttention, one head per sequence", 1, lambda t: t.numpy()),
+                                     ("MultiHeadAttention, token-major, 12 heads (as exported)", HEADS, token_major)):
+            session = ort_session(mha(n // heads, tokens, width, heads), args.threads, spinning=True)
+            ms, out = timed(session, {"q": layout(qf), "k": layout(kf), "v": layout(v)}, args.runs)
+            out = out if heads == 1 else out.reshape(windows, tokens, HEADS, DIM).transpose(0, 2, 1, 3).reshape(n, tokens, DIM)
             rows.setdefault(label, []).extend([f"{ms:.2f}", f"{np.abs(out - expected).max() / span:.1e}"])
     for form, cells in rows.items():
         print(f"| {form} | {' | '.join(cells)} |")

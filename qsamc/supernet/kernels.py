@@ -53,20 +53,23 @@ FOLD_FROM_ELEMENTS = 2**21
 def fold_relpos(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
                 size: tuple[int, int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The fold (module docstring): q' = [scale q, rel_h, rel_w] and k' = [k, onehot(row), onehot(col)] for
-    q, k of shape (batch x heads, h*w, head_dim), so that q' . k' is the reference's score. Their width is
-    zero-padded to a multiple of 8 inside the one Concat (a separate Pad would copy again)."""
+    q, k of shape (sequences, h*w, dim) or (batch, h*w, heads, dim), so that q' . k' is the reference's
+    score. Their width is zero-padded to a multiple of 8 inside the one Concat (a separate Pad would copy
+    again)."""
     h, w = size
-    n, tokens, dim = q.shape
-    grid = q.reshape(n, h, w, dim)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, rel_pos_h)).reshape(n, tokens, h)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, rel_pos_w)).reshape(n, tokens, w)
+    n, tokens, *heads, dim = q.shape
+    axis = "n" if heads else ""  # the heads axis, where q keeps one
+    grid = q.reshape(n, h, w, *heads, dim)
+    rel_h = torch.einsum(f"bhw{axis}c,hkc->bhw{axis}k", grid, get_rel_pos(h, h, rel_pos_h)).reshape(n, tokens, *heads, h)
+    rel_w = torch.einsum(f"bhw{axis}c,wkc->bhw{axis}k", grid, get_rel_pos(w, w, rel_pos_w)).reshape(n, tokens, *heads, w)
     index = torch.arange(tokens, device=q.device)
     selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(k.dtype)
-    zeros = q.new_zeros(n, tokens, -(dim + h + w) % _WIDTH_MULTIPLE)
+    selectors = selectors.reshape(1, tokens, *(1 for _ in heads), h + w).expand(n, tokens, *heads, h + w)
+    zeros = q.new_zeros(n, tokens, *heads, -(dim + h + w) % _WIDTH_MULTIPLE)
     if rel_h.dtype != q.dtype:  # autocast; no Cast in an exported float graph
         rel_h, rel_w = rel_h.to(q.dtype), rel_w.to(q.dtype)
     q_fold = torch.cat([q * scale, rel_h, rel_w, zeros], dim=-1)
-    k_fold = torch.cat([k, selectors.expand(n, -1, -1), zeros], dim=-1)
+    k_fold = torch.cat([k, selectors, zeros], dim=-1)
     return q_fold, k_fold
 
 
@@ -84,17 +87,20 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_
 
 
 class FusedAttention(torch.autograd.Function):
-    """softmax(q k^T) v for (sequences, tokens, width) operands, scale folded into q: in ONNX one
-    `com.microsoft.MultiHeadAttention` (one head per sequence, scale 1), which ONNX Runtime's CPU provider
-    runs fused; q and k may be wider than v (the rel-pos fold)."""
+    """softmax(q k^T) v per head for (batch, tokens, heads x width) operands, the scale folded into q: in
+    ONNX one `com.microsoft.MultiHeadAttention` (scale 1), which ONNX Runtime's CPU provider runs fused and
+    which splits and joins the heads itself (no layout Transposes around it); q and k may be wider per head
+    than v (the rel-pos fold)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        b, tokens = q.shape[:2]
+        q, k, v = (t.reshape(b, tokens, heads, -1).transpose(1, 2) for t in (q, k, v))
+        return ((q @ k.transpose(-2, -1)).softmax(dim=-1) @ v).transpose(1, 2).reshape(b, tokens, -1)
 
     @staticmethod
-    def symbolic(g, q, k, v):
-        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=1, scale_f=1.0)
+    def symbolic(g, q, k, v, heads):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=1.0)
         out.setType(v.type())  # self-attention: the output has v's shape and type
         return out
 
@@ -151,18 +157,20 @@ class SupernetAttention(TrainingKernel, Attention):
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float attention as one fused attention op on the folded q', k' (module docstring): exported as
-        ONNX Runtime's `MultiHeadAttention` (`FusedAttention`), which leaves out the broadcast rel-pos adds
-        and the separate softmax; the same function as segment-anything's to float rounding."""
+        ONNX Runtime's `MultiHeadAttention` (`FusedAttention`), which leaves out the broadcast rel-pos adds,
+        the separate softmax and the head-layout Transposes (q, k, v and the output stay token-major); the
+        same function as segment-anything's to float rounding."""
         b, h, w, _ = x.shape
-        n, tokens, head_dim = b * self.num_heads, h * w, self.head_dim
-        qkv = self.qkv(x).reshape(b, tokens, 3, self.num_heads, head_dim)
-        q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3).reshape(n, tokens, head_dim) for i in range(3))
+        tokens = h * w
+        q, k, v = self.qkv(x).reshape(b, tokens, 3, self.num_heads, self.head_dim).unbind(2)
         if self.use_rel_pos:
             q, k = fold_relpos(q, k, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
         else:
             q = q * self.scale
-        out = FusedAttention.apply(q, k, v)
-        return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+        width = self.num_heads * q.shape[-1]
+        out = FusedAttention.apply(q.reshape(b, tokens, width), k.reshape(b, tokens, width),
+                                   v.reshape(b, tokens, self.num_heads * self.head_dim), self.num_heads)
+        return self.proj(out.reshape(b, h, w, self.num_heads * self.head_dim))
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         """segment-anything's attention with scale * q, k, v and the softmax output quantized at
