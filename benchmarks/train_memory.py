@@ -15,8 +15,12 @@ every tensor a fresh mapping, which is slow).
 
 `--reference` adds rows for segment-anything's attention and MLP code and the upsample-then-cross-
 entropy loss (qsamc before its training kernels), for the two methods the goal is stated on.
+`--int8-attention` adds rows for the same two methods with every block's attention at 8 bits
+(`--attention searched`, beyond the paper): that path runs segment-anything's attention with LSQ
+quantizers on q, k, v and the softmax output, and keeps the attention map for backward.
 
     python benchmarks/train_memory.py [--model vit_b] [--resolution 512] [--steps 2] [--checkpointing] [--reference]
+                                      [--int8-attention]
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def one_method(model: str, resolution: int, steps: int, lora: dict | None, checkpointing: bool,
-               reference: bool) -> dict:
+               reference: bool, int8_attention: bool = False) -> dict:
     import time
     from dataclasses import replace
 
@@ -56,12 +60,13 @@ def one_method(model: str, resolution: int, steps: int, lora: dict | None, check
 
     TrainingKernel.enabled = not reference
     torch.manual_seed(0)
-    space = default_space(model)
+    space = default_space(model, attention_bits=(8, 32) if int8_attention else (32,))
     spec = SupernetSpec(space, num_classes=150, lora=LoraConfig(**lora) if lora else None)
     net, _ = build_model(spec)
     net.supernet.activation_checkpointing = checkpointing
     net.train()
-    net.supernet.set_subnet(replace(space.uniform_bits(space.max_subnet(), 4, 4), resolution=resolution))
+    subnet = replace(space.uniform_bits(space.max_subnet(), 4, 4), resolution=resolution)
+    net.supernet.set_subnet(space.uniform_attention(subnet, 8) if int8_attention else subnet)
     optimizer = torch.optim.AdamW(_trainable(net, lora_phase=lora is not None), lr=1e-4)
     images = torch.randn(1, 3, resolution, resolution)
     masks = torch.randint(0, 150, (1, resolution, resolution))
@@ -80,10 +85,11 @@ def one_method(model: str, resolution: int, steps: int, lora: dict | None, check
     return {"peak_mb": peak_memory_mb(), "step_s": min(times[1:] or times), "trainable": trainable}
 
 
-def measure(args: argparse.Namespace, lora: dict | None, checkpointing: bool, reference: bool, live: bool) -> dict:
+def measure(args: argparse.Namespace, lora: dict | None, checkpointing: bool, reference: bool, live: bool,
+            int8_attention: bool = False) -> dict:
     command = [sys.executable, __file__, "--model", args.model, "--resolution", str(args.resolution),
                "--steps", str(args.steps), "--child", json.dumps(lora)]
-    command += ["--checkpointing"] * checkpointing + ["--reference"] * reference
+    command += ["--checkpointing"] * checkpointing + ["--reference"] * reference + ["--int8-attention"] * int8_attention
     env = {**os.environ, **(LIVE_MALLOC if live else {})}
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -98,32 +104,37 @@ def main() -> None:
                         help="also measure every method with activation checkpointing per block")
     parser.add_argument("--reference", action="store_true",
                         help="also measure QFA* and multiplex-5 with segment-anything's attention/MLP and loss")
+    parser.add_argument("--int8-attention", action="store_true",
+                        help="also measure QFA* and multiplex-5 with every block's attention at 8 bits")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         result = one_method(args.model, args.resolution, args.steps, json.loads(args.child), args.checkpointing,
-                            args.reference)
+                            args.reference, args.int8_attention)
         print(json.dumps(result))
         return
-    runs = [(name, False, True) for name in REFERENCE_METHODS] if args.reference else []
+    # (method, checkpointing, code): code is "reference" (segment-anything's), "kernels" or "int8 attention"
+    runs = [(name, False, "reference") for name in REFERENCE_METHODS] if args.reference else []
     for checkpointing in ((False, True) if args.checkpointing else (False,)):
-        runs += [(name, checkpointing, False) for name in METHODS]
+        runs += [(name, checkpointing, "kernels") for name in METHODS]
+    runs += [(name, False, "int8 attention") for name in REFERENCE_METHODS] if args.int8_attention else []
     rows = {}
-    for done, (name, checkpointing, reference) in enumerate(runs, 1):
-        live = measure(args, METHODS[name], checkpointing, reference, live=True)
-        plain = measure(args, METHODS[name], checkpointing, reference, live=False)
-        rows[name, checkpointing, reference] = {**plain, "live_mb": live["peak_mb"]}
-        print(f"[{done}/{len(runs)}] measured {name}{' with checkpointing' if checkpointing else ''}"
-              f"{' (reference code)' if reference else ''}", file=sys.stderr)
-    base = rows["QFA* (full-parameter)", False, False]
+    for done, (name, checkpointing, code) in enumerate(runs, 1):
+        options = (METHODS[name], checkpointing, code == "reference")
+        live = measure(args, *options, live=True, int8_attention=code == "int8 attention")
+        plain = measure(args, *options, live=False, int8_attention=code == "int8 attention")
+        rows[name, checkpointing, code] = {**plain, "live_mb": live["peak_mb"]}
+        print(f"[{done}/{len(runs)}] measured {name}{' with checkpointing' if checkpointing else ''} ({code})", file=sys.stderr)
+    labels = {"reference": "segment-anything", "kernels": "training kernels",
+              "int8 attention": "training kernels, INT8 attention"}
     print(f"\n{args.model} at {args.resolution}px, batch 1, W4A4 max-depth subnet, AdamW; ratios are of live peaks, to "
           "QFA* with the same code and no activation checkpointing (the paper's Tab. 2 baseline)\n")
     print("| method | code | activation checkpointing | trainable params | live peak (MB) | ratio to QFA* | "
           "default-malloc peak RSS (MB) | step time (s) |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for (name, checkpointing, reference), row in rows.items():
-        qfa = rows["QFA* (full-parameter)", False, reference] if reference else base
-        print(f"| {name} | {'segment-anything' if reference else 'training kernels'} | "
+    for (name, checkpointing, code), row in rows.items():
+        qfa = rows["QFA* (full-parameter)", False, code]
+        print(f"| {name} | {labels[code]} | "
               f"{'yes' if checkpointing else 'no'} | {row['trainable'] / 1e6:.2f} M | {row['live_mb']:.0f} | "
               f"{row['live_mb'] / qfa['live_mb']:.2f}x | {row['peak_mb']:.0f} | {row['step_s']:.2f} |")
 

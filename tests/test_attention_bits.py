@@ -156,6 +156,43 @@ def test_int8_attention_is_the_reference_on_8bit_grids_and_trains_its_steps(quan
     model.supernet.set_subnet(subnet)
 
 
+def test_training_recomputes_int8_attention_and_keeps_no_attention_map(quantized_attention_supernet, monkeypatch):
+    """With the training kernels, quantized attention's core is recomputed in backward: the same gradients
+    to the bit as segment-anything's order of ops, and no (heads, tokens, tokens) tensor is saved."""
+    from qsamc.supernet.kernels import TrainingKernel
+
+    model, _, _ = quantized_attention_supernet
+    attn = model.supernet.blocks[0].attn
+    model.supernet.set_subnet(SPACE.uniform_attention(replace(SPACE.max_subnet(), resolution=256), 8))
+    x = torch.randn(1, 16, 16, attn.qkv.in_features, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    weights = torch.randn(1, 16, 16, attn.qkv.in_features, generator=torch.Generator().manual_seed(4))
+    parameters = dict(attn.named_parameters())
+    results = {}
+    for kernels in (False, True):
+        monkeypatch.setattr(TrainingKernel, "enabled", kernels)
+        shapes = []
+
+        def pack(tensor):
+            shapes.append(tuple(tensor.shape))
+            return tensor
+
+        attn.train()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                out = attn(x)
+            grads = torch.autograd.grad((out * weights).sum(), [x, *parameters.values()], allow_unused=True)
+        finally:
+            attn.eval()
+        results[kernels] = out.detach(), grads, shapes
+    (out_ref, grads_ref, shapes_ref), (out_new, grads_new, shapes_new) = results[False], results[True]
+    assert torch.equal(out_ref, out_new)
+    for name, a, b in zip(["x", *parameters], grads_ref, grads_new):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    assert grads_new[1 + list(parameters).index("attention_quantizers.sets.8.p.scale")] is not None
+    attention_map = (attn.num_heads, 256, 256)
+    assert attention_map in shapes_ref and attention_map not in shapes_new
+
+
 def test_a_run_with_attention_searched_trains_the_sampled_steps_and_resumes_exactly(tmp_path, monkeypatch):
     """`qsamc train --attention searched`: the sampled subnets carry attention bits, exactly the attention
     quantizers a step ran at INT8 have their step sizes trained, and a run stopped after its checkpoint

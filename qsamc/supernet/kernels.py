@@ -22,7 +22,8 @@ segment-anything's attention with LSQ quantizers (zero-point 0) on scale * q, k,
 stay float: they are computed from the float q and added to the dequantized q@k scores, as a bias would be.
 Putting them on q's grid (the fold below) would quantize a position bias whose range differs from q.k's
 by orders of magnitude; as float they cost the rel-pos einsums and one add, both small next to the matmuls.
-This path materialises the attention map (the fake-quantized softmax output is stored for backward).
+In training the core (qkv output to the heads' output) is recomputed in backward, as the float kernel's
+is: the attention map exists during forward and recomputation, and backward keeps only the qkv output.
 
 The fold: rel_h[n, i] (n a query, i a key row) and rel_w[n, j] are dot products of q with rel-pos rows,
 and a key at (i, j) selects column i of rel_h and column j of rel_w. So with
@@ -174,11 +175,22 @@ class SupernetAttention(TrainingKernel, Attention):
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         """segment-anything's attention with scale * q, k, v and the softmax output quantized at
-        `attention_bits` (observed only, while calibrating at 32); rel-pos terms float (module docstring)."""
+        `attention_bits` (observed only, while calibrating at 32); rel-pos terms float (module docstring).
+        Training recomputes the core in backward, so no attention map is kept for it."""
         b, h, w, _ = x.shape
+        qkv = self.qkv(x)
+        if self.uses_kernel():
+            out = checkpoint(self.quantized_core, qkv, (h, w), use_reentrant=False)
+        else:
+            out = self.quantized_core(qkv, (h, w))
+        return self.proj(out)
+
+    def quantized_core(self, qkv: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """From the qkv output to the heads' joined output (batch, h, w, dim), quantized attention."""
+        (h, w), b = size, qkv.shape[0]
         bits, quantize = self.attention_bits, self.attention_quantizers
         n, tokens, head_dim = b * self.num_heads, h * w, self.head_dim
-        qkv = self.qkv(x).reshape(b, tokens, 3, self.num_heads, head_dim)
+        qkv = qkv.reshape(b, tokens, 3, self.num_heads, head_dim)
         q, v = (qkv[:, :, i].permute(0, 2, 1, 3).reshape(n, tokens, head_dim) for i in (0, 2))
         # k^T straight from the qkv output (one layout change, as q's and v's), so that its DQ feeds the
         # MatMul: an integer MatMul has no transposed-input form for the exporter's k.transpose to fuse into.
@@ -187,8 +199,7 @@ class SupernetAttention(TrainingKernel, Attention):
         if self.use_rel_pos:
             attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
         out = quantize("p", attn.softmax(dim=-1), bits) @ quantize("v", v, bits)
-        out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(out)
+        return out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
 
 
 class SupernetMLP(TrainingKernel, MLPBlock):
