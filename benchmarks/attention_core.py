@@ -14,7 +14,9 @@ k, v and computes softmax(scale q k^T + rel_h + rel_w) v:
 - MultiHeadAttention: ONNX Runtime's fused contrib op on the folded q', k' (the fold itself computed
   outside the timed graph): one head per (window, head) sequence, and token-major with the heads split
   by the op (`num_heads` 12; operands (windows, tokens, heads x width)), as the cpu target emits it.
-The fold is `qsamc.supernet.kernels.fold_relpos` (width padded to a multiple of 8).
+The fold is `qsamc.supernet.kernels.fold_relpos` (width padded to a multiple of 8). A second table times
+the rel-pos terms alone on token-major q: segment-anything's Einsum against the broadcast MatMuls on the
+(constant) tables that the cpu target's fold emits.
 Q/DQ scales are fixed (not calibrated): the timing does not depend on them, and the error column shows
 only that the forms compute the same function (exact forms) or a quantized one. Best of `runs`.
 """
@@ -47,6 +49,27 @@ def rel_terms(q, h, w, rel_h, rel_w):
     a = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, rel_h))
     b = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, rel_w))
     return a, b
+
+
+class RelPosTerms(torch.nn.Module):
+    """rel_h and rel_w for token-major q (windows, tokens, heads, DIM), as Einsum or broadcast MatMul."""
+
+    def __init__(self, h: int, w: int, form: str) -> None:
+        super().__init__()
+        self.h, self.w, self.form = h, w, form
+        generator = torch.Generator().manual_seed(0)
+        self.rel_h = torch.nn.Parameter(torch.randn(2 * h - 1, DIM, generator=generator) * 0.1)
+        self.rel_w = torch.nn.Parameter(torch.randn(2 * w - 1, DIM, generator=generator) * 0.1)
+
+    def forward(self, q):
+        b, _, heads, _ = q.shape
+        h, w = self.h, self.w
+        table_h, table_w = get_rel_pos(h, h, self.rel_h), get_rel_pos(w, w, self.rel_w)
+        if self.form == "einsum":
+            grid = q.reshape(b, h, w, heads, DIM)
+            return torch.einsum("bhwnc,hkc->bhwnk", grid, table_h), torch.einsum("bhwnc,wkc->bhwnk", grid, table_w)
+        return ((q.reshape(b, h, w * heads, DIM) @ table_h.transpose(1, 2)).reshape(b, h, w, heads, h),
+                q.reshape(b, h, w, heads, DIM) @ table_w.transpose(1, 2))
 
 
 class QDQ(torch.autograd.Function):
@@ -88,9 +111,9 @@ class Core(torch.nn.Module):
         return QDQ.apply(p, 1 / 127) @ QDQ.apply(v, 0.03) if int8 else p @ v
 
 
-def exported(module: torch.nn.Module, inputs, folder: Path) -> onnx.ModelProto:
+def exported(module: torch.nn.Module, inputs, folder: Path, names=("q", "k", "v")) -> onnx.ModelProto:
     path = folder / "core.onnx"
-    torch.onnx.export(module, inputs, path, opset_version=17, dynamo=False, input_names=["q", "k", "v"])
+    torch.onnx.export(module, inputs, path, opset_version=17, dynamo=False, input_names=list(names))
     model = onnx.load(path)
     model.ir_version = 10
     return model
@@ -158,6 +181,23 @@ def main() -> None:
             rows.setdefault(label, []).extend([f"{ms:.2f}", f"{np.abs(out - expected).max() / span:.1e}"])
     for form, cells in rows.items():
         print(f"| {form} | {' | '.join(cells)} |")
+    print("\n| rel-pos terms (token-major q) | windowed block (ms) | global block (ms) |")
+    print("|---|---:|---:|")
+    terms: dict[str, list[str]] = {}
+    for windows, h in ((9, 14), (1, 32)):
+        q = torch.randn(windows, h * h, HEADS, DIM, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = [t.numpy() for t in RelPosTerms(h, h, "einsum")(q)]
+        with tempfile.TemporaryDirectory() as folder:
+            for form, label in (("einsum", "Einsum (segment-anything's)"), ("matmul", "broadcast MatMul (the cpu target's fold)")):
+                model = exported(RelPosTerms(h, h, form).eval(), (q,), Path(folder), names=("q",))
+                session = ort_session(model, args.threads, spinning=True)
+                ms, _ = timed(session, {"q": q.numpy()}, args.runs)
+                outs = session.run(None, {"q": q.numpy()})
+                assert all(np.allclose(o, e, atol=1e-4) for o, e in zip(outs, expected)), form
+                terms.setdefault(label, []).append(f"{ms:.2f}")
+    for label, cells in terms.items():
+        print(f"| {label} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

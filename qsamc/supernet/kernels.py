@@ -59,10 +59,16 @@ def fold_relpos(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_p
     again)."""
     h, w = size
     n, tokens, *heads, dim = q.shape
-    axis = "n" if heads else ""  # the heads axis, where q keeps one
-    grid = q.reshape(n, h, w, *heads, dim)
-    rel_h = torch.einsum(f"bhw{axis}c,hkc->bhw{axis}k", grid, get_rel_pos(h, h, rel_pos_h)).reshape(n, tokens, *heads, h)
-    rel_w = torch.einsum(f"bhw{axis}c,wkc->bhw{axis}k", grid, get_rel_pos(w, w, rel_pos_w)).reshape(n, tokens, *heads, w)
+    table_h, table_w = get_rel_pos(h, h, rel_pos_h), get_rel_pos(w, w, rel_pos_w)
+    # Token-major (the export's layout): broadcast MatMuls on the tables, which ONNX Runtime runs 2-5x faster
+    # than its Einsum; their Transposes are of constants, folded. Training's layout keeps torch's einsum.
+    if heads:
+        rel_h = (q.reshape(n, h, w * heads[0], dim) @ table_h.transpose(1, 2)).reshape(n, tokens, *heads, h)
+        rel_w = (q.reshape(n, h, w, *heads, dim) @ table_w.transpose(1, 2)).reshape(n, tokens, *heads, w)
+    else:
+        grid = q.reshape(n, h, w, dim)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", grid, table_h).reshape(n, tokens, h)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", grid, table_w).reshape(n, tokens, w)
     index = torch.arange(tokens, device=q.device)
     selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(k.dtype)
     selectors = selectors.reshape(1, tokens, *(1 for _ in heads), h + w).expand(n, tokens, *heads, h + w)
