@@ -189,7 +189,7 @@ def main() -> None:
         with torch.no_grad():
             expected = [t.numpy() for t in RelPosTerms(h, h, "einsum")(q)]
         with tempfile.TemporaryDirectory() as folder:
-            for form, label in (("einsum", "Einsum (segment-anything's)"), ("matmul", "broadcast MatMul (the cpu target's fold)")):
+            for form, label in (("einsum", "Einsum (segment-anything's)"), ("matmul", "broadcast MatMul on the constant tables (the cpu target's fold)")):
                 model = exported(RelPosTerms(h, h, form).eval(), (q,), Path(folder), names=("q",))
                 session = ort_session(model, args.threads, spinning=True)
                 ms, _ = timed(session, {"q": q.numpy()}, args.runs)
