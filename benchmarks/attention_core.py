@@ -37,7 +37,7 @@ from onnx import TensorProto, helper
 
 from qsamc.export.ort import ort_session
 from qsamc.sam import get_rel_pos
-from qsamc.supernet.kernels import fold_relpos
+from qsamc.supernet.kernels import fold_relpos, relpos_terms
 
 HEADS, DIM = 12, 64
 SCALE = DIM**-0.5
@@ -51,8 +51,8 @@ def rel_terms(q, h, w, rel_h, rel_w):
     return a, b
 
 
-class RelPosTerms(torch.nn.Module):
-    """rel_h and rel_w for token-major q (windows, tokens, heads, DIM), as Einsum or broadcast MatMul."""
+class RelPosTables(torch.nn.Module):
+    """An h x w block's rel-pos tables (fixed random values) and the form to compute with them."""
 
     def __init__(self, h: int, w: int, form: str) -> None:
         super().__init__()
@@ -61,15 +61,19 @@ class RelPosTerms(torch.nn.Module):
         self.rel_h = torch.nn.Parameter(torch.randn(2 * h - 1, DIM, generator=generator) * 0.1)
         self.rel_w = torch.nn.Parameter(torch.randn(2 * w - 1, DIM, generator=generator) * 0.1)
 
+
+class RelPosTerms(RelPosTables):
+    """rel_h and rel_w for token-major q (windows, tokens, heads, DIM): segment-anything's Einsum, or the
+    cpu target's fold (`relpos_terms`)."""
+
     def forward(self, q):
-        b, _, heads, _ = q.shape
+        b, tokens, heads, _ = q.shape
         h, w = self.h, self.w
-        table_h, table_w = get_rel_pos(h, h, self.rel_h), get_rel_pos(w, w, self.rel_w)
-        if self.form == "einsum":
-            grid = q.reshape(b, h, w, heads, DIM)
-            return torch.einsum("bhwnc,hkc->bhwnk", grid, table_h), torch.einsum("bhwnc,wkc->bhwnk", grid, table_w)
-        return ((q.reshape(b, h, w * heads, DIM) @ table_h.transpose(1, 2)).reshape(b, h, w, heads, h),
-                q.reshape(b, h, w, heads, DIM) @ table_w.transpose(1, 2))
+        if self.form == "matmul":
+            return relpos_terms(q, self.rel_h, self.rel_w, (h, w))
+        grid = q.reshape(b, h, w, heads, DIM)
+        return (torch.einsum("bhwnc,hkc->bhwnk", grid, get_rel_pos(h, h, self.rel_h)).reshape(b, tokens, heads, h),
+                torch.einsum("bhwnc,wkc->bhwnk", grid, get_rel_pos(w, w, self.rel_w)).reshape(b, tokens, heads, w))
 
 
 class QDQ(torch.autograd.Function):
@@ -84,13 +88,8 @@ class QDQ(torch.autograd.Function):
         return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
 
 
-class Core(torch.nn.Module):
-    def __init__(self, h: int, w: int, form: str) -> None:
-        super().__init__()
-        self.h, self.w, self.form = h, w, form
-        generator = torch.Generator().manual_seed(0)
-        self.rel_h = torch.nn.Parameter(torch.randn(2 * h - 1, DIM, generator=generator) * 0.1)
-        self.rel_w = torch.nn.Parameter(torch.randn(2 * w - 1, DIM, generator=generator) * 0.1)
+class Core(RelPosTables):
+    """One attention core in the named form."""
 
     def forward(self, q, k, v):
         h, w = self.h, self.w

@@ -21,13 +21,11 @@ The libraries do the quantizing; qsamc only wires the reference, the data and th
 
 from __future__ import annotations
 
-import dataclasses
-
 import copy
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -234,7 +232,7 @@ def fp32_encoder_onnx(reference: Reference):
 
     model, ir, spec = load_supernet(reference.run)
     example = torch.zeros(1, 3, reference.resolution, reference.resolution)
-    plain = dataclasses.replace(get_target("cpu"), fuse_attention=False)  # standard ops, as a user's export
+    plain = replace(get_target("cpu"), fuse_attention=False)  # standard ops, as a user's export
     return export_static(ir, spec.space, reference.subnet(32, 32), plain, example)[2]
 
 

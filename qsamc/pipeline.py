@@ -91,13 +91,12 @@ def subnet_space(model: str, subnet: Subnet) -> SearchSpace:
 def write_ir(model: str, out: Path, subnet_file: Path | None = None) -> list[Path]:
     """What `qsamc ir` writes: `ir.json` and `ir.dot`, with bits and costs when a subnet is given."""
     check_output_folder(out)
-    space = default_space(model)
     if subnet_file is not None:
         subnet = load_subnet(subnet_file)
         space = subnet_space(model, subnet)
         ir = count_bitops(space, space.validate(subnet))[0]
     else:
-        ir = analysis_ir(space)
+        ir = analysis_ir(default_space(model))
     out.mkdir(parents=True, exist_ok=True)
     ir.save_json(out / "ir.json")
     (out / "ir.dot").write_text(ir.to_dot())

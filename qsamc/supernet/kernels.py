@@ -51,6 +51,24 @@ _WIDTH_MULTIPLE = 8
 FOLD_FROM_ELEMENTS = 2**21
 
 
+def relpos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                 size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's decomposed rel-pos terms rel_h (.., h) and rel_w (.., w) for q of shape (sequences, h*w, dim)
+    or token-major (batch, h*w, heads, dim), in q's layout with the last axis replaced."""
+    h, w = size
+    n, tokens, *heads, dim = q.shape
+    table_h, table_w = get_rel_pos(h, h, rel_pos_h), get_rel_pos(w, w, rel_pos_w)
+    # Token-major (the export's layout): broadcast MatMuls on the tables, which ONNX Runtime runs 1.7-8x faster
+    # than its Einsum; their Transposes are of constants, folded. Training's layout keeps torch's einsum.
+    if heads:
+        rel_h = (q.reshape(n, h, w * heads[0], dim) @ table_h.transpose(1, 2)).reshape(n, tokens, *heads, h)
+        rel_w = (q.reshape(n, h, w, *heads, dim) @ table_w.transpose(1, 2)).reshape(n, tokens, *heads, w)
+        return rel_h, rel_w
+    grid = q.reshape(n, h, w, dim)
+    return (torch.einsum("bhwc,hkc->bhwk", grid, table_h).reshape(n, tokens, h),
+            torch.einsum("bhwc,wkc->bhwk", grid, table_w).reshape(n, tokens, w))
+
+
 def fold_relpos(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
                 size: tuple[int, int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The fold (module docstring): q' = [scale q, rel_h, rel_w] and k' = [k, onehot(row), onehot(col)] for
@@ -59,16 +77,7 @@ def fold_relpos(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_p
     again)."""
     h, w = size
     n, tokens, *heads, dim = q.shape
-    table_h, table_w = get_rel_pos(h, h, rel_pos_h), get_rel_pos(w, w, rel_pos_w)
-    # Token-major (the export's layout): broadcast MatMuls on the tables, which ONNX Runtime runs 2-5x faster
-    # than its Einsum; their Transposes are of constants, folded. Training's layout keeps torch's einsum.
-    if heads:
-        rel_h = (q.reshape(n, h, w * heads[0], dim) @ table_h.transpose(1, 2)).reshape(n, tokens, *heads, h)
-        rel_w = (q.reshape(n, h, w, *heads, dim) @ table_w.transpose(1, 2)).reshape(n, tokens, *heads, w)
-    else:
-        grid = q.reshape(n, h, w, dim)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", grid, table_h).reshape(n, tokens, h)
-        rel_w = torch.einsum("bhwc,wkc->bhwk", grid, table_w).reshape(n, tokens, w)
+    rel_h, rel_w = relpos_terms(q, rel_pos_h, rel_pos_w, size)
     index = torch.arange(tokens, device=q.device)
     selectors = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(k.dtype)
     selectors = selectors.reshape(1, tokens, *(1 for _ in heads), h + w).expand(n, tokens, *heads, h + w)
