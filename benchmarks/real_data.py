@@ -95,9 +95,9 @@ def evaluate_subnets(run: Path, subnets: dict[str, Subnet], data: dict, out: Pat
 
 
 def load_supernet_spec(run: Path):
-    from qsamc.training.runs import SupernetSpec
+    from qsamc.training.runs import read_spec
 
-    return SupernetSpec.from_json(json.loads((run / "supernet.json").read_text()))
+    return read_spec(run / "supernet.json")
 
 
 def plot(rows: list[dict], fp32_bitops: int, path: Path) -> None:

@@ -215,7 +215,8 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            seed: int = typer.Option(0),
            float_macs: FloatMacs = typer.Option(FloatMacs.fp32, help="Count attention matmuls in BitOPs at 32x32 bits, "
                                                 "or exclude them (the paper's convention)."),
-           split: Split = typer.Option(Split.val, help="The split whose images score subnets; train keeps val for reporting.")):
+           split: Split = typer.Option(Split.val, help="The split whose images score subnets; train keeps val for reporting."),
+           overwrite: bool = typer.Option(False, help="Replace the earlier search in --out (whole, in one step).")):
     """Evolutionary search for the best subnet under BitOPs and/or latency budgets on a target."""
     from rich.progress import BarColumn, Progress, TextColumn
 
@@ -236,7 +237,8 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
         result, written = run_search(supernet, target, bitops, latency, budget or [], out, restrict=restrict,
                                      estimate=estimate, table=latency_table, dataset=dataset, data_root=data_root,
                                      val_limit=val_limit, batch_size=batch_size, config=config,
-                                     on_generation=on_generation, float_macs=float_macs.value, split=split.value)
+                                     on_generation=on_generation, float_macs=float_macs.value, split=split.value,
+                                     overwrite=overwrite)
     if not written:
         return
     table = Table(title=f"best subnets on {target} ({result.evaluations} subnets evaluated)")
@@ -312,7 +314,8 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
            val_limit: int = typer.Option(32, help="Validation images for the task-level check."),
            min_batch: int = typer.Option(1, help="TensorRT optimization profile: smallest batch the engine serves."),
            opt_batch: int = typer.Option(1, help="TensorRT optimization profile: the batch the engine is tuned for."),
-           max_batch: int = typer.Option(8, help="TensorRT optimization profile: largest batch the engine serves.")):
+           max_batch: int = typer.Option(8, help="TensorRT optimization profile: largest batch the engine serves."),
+           overwrite: bool = typer.Option(False, help="Replace the earlier export in --out (whole, in one step).")):
     """Lower one subnet to the target's integer formats, emit and verify ONNX with a dynamic batch axis
     (and a TensorRT engine with that batch profile)."""
     from qsamc.export.tensorrt_engine import BatchProfile
@@ -321,7 +324,7 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
     batch = BatchProfile(min_batch, opt_batch, max_batch)
     report = export_subnet(supernet, subnet, target, format.value, out, promptable=promptable,
                            sam_checkpoint=sam_checkpoint, dataset=dataset, data_root=data_root, val_limit=val_limit,
-                           batch=batch)
+                           batch=batch, overwrite=overwrite)
     layers = Table(title=f"deployed precision on {report.target}")
     for column in ("layer", "searched", "weight", "activation", "compute"):
         layers.add_column(column)
@@ -399,7 +402,8 @@ def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`q
 
 @app.command()
 def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Output folder for the three stages."),
-               quiet: bool = typer.Option(False, help="No progress bars.")):
+               quiet: bool = typer.Option(False, help="No progress bars."),
+               overwrite: bool = typer.Option(False, help="Replace the earlier quickstart in --out.")):
     """train -> search -> export on the embedded default (vit_t on generated shapes), in a few minutes."""
     from qsamc.pipeline import quickstart as run_quickstart
 
@@ -409,7 +413,7 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Output fo
         if not quiet:
             console.print(f"search, budget set {index + 1}: generation {generation + 1} done, best loss {best:.4f}")
 
-    result = run_quickstart(out, show_progress=not quiet, on_generation=on_generation)
+    result = run_quickstart(out, show_progress=not quiet, on_generation=on_generation, overwrite=overwrite)
     trained, searched, report = result.trained, result.searched, result.export
     for name, ev in (("max subnet", trained.max_subnet), ("min subnet", trained.min_subnet)):
         console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}")

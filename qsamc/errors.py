@@ -32,3 +32,7 @@ class BudgetError(QsamcError):
 
 class TargetError(QsamcError):
     """A hardware target or deployment format that qsamc does not know."""
+
+
+class WriteError(QsamcError):
+    """A file or folder that could not be written (a full disk, a read-only or special file system)."""

@@ -16,7 +16,7 @@ import torch
 
 from qsamc.distributed import init_distributed
 from qsamc.errors import BudgetError, ConfigError
-from qsamc.fileio import check_output_file, check_output_folder
+from qsamc.fileio import check_output_file, check_output_folder, check_results_folder, replace_folder
 from qsamc.ir.frontend import analysis_ir, count_bitops
 from qsamc.ir.graph import IR
 from qsamc.passes import BitopsModel, BitopsReport
@@ -25,7 +25,7 @@ from qsamc.search.cost import BitopsCost, Budget, CostModel, RooflineLatency, pa
 from qsamc.search.evolution import (TASK_OBJECTIVES, EvolutionConfig, SearchResult, SubnetFitness, default_ladder,
                                     search)
 from qsamc.search.latency_table import LatencyTable, TableLatency, default_table_path
-from qsamc.search.pareto import write_search
+from qsamc.search.pareto import is_search_file, write_search
 from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.targets import Target, get_target
 from qsamc.task.data import build_dataset
@@ -126,13 +126,15 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
                *, restrict: bool = False, estimate: bool = False, table: Path | None = None,
                dataset: str | None = None, data_root: Path | None = None, val_limit: int | None = 64,
                batch_size: int = 8, config: EvolutionConfig = EvolutionConfig(),
-               on_generation=None, float_macs: FloatMacs = "fp32", split: str = "val") -> tuple[SearchResult, list[Path]]:
+               on_generation=None, float_macs: FloatMacs = "fp32", split: str = "val",
+               overwrite: bool = False) -> tuple[SearchResult, list[Path]]:
     """What `qsamc search` does; returns the result and the files written (none on ranks > 0).
     `float_macs="exclude"` leaves the attention matmuls out of BitOPs (the paper's convention); `split`
     is the dataset split whose images score the subnets (`train` keeps val for reporting only). `dataset`
-    None: the one the run was trained on (its config.json; synthetic for a run without one)."""
+    None: the one the run was trained on (its config.json; synthetic for a run without one). A folder that
+    holds an earlier search is replaced (whole, in one step) only with `overwrite`."""
     target = get_target(target_name)
-    check_output_folder(out)
+    check_results_folder(out, overwrite, "a search", is_search_file)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if val_limit is not None and val_limit < 1:
@@ -168,7 +170,10 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     data = ValidationSet(images, val_limit, batch_size)
     result = search(space, costs, SubnetFitness(model, data), parsed, config,
                     on_generation=on_generation if rank == 0 else None)
-    written = write_search(result, space, target, costs, out) if rank == 0 else []
+    written = []
+    if rank == 0:
+        with replace_folder(out) as staging:
+            written = [out / p.name for p in write_search(result, space, target, costs, staging)]
     return result, written
 
 
@@ -207,13 +212,13 @@ def training_dataset(run: Path) -> tuple[str | None, Path | None]:
     return dataset, None if root is None else Path(root)
 
 
-# The files an export replaces, the report first; TensorRT's timing.cache is kept and reused.
-REPLACED_FILES = ("report.json", "encoder.onnx", "decoder.onnx", "precision.png", "encoder.plan")
+# The files an export writes; TensorRT's timing.cache is carried over to the next export and reused.
+EXPORT_FILES = ("report.json", "encoder.onnx", "decoder.onnx", "precision.png", "encoder.plan", "timing.cache")
 
 
 def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2,
                   promptable: bool = False, sam_checkpoint: Path | None = None, dataset: str | None = None,
-                  data_root: Path | None = None, val_limit: int | None = 32, batch=None):
+                  data_root: Path | None = None, val_limit: int | None = 32, batch=None, overwrite: bool = False):
     """What `qsamc export` does: check every input -> extract the static subnet -> lower it to the
     target's integer formats -> emit ONNX -> verify (TensorRT lint; each lowered part alone in ONNX
     Runtime on the PyTorch subnet's own input to it; the whole model; with `dataset`, validation mIoU
@@ -225,8 +230,10 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     weights from the whole SAM checkpoint `sam_checkpoint` or freshly initialised, verified in ONNX Runtime
     on the encoder's own embeddings of the sample images (report["decoder"]).
     The encoder's batch axis is dynamic: the whole-model check runs batch 1 and batch 4; `batch` is the
-    TensorRT engine's profile (`tensorrt_engine.BatchProfile`, default 1 / 1 / 8)."""
-    from qsamc.fileio import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+    TensorRT engine's profile (`tensorrt_engine.BatchProfile`, default 1 / 1 / 8). A folder that holds an
+    earlier export is replaced only with `overwrite`, and whole: the new export is built beside it and
+    swapped in, so a kill at any moment leaves the old export or the new one."""
+    from qsamc.fileio import atomic_write_bytes, atomic_write_json
     from qsamc.export.emit import export_static
     from qsamc.errors import TargetError
     from qsamc.export.report import ExportReport, layer_precisions, plot_precision_map
@@ -241,7 +248,9 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     target = get_target(target_name)
     if fmt not in target.formats:
         raise TargetError(f"target {target.name} has no '{fmt}' format; it exports {', '.join(target.formats)}")
-    check_output_folder(out)
+    if val_limit is not None and val_limit < 1:
+        raise ConfigError(f"--val-limit must be at least 1, got {val_limit}")
+    check_results_folder(out, overwrite, "an export", lambda name: name in EXPORT_FILES)
     subnet = load_subnet(subnet_file)
     model, ir, spec = load_supernet(run)
     subnet = spec.space.validate(subnet)
@@ -284,24 +293,21 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
         fp32_bytes=4 * sum(t.numel() for t in reference.state_dict().values() if t.is_floating_point()),
         latency=ort_latency(session, images[0]), fidelity=fidelity, lint=lint, parts=parts, task=task)
     paths = {"onnx": out / "encoder.onnx", "report": out / "report.json", "precision_map": out / "precision.png"}
-    # All or nothing: the old report and files go first, every file is written atomically, and the
-    # report, written last, is what says an export is whole (a kill before it leaves no report).
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out, (*REPLACED_FILES, "timing.cache"))
-    for name in REPLACED_FILES:  # the report first: no report ever describes another export's files
-        (out / name).unlink(missing_ok=True)
-    atomic_write_bytes(paths["onnx"], data)
-    if promptable:
-        paths["decoder"] = out / "decoder.onnx"
-        atomic_write_bytes(paths["decoder"], decoder_proto.SerializeToString())
-        report.decoder = decoder_report
-    plot_precision_map(layers, paths["precision_map"], f"{subnet.model} @ {subnet.resolution}px on {target.name}")
-    if fmt == target.engine_format:
-        report.engine = target.build_engine(paths["onnx"], out, batch, subnet.resolution)
-        if report.engine.path is not None:
-            paths["engine"] = Path(report.engine.path)
-    report.files = {k: str(v) for k, v in paths.items()}
-    atomic_write_json(paths["report"], report.to_json())
+    # All or nothing: the files are written in a fresh folder beside `out` and swapped in whole at the end.
+    with replace_folder(out, keep=("timing.cache",)) as staging:
+        atomic_write_bytes(staging / paths["onnx"].name, data)
+        if promptable:
+            paths["decoder"] = out / "decoder.onnx"
+            atomic_write_bytes(staging / paths["decoder"].name, decoder_proto.SerializeToString())
+            report.decoder = decoder_report
+        plot_precision_map(layers, staging / paths["precision_map"].name,
+                           f"{subnet.model} @ {subnet.resolution}px on {target.name}")
+        if fmt == target.engine_format:
+            report.engine = target.build_engine(paths["onnx"], out, batch, subnet.resolution, staging=staging)
+            if report.engine.path is not None:
+                paths["engine"] = Path(report.engine.path)
+        report.files = {k: str(v) for k, v in paths.items()}
+        atomic_write_json(staging / paths["report"].name, report.to_json())
     return report
 
 
@@ -324,19 +330,25 @@ class QuickstartResult:
     export: ExportReport
 
 
-def quickstart(out: Path, show_progress: bool = True, on_generation=None) -> QuickstartResult:
+QUICKSTART_FOLDERS = ("supernet", "search", "export")
+
+
+def quickstart(out: Path, show_progress: bool = True, on_generation=None, overwrite: bool = False) -> QuickstartResult:
     """What `qsamc quickstart` does: train -> search (BitOPs ladder, cpu target) -> export the best subnet
-    of the middle budget to a verified Q/DQ ONNX model."""
+    of the middle budget to a verified Q/DQ ONNX model. An earlier quickstart in `out` is replaced only
+    with `overwrite`."""
     from qsamc.training.train import train
     from qsamc.training.config import load_train_config
 
-    check_output_folder(out)
+    check_results_folder(out, overwrite, "a quickstart", lambda name: name in QUICKSTART_FOLDERS)
     run = out / "supernet"
-    trained = train(load_train_config(None, {"out": str(run), **QUICKSTART_TRAINING}), show_progress=show_progress)
+    trained = train(load_train_config(None, {"out": str(run), **QUICKSTART_TRAINING}), show_progress=show_progress,
+                    overwrite=overwrite)
     searched, written = run_search(run, "cpu", True, False, [], out / "search", val_limit=16,
-                                   config=QUICKSTART_SEARCH, on_generation=on_generation)
+                                   config=QUICKSTART_SEARCH, on_generation=on_generation, overwrite=overwrite)
     middle = searched.results[len(searched.results) // 2]
     chosen = out / "search" / "quickstart-subnet.json"
     middle.best.subnet.save(chosen)
-    report = export_subnet(run, chosen, "cpu", "onnx", out / "export", dataset="synthetic", val_limit=16)
+    report = export_subnet(run, chosen, "cpu", "onnx", out / "export", dataset="synthetic", val_limit=16,
+                           overwrite=overwrite)
     return QuickstartResult(trained, searched, written, chosen, middle.budgets[0], report)

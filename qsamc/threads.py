@@ -72,6 +72,10 @@ def _own_running_threads() -> int:
     return max(running, 1)
 
 
+# Far above any machine's cores; torch and ONNX Runtime take an int32 count.
+MAX_THREADS = 4096
+
+
 def parse_threads(value: str | int, source: str) -> int:
     try:
         threads = int(value)
@@ -79,6 +83,8 @@ def parse_threads(value: str | int, source: str) -> int:
         raise ConfigError(f"{source} must be a whole number of threads, got {value!r}") from None
     if threads < 1:
         raise ConfigError(f"{source} must be at least 1, got {threads}")
+    if threads > MAX_THREADS:
+        raise ConfigError(f"{source} must be at most {MAX_THREADS}, got {threads}")
     return threads
 
 

@@ -100,7 +100,7 @@ class Target:
     def timer(self, settings: ProfileSettings) -> Timer:
         raise NotImplementedError
 
-    def build_engine(self, onnx_path: Path, out: Path, batch: Any, resolution: int):
+    def build_engine(self, onnx_path: Path, out: Path, batch: Any, resolution: int, staging: Path | None = None):
         raise TargetError(f"target {self.name} builds no engine; it exports {', '.join(self.formats)}")
 
 

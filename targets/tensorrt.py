@@ -44,15 +44,19 @@ class TensorRTTarget(Target):
 
         return TensorRTTimer(settings)
 
-    def build_engine(self, onnx_path: Path, out: Path, batch: Any, resolution: int):
+    def build_engine(self, onnx_path: Path, out: Path, batch: Any, resolution: int, staging: Path | None = None):
         """`encoder.plan` beside the ONNX (with `timing.cache`), where TensorRT and a GPU exist; returns
-        the report's `EngineBuild`: the `trtexec` command, the batch profile, and why none was built."""
+        the report's `EngineBuild`: the `trtexec` command, the batch profile, and why none was built. The
+        paths name `out`; with `staging`, the files are read and built there (the export's folder before
+        it is swapped in for `out`)."""
         from qsamc.export import tensorrt_engine
         from qsamc.export.report import EngineBuild
 
         engine, cache = out / "encoder.plan", out / "timing.cache"
         missing = tensorrt_engine.missing()
         if missing is None:
-            tensorrt_engine.build_engine(onnx_path, engine, cache, batch, resolution)
+            where = staging or out
+            tensorrt_engine.build_engine(where / onnx_path.name, where / engine.name, where / cache.name, batch,
+                                         resolution)
         return EngineBuild(tensorrt_engine.trtexec_command(onnx_path, engine, cache, batch, resolution), vars(batch),
                            missing, None if missing else str(engine))

@@ -72,6 +72,25 @@ def vit_b_ir():
     return analysis_ir(default_space("vit_b"))
 
 
+# The smallest real training: vit_t, one iteration of each progressive phase, batch 1, on the generated shapes.
+TINY_TRAIN = ["--model", "vit_t", "--iterations", "2", "--phase1-iterations", "1", "--batch-size", "1",
+              "--val-limit", "2", "--calibration-batches", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished `TINY_TRAIN` run folder, shared by the whole session: copy it before changing it."""
+    from dataclasses import replace
+
+    from qsamc.training.config import load_train_config
+    from qsamc.training.train import train
+
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    train(replace(load_train_config(None, parse_flags(TINY_TRAIN)), out=str(run), checkpoint_every=1),
+          show_progress=False)
+    return run
+
+
 def parse_flags(args: list[str]) -> dict[str, str]:
     """`--lora-rank 16 --per-channel` -> {"lora_rank": "16", "per_channel": "true"}: the option lists the CLI
     tests pass to `qsamc train`, as the config overrides `load_train_config` takes."""

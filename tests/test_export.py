@@ -445,8 +445,9 @@ def test_batch_profile_is_checked_and_reaches_trtexec():
 
 
 def test_an_export_into_an_earlier_export_is_all_or_nothing(run_folder, tmp_path, monkeypatch):
-    """A kill (here: a failure) after the first new file leaves no report: never a report describing
-    another export's files. Temporaries a killed write left are removed; a whole export ends with its report."""
+    """A kill (here: a failure) after the first new file leaves the earlier export as it was, and the
+    half-built folder a killed export left beside it is removed by the next one; a whole export replaces
+    the earlier one in one step."""
     import qsamc.export.report as export_report
     from qsamc.pipeline import export_subnet
 
@@ -454,16 +455,19 @@ def test_an_export_into_an_earlier_export_is_all_or_nothing(run_folder, tmp_path
     out.mkdir()
     (out / "report.json").write_text('{"subnet": "an earlier one"}')
     (out / "encoder.onnx").write_text("an earlier model")
-    (out / ".encoder.onnx.x1y2z3").write_text("left by a killed write")
+    (tmp_path / ".out.new-x1y2z3").mkdir()  # left by a killed export
+    (tmp_path / ".out.new-x1y2z3" / "encoder.onnx").write_text("half")
 
     def killed(*_args, **_kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_report, "plot_precision_map", killed)
     with pytest.raises(KeyboardInterrupt):
-        export_subnet(run, run / "w8a8.json", "cpu", "onnx", out, samples=1)
-    assert not (out / "report.json").exists() and not (out / ".encoder.onnx.x1y2z3").exists()
+        export_subnet(run, run / "w8a8.json", "cpu", "onnx", out, samples=1, overwrite=True)
+    assert (out / "report.json").read_text() == '{"subnet": "an earlier one"}'
+    assert (out / "encoder.onnx").read_text() == "an earlier model"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
     monkeypatch.undo()
-    report = export_subnet(run, run / "w8a8.json", "cpu", "onnx", out, samples=1)
+    report = export_subnet(run, run / "w8a8.json", "cpu", "onnx", out, samples=1, overwrite=True)
     assert json.loads((out / "report.json").read_text())["files"] == report.files
     assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx", "precision.png", "report.json"]

@@ -35,6 +35,12 @@ def deployed_precisions(space: SearchSpace, target: Target, subnet: Subnet) -> d
     return out
 
 
+def is_search_file(name: str) -> bool:
+    """Whether `name` is a file `qsamc search` (or the quickstart's choice of subnet) writes."""
+    return name in ("pareto.json", "pareto.png", "quickstart-subnet.json") or (
+        name.startswith("best-") and name.endswith(".json"))
+
+
 def best_name(budgets: Sequence[Any]) -> str:
     return "best-" + "-".join(str(b) for b in budgets) + ".json"
 

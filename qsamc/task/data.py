@@ -249,24 +249,34 @@ class FolderDataset(SegmentationDataset):
         labels: LabelScheme,
         augmentation: AugmentConfig | None,
         seed: int,
+        pairs: list[tuple[Path, Path]] | None = None,
     ) -> None:
+        """`pairs`: the split's (image, mask) files as its split file lists them; None: every image in
+        `image_dir` with the mask of the same stem in `mask_dir`, and no mask without its image."""
         super().__init__(augmentation, seed)
         self.name = labels.dataset
         self.labels = labels
         self.num_classes = len(labels.class_labels)
         self._lut = labels.table()
+        if pairs is not None:
+            self.pairs = pairs
+            return
         for folder in (image_dir, mask_dir):
             if not folder.is_dir():
                 raise DataError(f"{labels.dataset} split folder {folder} does not exist.")
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise DataError(f"{labels.dataset} split folder {image_dir} contains no images.")
-        self.pairs: list[tuple[Path, Path]] = []
+        self.pairs = []
         for image in images:
             mask = mask_dir / f"{image.stem}.png"
             if not mask.is_file():
                 raise DataError(f"image {image} has no mask; expected {mask}.")
             self.pairs.append((image, mask))
+        stems = {image.stem for image in images}
+        orphan = next((m for m in sorted(mask_dir.glob("*.png")) if m.stem not in stems), None)
+        if orphan is not None:
+            raise DataError(f"mask {orphan} has no image in {image_dir}.")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -411,6 +421,8 @@ DatasetFactory = Callable[[DatasetRequest], SegmentationDataset]
 def _require_root(request: DatasetRequest, dataset: str) -> Path:
     if request.root is None:
         raise DataError(f"the {dataset} format needs a dataset folder; none was given.")
+    if request.root.exists() and not request.root.is_dir():
+        raise DataError(f"dataset folder {request.root} is a file; give the folder that holds the dataset.")
     if not request.root.is_dir():
         raise DataError(f"dataset folder {request.root} does not exist.")
     return request.root
@@ -425,11 +437,45 @@ def _ade20k(request: DatasetRequest) -> SegmentationDataset:
     )
 
 
+def read_split_file(path: Path, root: Path) -> list[tuple[Path, Path]]:
+    """The (image, mask) pairs a split file lists, one `image mask` pair per line (SegNet's CamVid
+    `train.txt`): relative to `root`, or absolute paths from another machine, found by their last two
+    parts (`train/0001TP_006690.png`) under `root`. Each listed file must exist."""
+    pairs = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"split file {path} cannot be read ({exc}).") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise DataError(f"split file {path} line {number} is not an 'image mask' pair: {line.strip()[:80]!r}.")
+        found = []
+        for part in parts:
+            listed = Path(part)
+            candidate = root / listed if not listed.is_absolute() else listed
+            if not candidate.is_file() and listed.is_absolute():
+                candidate = root / Path(*listed.parts[-2:])
+            if not candidate.is_file():
+                raise DataError(f"split file {path} line {number} names {part}, which is not in {root}.")
+            found.append(candidate)
+        pairs.append((found[0], found[1]))
+    if not pairs:
+        raise DataError(f"split file {path} lists no images.")
+    return pairs
+
+
 def _camvid(request: DatasetRequest) -> SegmentationDataset:
+    """CamVid as SegNet ships it: `<split>/` images, `<split>annot/` masks, and `<split>.txt` listing the
+    split's pairs; where the split file exists it decides the split."""
     root = _require_root(request, "CamVid")
     labels = LabelScheme("CamVid", range(0, 11), ignore_label=11)
     split = request.split
-    return FolderDataset(root / split, root / f"{split}annot", labels, request.augmentation, request.seed)
+    listed = root / f"{split}.txt"
+    pairs = read_split_file(listed, root) if listed.is_file() else None
+    return FolderDataset(root / split, root / f"{split}annot", labels, request.augmentation, request.seed, pairs)
 
 
 def _synthetic(request: DatasetRequest) -> SegmentationDataset:

@@ -27,6 +27,7 @@ from qsamc.supernet.space import GRANULARITIES
 from qsamc.task.data import TASKS
 from qsamc.task.head import HEADS
 from qsamc.task.mask2former import Mask2FormerSpec
+from qsamc.training.runs import check_not_locked
 
 # --attention: the space's attention bits (float only: the paper's space).
 ATTENTION_MODES = {"float": (32,), "searched": (8, 32)}
@@ -118,6 +119,8 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
             (self.seed >= 0, f"seed must be 0 or more, got {self.seed}"),
             (self.val_limit >= 1, f"val_limit must be at least 1, got {self.val_limit}"),
+            (self.num_workers >= 0, f"num_workers must be 0 or more, got {self.num_workers}"),
+            (self.out.strip() != "", "out must name the run folder; it is empty"),
             (self.calibration_batches >= 1, f"calibration_batches must be at least 1, got {self.calibration_batches}"),
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number above 0, got {self.lr}"),
             (math.isfinite(self.lora_lr) and self.lora_lr > 0, f"lora_lr must be a finite number above 0, got {self.lora_lr}"),
@@ -257,9 +260,16 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the YAML, TOML or JSON file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -309,7 +319,10 @@ def resolve_train_config(path: str | Path | None, options: dict[str, Any], resum
     if others:
         raise ConfigError(f"--resume continues the run with its saved config; it takes --out (or --config) only, "
                           f"not --{others[0].replace('_', '-')} (start a new run for other settings)")
-    saved = Path(config.out) / "config.json"
+    run = Path(config.out)
+    check_not_locked(run)  # a train that is still starting has not written config.json yet
+    saved = run / "config.json"
     if not saved.is_file():
         raise ConfigError(f"cannot resume: {saved} does not exist (pass the run's --out or its --config)")
-    return load_train_config(saved)
+    # The run is where its folder is now, not where config.json says it was written (a copied or moved run).
+    return dataclasses.replace(load_train_config(saved), out=str(run))

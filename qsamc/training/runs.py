@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from qsamc.errors import ConfigError, CheckpointError
-from qsamc.fileio import (atomic_torch_save, atomic_write_json, check_output_folder,
+from qsamc.errors import ConfigError, CheckpointError, QsamcError
+from qsamc.fileio import (atomic_torch_save, atomic_write_json, check_output_folder, make_folder, read_json,
                           remove_stale_temporaries)
 from qsamc.task.head import SegmentationModel
 from qsamc.task.mask2former import Mask2FormerSpec
@@ -33,6 +33,54 @@ from qsamc.supernet.space import SearchSpace
 
 RUN_FORMAT = "qsamc.supernet"
 RUN_VERSION = 1
+
+# What each field of supernet.json must be: (check, words for the message).
+_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+_INTS = (lambda v: isinstance(v, list) and bool(v) and all(_INT[0](x) for x in v), "a non-empty list of integers")
+_NUMBERS = (lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                              for x in v), "a non-empty list of numbers")
+_STR = (lambda v: isinstance(v, str), "a string")
+_MAPPING = (lambda v: isinstance(v, dict), "a JSON object")
+_OPTIONAL_MAPPING = (lambda v: v is None or isinstance(v, dict), "a JSON object or null")
+SPEC_FIELDS = {"space": _MAPPING, "num_classes": _INT, "lora": _OPTIONAL_MAPPING, "per_channel": (
+    lambda v: isinstance(v, bool), "true or false"), "head": _STR, "mask2former": _OPTIONAL_MAPPING, "task": _STR}
+SPACE_FIELDS = {"model": _STR, "resolutions": _INTS, "depth_choices": (
+    lambda v: isinstance(v, list) and bool(v) and all(_INTS[0](c) for c in v), "a non-empty list of lists of integers"),
+    "mlp_ratios": _NUMBERS, "weight_bits": _INTS, "act_bits": _INTS, "granularity": _STR, "attention_bits": _INTS}
+REQUIRED_SPEC = ("space", "num_classes")
+OPTIONAL_SPACE = ("attention_bits",)  # runs written before attention bits
+
+
+def _check_fields(data: Any, fields: dict, required, source: str) -> None:
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source} must be a JSON object, not {type(data).__name__}")
+    for key in required:
+        if key not in data:
+            raise CheckpointError(f"{source} lacks the field '{key}'")
+    for key, (ok, words) in fields.items():
+        if key in data and not ok(data[key]):
+            raise CheckpointError(f"{source}: '{key}' must be {words}, got {json.dumps(data[key])[:60]}")
+
+
+def read_spec(meta: Path) -> SupernetSpec:
+    """supernet.json as a `SupernetSpec`, or one sentence naming the field that is wrong and why."""
+    data = read_json(meta, "supernet description", CheckpointError)
+    source = str(meta)
+    if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{meta} is not a qsamc supernet description")
+    version = data.get("version")
+    if not _INT[0](version) or version < 1:
+        raise CheckpointError(f"{source}: 'version' must be a positive integer, got {json.dumps(version)}")
+    if version > RUN_VERSION:
+        raise CheckpointError(f"{meta} was written by a newer qsamc (version {version}); this one reads version "
+                              f"{RUN_VERSION}: upgrade qsamc")
+    _check_fields(data, SPEC_FIELDS, REQUIRED_SPEC, source)
+    _check_fields(data["space"], {f"{k}": v for k, v in SPACE_FIELDS.items()},
+                  [k for k in SPACE_FIELDS if k not in OPTIONAL_SPACE], f"{source} 'space'")
+    try:
+        return SupernetSpec.from_json(data)
+    except (KeyError, TypeError, ValueError, QsamcError) as exc:
+        raise CheckpointError(f"{meta} is malformed: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -123,13 +171,7 @@ def load_supernet(run: str | Path):
     meta = run / "supernet.json"
     if not meta.is_file():
         raise CheckpointError(f"{run} is not a qsamc training run: {meta.name} is missing")
-    try:
-        data = json.loads(meta.read_text())
-        if data.get("format") != RUN_FORMAT:
-            raise CheckpointError(f"{meta} is not a qsamc supernet description")
-        spec = SupernetSpec.from_json(data)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{meta} is malformed: {exc}") from None
+    spec = read_spec(meta)
     model, ir = build_model(spec)
     state = read_tensors(run / "supernet.pt")
     check_state_dict(model, state, str(run / "supernet.pt"), f"the supernet described by {meta.name}")
@@ -156,6 +198,26 @@ def load_checkpoint(run: Path) -> dict:
     return state
 
 
+def resume_weights(model, state: dict, run: Path) -> None:
+    """A checkpoint's weights into this run's model, or one sentence saying that it is another run's."""
+    source = str(checkpoint_path(run))
+    if not isinstance(state["model"], dict):
+        raise CheckpointError(f"cannot resume: {source} holds no model weights")
+    check_state_dict(model, state["model"], source, f"the run described by {run / 'config.json'}")
+    model.load_state_dict(state["model"])
+
+
+def resume_optimizer(optimizer, scheduler, state: dict, run: Path) -> None:
+    """A checkpoint's optimizer and scheduler state, or one sentence saying that it is another run's."""
+    source = str(checkpoint_path(run))
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume: the optimizer state in {source} does not fit the run described by "
+                              f"{run / 'config.json'} ({str(exc).splitlines()[0]})") from None
+
+
 # What a run folder holds; `--overwrite` removes exactly these before a new run starts.
 RUN_FILES = ("config.json", "supernet.json", "supernet.pt", "validation.json", "metrics.csv", "checkpoints")
 
@@ -177,18 +239,49 @@ def prepare_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _busy(run: Path) -> ConfigError:
+    return ConfigError(f"another qsamc train is writing to {run}; wait for it to finish or choose another --out")
+
+
+def check_not_locked(run: Path) -> None:
+    """Refuse `run` while another `qsamc train` holds its lock (it may not have written config.json yet)."""
+    lock = run / ".lock"
+    if not lock.is_file():
+        return
+    try:
+        with open(lock, "r") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise _busy(run) from None
+    except OSError:
+        return
+
+
 @contextlib.contextmanager
 def run_lock(run: Path):
     """One writer per run folder: an exclusive lock on `run/.lock` for the whole run. The OS releases it
-    when the process dies, so a killed run never leaves it stuck."""
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / ".lock", "a") as handle:
+    when the process dies, so a killed run never leaves it stuck. A run that fails before writing anything
+    (a bad dataset, a checkpoint that does not load) leaves no trace: the lock goes, and the folder too
+    when this run made it."""
+    made = not run.exists()
+    make_folder(run)
+    try:
+        handle = open(run / ".lock", "a")
+    except OSError as exc:
+        raise ConfigError(f"--out {run} cannot be written: {exc.strerror or exc}") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"another qsamc train is writing to {run}; wait for it to finish or choose another "
-                              "--out") from None
+            raise _busy(run) from None
         try:
             yield
+        except BaseException:
+            if sorted(p.name for p in run.iterdir()) == [".lock"]:
+                (run / ".lock").unlink(missing_ok=True)
+                if made:
+                    run.rmdir()
+            raise
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import os
 import contextlib
 import signal
 import threading
@@ -33,9 +34,9 @@ from qsamc.distributed import init_distributed, uses_cuda
 from qsamc.sam import is_quantizer_state
 from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.training.runs import (SupernetSpec, build_model, checkpoint_path, load_checkpoint, prepare_run_folder,
-                                 run_lock, save_supernet)
+                                 resume_optimizer, resume_weights, run_lock, save_supernet)
 from qsamc.task.data import build_dataset, make_batch
-from qsamc.errors import ConfigError, QsamcError
+from qsamc.errors import ConfigError, QsamcError, WriteError
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.task.head import SegmentationModel
 from qsamc.task.losses import distillation_loss, segmentation_loss
@@ -185,8 +186,12 @@ class _Logger:
             self.tensorboard = None
 
     def log(self, row: dict) -> None:
-        self.writer.writerow(row)
-        self.handle.flush()
+        try:
+            self.writer.writerow(row)
+            self.handle.flush()
+        except OSError as exc:
+            raise WriteError(f"could not write {self.path}: {os.strerror(exc.errno) if exc.errno else exc}; the "
+                             f"last checkpoint in {checkpoint_path(self.path.parent)} is intact") from None
         if self.tensorboard is not None:
             for key in ("loss", "lr", "iter_per_s", "memory_mb"):
                 self.tensorboard.add_scalar(f"train/{key}", row[key], row["iteration"])
@@ -237,6 +242,8 @@ class _StopRequest:
 
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True, overwrite: bool = False) -> TrainResult:
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it; choose one")
     run = Path(config.out)
     rank, world = init_distributed(config.device)
     if rank == 0:
@@ -287,7 +294,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
         PassManager([AttachLoraPass(config.lora, seed=config.seed + 1)])(ir)
         model.to(device)
     if state is not None:
-        model.load_state_dict(state["model"])
+        resume_weights(model, state, run)
 
     def phase_steps(lora_phase: bool) -> int:
         if lora_from is None:
@@ -296,8 +303,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
 
     optimizer, scheduler = _optimizer(config, model, lora_attached, phase_steps(lora_attached))
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        resume_optimizer(optimizer, scheduler, state, run)
     wrapped: nn.Module = model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
