@@ -83,7 +83,7 @@ def evaluate_subnets(run: Path, subnets: dict[str, Subnet], data: dict, out: Pat
         path = out / f"subnet-{index}.json"
         subnet.save(path)
         report = export_subnet(run, path, "cpu", "onnx", out / f"export-{index}", dataset=data["dataset"],
-                               data_root=Path(data["data_root"]), val_limit=None)
+                               data_root=Path(data["data_root"]), val_limit=None, overwrite=True)
         space = load_supernet_spec(run).space
         rows.append({"label": label, "method": "qsamc", "subnet": subnet.to_json(),
                      "bitops": bitops_exclude(space, subnet), "latency_ms": report.latency.best_ms,
@@ -151,7 +151,7 @@ def main() -> None:
         train(load_train_config(None, {"model": MODEL, "out": str(reference), **data, **REFERENCE}), overwrite=True)
     if "baselines" in stages and stage("baselines", baselines / "baselines.json", args.fresh):
         run_baselines(reference, data["dataset"], Path(data["data_root"]), baselines, effective_bits=(6.0, 5.0),
-                      progress=lambda line: print(f"  {line}", flush=True))
+                      progress=lambda line: print(f"  {line}", flush=True), overwrite=True)
     if "supernet" in stages and stage("supernet", supernet / "supernet.pt", args.fresh):
         train(load_train_config(None, {"model": MODEL, "out": str(supernet), "checkpoint": str(reference),
                                        **data, **SUPERNET}), overwrite=True)
@@ -165,14 +165,14 @@ def main() -> None:
         bitops_budgets = sorted({r["bitops"] for r in peers[1:]} | {int(f * fp32_bitops) for f in LADDER})
         run_search(supernet, "cpu", True, False, [f"{b:.6e}" for b in bitops_budgets], search_out / "bitops",
                    dataset=data["dataset"], data_root=Path(data["data_root"]), val_limit=SEARCH_IMAGES,
-                   config=SEARCH, float_macs="exclude", split="train")
+                   config=SEARCH, float_macs="exclude", split="train", overwrite=True)
         model, ir, spec = load_supernet(supernet)
         latency = TableLatency(LatencyTable.load(table), spec.space, get_target("cpu"), source=str(table))
         uniform = [latency.cost(spec.space.uniform_bits(spec.space.max_subnet(), w, a)) for w, a in UNIFORM]
         latency_budgets = sorted({round(b, 6) for b in uniform} | {round(LATENCY_FRACTION * min(uniform), 6)})
         run_search(supernet, "cpu", False, True, [f"{1e3 * b:.4f}ms" for b in latency_budgets], search_out / "latency",
                    table=table, dataset=data["dataset"], data_root=Path(data["data_root"]), val_limit=SEARCH_IMAGES,
-                   config=SEARCH, split="train")
+                   config=SEARCH, split="train", overwrite=True)
     if "evaluate" in stages and stage("evaluate", evaluated / "evaluated.json", args.fresh):
         largest = space.max_subnet()
         subnets = {"qsamc FP32 grid": space.uniform_bits(largest, 32, 32),

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from qsamc.distributed import DEVICES
 from qsamc.errors import QsamcError
 from qsamc.export.ort import CLOCKS
 from qsamc.passes.count_bitops import FLOAT_MAC_CONVENTIONS
@@ -44,6 +45,8 @@ Split = choice("Split", SPLITS)
 Objective = choice("Objective", OBJECTIVES)
 Attention = choice("Attention", tuple(ATTENTION_MODES))
 Clock = choice("Clock", CLOCKS)
+Device = choice("Device", DEVICES)
+DEVICE_HELP = "auto (a GPU where torch sees one), cpu or cuda."
 ExportFormat = choice("ExportFormat", sorted({f for name in known_targets() for f in get_target(name).formats}))
 
 
@@ -122,11 +125,12 @@ def bitops(model: str = typer.Option("vit_l", help=MODEL_HELP),
 @app.command()
 def ir(model: str = typer.Option("vit_b", help=MODEL_HELP),
        out: Path = typer.Option(Path("ir"), help="Output folder for ir.json and ir.dot."),
-       subnet: Optional[Path] = typer.Option(None, help="Annotate bits and costs of this subnet.")):
+       subnet: Optional[Path] = typer.Option(None, help="Annotate bits and costs of this subnet."),
+       overwrite: bool = typer.Option(False, help="Replace the earlier dump in --out.")):
     """Write the annotated graph IR as JSON and Graphviz DOT."""
     from qsamc.pipeline import write_ir
 
-    paths = write_ir(model, out, subnet)
+    paths = write_ir(model, out, subnet, overwrite)
     for path in paths:
         console.print(f"wrote {path}")
 
@@ -216,7 +220,8 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            float_macs: FloatMacs = typer.Option(FloatMacs.fp32, help="Count attention matmuls in BitOPs at 32x32 bits, "
                                                 "or exclude them (the paper's convention)."),
            split: Split = typer.Option(Split.val, help="The split whose images score subnets; train keeps val for reporting."),
-           overwrite: bool = typer.Option(False, help="Replace the earlier search in --out (whole, in one step).")):
+           overwrite: bool = typer.Option(False, help="Replace the earlier search in --out (whole, in one step)."),
+           device: Device = typer.Option(Device.auto, help="Where candidates are scored: " + DEVICE_HELP)):
     """Evolutionary search for the best subnet under BitOPs and/or latency budgets on a target."""
     from rich.progress import BarColumn, Progress, TextColumn
 
@@ -238,7 +243,7 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
                                      estimate=estimate, table=latency_table, dataset=dataset, data_root=data_root,
                                      val_limit=val_limit, batch_size=batch_size, config=config,
                                      on_generation=on_generation, float_macs=float_macs.value, split=split.value,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, device=device.value)
     if not written:
         return
     table = Table(title=f"best subnets on {target} ({result.evaluations} subnets evaluated)")
@@ -315,7 +320,8 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
            min_batch: int = typer.Option(1, help="TensorRT optimization profile: smallest batch the engine serves."),
            opt_batch: int = typer.Option(1, help="TensorRT optimization profile: the batch the engine is tuned for."),
            max_batch: int = typer.Option(8, help="TensorRT optimization profile: largest batch the engine serves."),
-           overwrite: bool = typer.Option(False, help="Replace the earlier export in --out (whole, in one step).")):
+           overwrite: bool = typer.Option(False, help="Replace the earlier export in --out (whole, in one step)."),
+           device: Device = typer.Option(Device.auto, help="Where the task check's PyTorch side runs: " + DEVICE_HELP)):
     """Lower one subnet to the target's integer formats, emit and verify ONNX with a dynamic batch axis
     (and a TensorRT engine with that batch profile)."""
     from qsamc.export.tensorrt_engine import BatchProfile
@@ -324,7 +330,7 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
     batch = BatchProfile(min_batch, opt_batch, max_batch)
     report = export_subnet(supernet, subnet, target, format.value, out, promptable=promptable,
                            sam_checkpoint=sam_checkpoint, dataset=dataset, data_root=data_root, val_limit=val_limit,
-                           batch=batch, overwrite=overwrite)
+                           batch=batch, overwrite=overwrite, device=device.value)
     layers = Table(title=f"deployed precision on {report.target}")
     for column in ("layer", "searched", "weight", "activation", "compute"):
         layers.add_column(column)
@@ -380,7 +386,9 @@ def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`q
              effective_bits: Optional[list[float]] = typer.Option(None, help="AutoQuantize budgets in effective weight bits; "
                                                                    "repeat (default 6)."),
              calibration: int = typer.Option(32, help="Training images for calibration (and AutoQuantize's scores)."),
-             val_limit: Optional[int] = typer.Option(None, help="Validation images (default: all).")):
+             val_limit: Optional[int] = typer.Option(None, help="Validation images (default: all)."),
+             overwrite: bool = typer.Option(False, help="Replace the earlier baselines in --out (whole, in one step)."),
+             device: Device = typer.Option(Device.auto, help="Where the PyTorch peers are scored: " + DEVICE_HELP)):
     """Post-training quantized peers of an FP32 reference (ModelOpt PTQ / AutoQuantize, ONNX Runtime
     quantize_static), scored like qsamc's subnets: val mIoU, BitOPs, ONNX Runtime CPU latency."""
     from qsamc.baselines import METHODS, PTQ_BITS, parse_bits, run_baselines
@@ -388,7 +396,7 @@ def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`q
     results = run_baselines(reference, dataset, data_root, out, tuple(method or METHODS),
                             tuple(parse_bits(b) for b in bits) if bits else PTQ_BITS,
                             tuple(effective_bits or (6.0,)), calibration, val_limit,
-                            progress=lambda line: console.print(line))
+                            progress=lambda line: console.print(line), device=device.value, overwrite=overwrite)
     fp32 = results[0]
     table = Table(title=f"baselines of {reference} (BitOPs: attention matmuls excluded)")
     for column in ("method", "BitOPs", "% of FP32", "CPU latency", "val mIoU"):

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsamc.ir.frontend import count_bitops
-from qsamc.fileio import atomic_write_json
+from qsamc.distributed import resolve_device
+from qsamc.fileio import atomic_write_json, check_results_folder, replace_folder
 from qsamc.training.runs import SupernetSpec, load_supernet, read_head_state, reference_weights
 from qsamc.task.data import Sample, build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
@@ -288,16 +289,20 @@ def deployed_head(reference: Reference, calibration: list[torch.Tensor]) -> Segm
 def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out: Path,
                   methods: tuple[str, ...] = METHODS, ptq_bits: tuple[tuple[int, int], ...] = PTQ_BITS,
                   effective_bits: tuple[float, ...] = (6.0,), calibration: int = 32, val_limit: int | None = None,
-                  latency_runs: int = 10, progress: Callable[[str], None] = lambda _: None) -> list[BaselineResult]:
-    """What `qsamc baseline` does: load the FP32 reference -> each method -> score on val -> results.json."""
+                  latency_runs: int = 10, progress: Callable[[str], None] = lambda _: None, device: str = "cpu",
+                  overwrite: bool = False) -> list[BaselineResult]:
+    """What `qsamc baseline` does: load the FP32 reference -> each method -> score on val -> results.json.
+    Calibration runs on the CPU; the PyTorch models are scored on `device` (ONNX Runtime's on the CPU).
+    A folder holding earlier baselines is replaced (whole, in one step) only with `overwrite`."""
     from qsamc.export.ort import ort_latency, ort_session
     from qsamc.export.verify import onnx_encoder_forward
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown baseline '{unknown[0]}'; known baselines are {', '.join(METHODS)}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder for the baselines' results")
+    check_results_folder(out, overwrite, "a baseline run",
+                         lambda name: name in ("baselines.json", "encoder-fp32.onnx", "encoder-ort-static.onnx"))
+    scoring = resolve_device(device)
     reference = load_reference(reference_run)
     if any(m.startswith("modelopt") for m in methods):
         _modelopt()  # a missing extra is one sentence before any work
@@ -307,36 +312,44 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
     images = [batch for batch, _ in batches]
     results: list[BaselineResult] = []
 
+    def scored(model: nn.Module) -> Evaluation:
+        """`evaluate` on the scoring device; the model comes back to the CPU, where calibration runs."""
+        try:
+            return evaluate(model.to(scoring), val, resolution, scoring)
+        finally:
+            model.to("cpu")
+
     def add(method: str, label: str, subnet: Subnet, evaluation: Evaluation, **extra) -> None:
         macs, bitops, float_macs = _cost(reference, subnet)
         results.append(BaselineResult(method, label, subnet, evaluation, macs, bitops, float_macs, **extra))
         progress(f"{label}: mIoU {evaluation.miou:.4f}")
 
-    add("fp32", "FP32 reference", reference.subnet(32, 32), evaluate(reference.model, val, resolution))
+    add("fp32", "FP32 reference", reference.subnet(32, 32), scored(reference.model))
     if "modelopt-ptq" in methods:
         for w, a in ptq_bits:
             model = modelopt_ptq(reference, images, w, a)
             add("modelopt-ptq", f"ModelOpt PTQ W{w}A{a}", _modelopt_bits(model, reference),
-                evaluate(model, val, resolution))
+                scored(model))
         if (8, 8) in ptq_bits:  # what `INT8_DEFAULT_CFG` gives untouched: LayerNorm inputs quantized too
             model = modelopt_ptq(reference, images, 8, 8, layer_norms=True)
             add("modelopt-ptq", "ModelOpt PTQ W8A8 (INT8_DEFAULT_CFG as is)", _modelopt_bits(model, reference),
-                evaluate(model, val, resolution), notes={"layer_norm_inputs": "int8"})
+                scored(model), notes={"layer_norm_inputs": "int8"})
     if "modelopt-autoquantize" in methods:
         for bits in effective_bits:
             model = modelopt_autoquantize(reference, batches, bits, val.ignore_index)
             add("modelopt-autoquantize", f"ModelOpt AutoQuantize {bits:g} bits", _modelopt_bits(model, reference),
-                evaluate(model, val, resolution), notes={"effective_bits": bits, "head": "float"})
-    if "ort-static" in methods:
-        path = ort_static(reference, images, out)
-        import onnx
-        session = ort_session(onnx.load(path), spinning=True)
-        head = deployed_head(reference, images)
-        latency = ort_latency(session, images[0][:1], runs=latency_runs)
-        add("ort-static", "ORT quantize_static W8A8", reference.subnet(8, 8),
-            evaluate(onnx_encoder_forward(session, head), val, resolution), latency_ms=latency.best_ms,
-            notes={"onnx": str(path), "latency": latency.to_json(), "quantized": "every MatMul and Conv (attention too)"})
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "baselines.json", {"reference": str(reference_run), "val_images": len(val.samples),
-                                               "results": [r.to_json() for r in results]})
+                scored(model), notes={"effective_bits": bits, "head": "float"})
+    with replace_folder(out) as staging:
+        if "ort-static" in methods:
+            path = ort_static(reference, images, staging)
+            import onnx
+            session = ort_session(onnx.load(path), spinning=True)
+            head = deployed_head(reference, images)
+            latency = ort_latency(session, images[0][:1], runs=latency_runs)
+            add("ort-static", "ORT quantize_static W8A8", reference.subnet(8, 8),
+                evaluate(onnx_encoder_forward(session, head), val, resolution), latency_ms=latency.best_ms,
+                notes={"onnx": str(out / path.name), "latency": latency.to_json(),
+                       "quantized": "every MatMul and Conv (attention too)"})
+        atomic_write_json(staging / "baselines.json", {"reference": str(reference_run), "val_images": len(val.samples),
+                                                       "results": [r.to_json() for r in results]})
     return results

@@ -1,4 +1,5 @@
-"""Process groups under torchrun, one setup for training and search."""
+"""Devices and process groups: one resolution of `--device` and one torchrun setup for train, search,
+evaluation, baselines and the export's task check."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from qsamc.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def uses_cuda(device: str) -> bool:
@@ -20,3 +25,17 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def resolve_device(device: str = "auto", rank: int = 0) -> torch.device:
+    """The torch device `--device` names for this rank: `cuda` (one GPU per rank under torchrun, made the
+    current device so NCCL collectives use it), `cpu`, or `auto` (the GPU where torch sees one)."""
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but torch sees no CUDA GPU here")
+    if not uses_cuda(device):
+        return torch.device("cpu")
+    chosen = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(chosen)
+    return chosen

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qsamc.distributed import init_distributed
+from qsamc.distributed import init_distributed, resolve_device
 from qsamc.errors import BudgetError, ConfigError
-from qsamc.fileio import check_output_file, check_output_folder, check_results_folder, replace_folder
+from qsamc.fileio import check_output_file, check_results_folder, replace_folder
 from qsamc.ir.frontend import analysis_ir, count_bitops
 from qsamc.ir.graph import IR
 from qsamc.passes import BitopsModel, BitopsReport
@@ -88,18 +88,19 @@ def subnet_space(model: str, subnet: Subnet) -> SearchSpace:
     return default_space(model, attention_bits=ATTENTION_MODES["searched" if subnet.attention else "float"])
 
 
-def write_ir(model: str, out: Path, subnet_file: Path | None = None) -> list[Path]:
-    """What `qsamc ir` writes: `ir.json` and `ir.dot`, with bits and costs when a subnet is given."""
-    check_output_folder(out)
+def write_ir(model: str, out: Path, subnet_file: Path | None = None, overwrite: bool = False) -> list[Path]:
+    """What `qsamc ir` writes: `ir.json` and `ir.dot`, with bits and costs when a subnet is given (an earlier
+    dump in `out` is replaced only with `overwrite`)."""
+    check_results_folder(out, overwrite, "an IR dump", lambda name: name in ("ir.json", "ir.dot"))
     if subnet_file is not None:
         subnet = load_subnet(subnet_file)
         space = subnet_space(model, subnet)
         ir = count_bitops(space, space.validate(subnet))[0]
     else:
         ir = analysis_ir(default_space(model))
-    out.mkdir(parents=True, exist_ok=True)
-    ir.save_json(out / "ir.json")
-    (out / "ir.dot").write_text(ir.to_dot())
+    with replace_folder(out) as staging:
+        ir.save_json(staging / "ir.json")
+        (staging / "ir.dot").write_text(ir.to_dot())
     return [out / "ir.json", out / "ir.dot"]
 
 
@@ -127,12 +128,13 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
                dataset: str | None = None, data_root: Path | None = None, val_limit: int | None = 64,
                batch_size: int = 8, config: EvolutionConfig = EvolutionConfig(),
                on_generation=None, float_macs: FloatMacs = "fp32", split: str = "val",
-               overwrite: bool = False) -> tuple[SearchResult, list[Path]]:
+               overwrite: bool = False, device: str = "auto") -> tuple[SearchResult, list[Path]]:
     """What `qsamc search` does; returns the result and the files written (none on ranks > 0).
     `float_macs="exclude"` leaves the attention matmuls out of BitOPs (the paper's convention); `split`
     is the dataset split whose images score the subnets (`train` keeps val for reporting only). `dataset`
     None: the one the run was trained on (its config.json; synthetic for a run without one). A folder that
-    holds an earlier search is replaced (whole, in one step) only with `overwrite`."""
+    holds an earlier search is replaced (whole, in one step) only with `overwrite`. `device`: where the
+    candidates are scored (`auto`: the GPU where torch sees one; one GPU per rank under torchrun)."""
     target = get_target(target_name)
     check_results_folder(out, overwrite, "a search", is_search_file)
     if batch_size < 1:
@@ -148,8 +150,10 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     wrong = next((b for b in parsed if not metrics[b.metric]), None)
     if wrong is not None:
         raise BudgetError(f"the budget {wrong} is a {wrong.metric} budget; add --{wrong.metric} to search under it")
-    rank, _ = init_distributed("cpu")  # gloo: evaluation results are small objects
+    rank, _ = init_distributed(device)
+    scoring = resolve_device(device, rank)
     model, ir, spec = load_supernet(run)
+    model.to(scoring)
     space = target.restrict_space(spec.space) if restrict else spec.space
     costs: list[CostModel] = []
     if metrics["bitops"]:
@@ -218,7 +222,8 @@ EXPORT_FILES = ("report.json", "encoder.onnx", "decoder.onnx", "precision.png", 
 
 def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, samples: int = 2,
                   promptable: bool = False, sam_checkpoint: Path | None = None, dataset: str | None = None,
-                  data_root: Path | None = None, val_limit: int | None = 32, batch=None, overwrite: bool = False):
+                  data_root: Path | None = None, val_limit: int | None = 32, batch=None, overwrite: bool = False,
+                  device: str = "auto"):
     """What `qsamc export` does: check every input -> extract the static subnet -> lower it to the
     target's integer formats -> emit ONNX -> verify (TensorRT lint; each lowered part alone in ONNX
     Runtime on the PyTorch subnet's own input to it; the whole model; with `dataset`, validation mIoU
@@ -232,7 +237,8 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     The encoder's batch axis is dynamic: the whole-model check runs batch 1 and batch 4; `batch` is the
     TensorRT engine's profile (`tensorrt_engine.BatchProfile`, default 1 / 1 / 8). A folder that holds an
     earlier export is replaced only with `overwrite`, and whole: the new export is built beside it and
-    swapped in, so a kill at any moment leaves the old export or the new one."""
+    swapped in, so a kill at any moment leaves the old export or the new one. `device`: where the task
+    check's PyTorch side runs (the encoder's ONNX Runtime side runs on the CPU, its head on `device`)."""
     from qsamc.fileio import atomic_write_bytes, atomic_write_json
     from qsamc.export.emit import export_static
     from qsamc.errors import TargetError
@@ -276,9 +282,13 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     parts = check_parts(reference, static.root, subnet, images[0], target)
     task = None
     if validation is not None:
+        scoring = resolve_device(device)
+        model.to(scoring)
         task = TaskCheck(evaluate_subnet(model, subnet, validation).miou,
-                         evaluate(onnx_encoder_forward(session, model.head), validation, subnet.resolution).miou,
+                         evaluate(onnx_encoder_forward(session, model.head), validation, subnet.resolution,
+                                  scoring).miou,
                          len(validation.samples))
+        model.to("cpu")
     check_export(lint, fidelity, target.lint_required, parts=parts, task=task)
     if promptable:
         embeddings = [torch.from_numpy(session.run(None, {"image": x.numpy()})[0]) for x in images]

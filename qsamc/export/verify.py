@@ -363,11 +363,12 @@ def onnx_encoder_forward(session: ort.InferenceSession, head: torch.nn.Module):
     """Images -> logits with the encoder in an ONNX Runtime session (static batch 1) and `head` in torch:
     how the task-level check scores an exported encoder through its head."""
     name = session.get_inputs()[0].name
+    device = next(head.parameters()).device
 
     @torch.no_grad()
     def forward(images: torch.Tensor) -> torch.Tensor:
-        features = [torch.from_numpy(session.run(None, {name: image[None].numpy()})[0]) for image in images]
-        return head(torch.cat(features), images.shape[-2:])
+        features = [torch.from_numpy(session.run(None, {name: image[None].cpu().numpy()})[0]) for image in images]
+        return head(torch.cat(features).to(device), images.shape[-2:])
 
     return forward
 

@@ -53,27 +53,32 @@ class ValidationSet:
         self.batch_size = batch_size
         self._cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def batches(self, resolution: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if resolution not in self._cache:
+    def batches(self, resolution: int, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches at `resolution`, on `device` (kept there: a search scores many subnets on them)."""
+        key = (resolution, str(torch.device(device)))
+        if key not in self._cache:
             step = self.batch_size
-            self._cache[resolution] = [
-                make_batch(self.samples[i : i + step], resolution) for i in range(0, len(self.samples), step)
+            self._cache[key] = [
+                tuple(t.to(device) for t in make_batch(self.samples[i : i + step], resolution))
+                for i in range(0, len(self.samples), step)
             ]
-        return self._cache[resolution]
+        return self._cache[key]
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ValidationSet, resolution: int) -> Evaluation:
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ValidationSet, resolution: int,
+             device: torch.device | str = "cpu") -> Evaluation:
     """Mean per-pixel cross-entropy (ignore label excluded), mIoU and pixel accuracy of any model that
-    maps images at `resolution` to logits: a subnet, a baseline, an ONNX Runtime session plus head."""
+    maps images at `resolution` to logits: a subnet, a baseline, an ONNX Runtime session plus head. The
+    batches go to `device`, the model's."""
     metric = SegmentationMetric(data.num_classes, data.ignore_index)
-    total, pixels = 0.0, 0
-    for images, masks in data.batches(resolution):
+    total, pixels = torch.zeros((), dtype=torch.float64, device=device), 0
+    for images, masks in data.batches(resolution, device):
         logits = forward(images).float()
-        total += F.cross_entropy(logits, masks, ignore_index=data.ignore_index, reduction="sum").item()
+        total += F.cross_entropy(logits, masks, ignore_index=data.ignore_index, reduction="sum").double()
         pixels += int((masks != data.ignore_index).sum())
         metric.update(logits, masks)
-    return Evaluation(total / max(pixels, 1), metric.miou(), metric.pixel_accuracy())
+    return Evaluation(float(total) / max(pixels, 1), metric.miou(), metric.pixel_accuracy())
 
 
 @torch.no_grad()
@@ -87,7 +92,8 @@ def evaluate_instances(encoder: Callable[[torch.Tensor], torch.Tensor], head: to
     from qsamc.task.mask2former import mask_scores
 
     total, predictions, image_ids = 0.0, [], []
-    for start, (images, masks) in zip(range(0, len(data.samples), data.batch_size), data.batches(resolution)):
+    device = next(head.parameters()).device
+    for start, (images, masks) in zip(range(0, len(data.samples), data.batch_size), data.batches(resolution, device)):
         features = encoder(images)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -102,21 +108,23 @@ def evaluate_instances(encoder: Callable[[torch.Tensor], torch.Tensor], head: to
             scores = scores * mask_scores(logits)
             keep = (logits > 0).flatten(1).any(1)
             image_ids.append(data.dataset.image_id(index))
-            predictions += instance_predictions(image_ids[-1], (logits[keep] > 0).numpy(), labels[keep].numpy(),
-                                                scores[keep].numpy(), data.dataset.category_ids)
+            predictions += instance_predictions(image_ids[-1], (logits[keep] > 0).cpu().numpy(),
+                                                labels[keep].cpu().numpy(), scores[keep].cpu().numpy(),
+                                                data.dataset.category_ids)
     scored = data.dataset.evaluate(predictions, image_ids)
     return Evaluation(total / max(len(data.samples), 1), math.nan, math.nan, scored.ap, scored.ap50, scored.ap75)
 
 
 @torch.no_grad()
 def evaluate_subnet(model: torch.nn.Module, subnet: Subnet, data: ValidationSet) -> Evaluation:
-    """`evaluate` (semantic) or `evaluate_instances` (instance task) of the supernet + head computing `subnet`."""
+    """`evaluate` (semantic) or `evaluate_instances` (instance task) of the supernet + head computing `subnet`,
+    on the device the model is on."""
     was_training = model.training
     model.eval()
     model.supernet.set_subnet(subnet)
     try:
         if data.task == "instance":
             return evaluate_instances(model.supernet, model.head, data, subnet.resolution)
-        return evaluate(model, data, subnet.resolution)
+        return evaluate(model, data, subnet.resolution, next(model.parameters()).device)
     finally:
         model.train(was_training)

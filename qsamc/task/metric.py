@@ -20,9 +20,9 @@ class SegmentationMetric:
 
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: `prediction` is logits [B, C, H, W] or labels [B, H, W]; `target` is [B, H, W]."""
-        prediction, target = prediction.detach().cpu(), target.detach().cpu()
         if prediction.dim() == target.dim() + 1:
-            prediction = prediction.argmax(dim=1)
+            prediction = prediction.detach().argmax(dim=1)  # on the model's device: only labels travel
+        prediction, target = prediction.detach().cpu(), target.detach().cpu()
         if prediction.shape != target.shape:
             raise ValueError(f"prediction {tuple(prediction.shape)} != target {tuple(target.shape)}")
         keep = target != self.ignore_index

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from qsamc.distributed import DEVICES
 from qsamc.errors import ConfigError
 from qsamc.supernet.lora import LORA_VARIANTS, LoraConfig
 from qsamc.supernet.quant import WEIGHT_INITS
@@ -35,7 +36,6 @@ ATTENTION_MODES = {"float": (32,), "searched": (8, 32)}
 SCHEDULES = ("progressive", "lora", "full", "fp32")
 SAMPLINGS = ("uniform", "sandwich")
 DISTILLATIONS = ("none", "reference")
-DEVICES = ("auto", "cpu", "cuda")
 # The encoder's linear layers LoRA can adapt (every block has them).
 LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")

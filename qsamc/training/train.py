@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qsamc.distributed import init_distributed, uses_cuda
+from qsamc.distributed import init_distributed, resolve_device
 from qsamc.sam import is_quantizer_state
 from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.training.runs import (SupernetSpec, build_model, checkpoint_path, load_checkpoint, prepare_run_folder,
@@ -204,11 +204,8 @@ class _Logger:
 
 def training_device(config: TrainConfig, rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
     """(device, autocast dtype or None) for this rank: `config.device` and `config.precision` resolved."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for, but torch sees no CUDA GPU here")
-    cuda = uses_cuda(config.device)
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+    device = resolve_device(config.device, rank)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     return device, torch.bfloat16 if bf16 else None
 
 
