@@ -78,36 +78,68 @@ def _grid(x: Tensor, s: Tensor, beta: Tensor | None, n: int, p: int) -> Tensor:
 class _LsqFunction(torch.autograd.Function):
     """x_hat = round(clamp(v, n, p)) * s + beta with the LSQ/LSQ+ gradients of the module docstring.
 
-    Saves only the inputs (x, s, beta) and recomputes v and the clip masks in backward, so no full-size
-    mask or intermediate stays alive between forward and backward.
+    Saves only the inputs (x, s, beta) and recomputes v and the clip mask in backward, so no full-size
+    mask or intermediate stays alive between forward and backward. Each step works in place on its own
+    temporaries: a quantizer call is a handful of kernels, not a chain of allocations (training launches
+    hundreds of them per step).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, s: Tensor, beta: Tensor | None, n: int, p: int, g: float) -> Tensor:
         ctx.save_for_backward(x, s, beta)
         ctx.n, ctx.p, ctx.g = n, p, g
-        out = _grid(x, s, beta, n, p) * s.clamp_min(_MIN_SCALE)
-        return (out if beta is None else out + beta).to(x.dtype)
+        step = s.clamp_min(_MIN_SCALE)
+        out = (x if beta is None else x - beta) / step
+        out = out.clamp_(n, p).round_().mul_(step)
+        if beta is not None:
+            out = out.add_(beta)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, s, beta = ctx.saved_tensors
         n, p, g = ctx.n, ctx.p, ctx.g
         v = _grid_coords(x, s, beta)
-        below, above = v < n, v > p
+        clipped = v.clamp(n, p)
+        inside = clipped == v  # n <= v <= p
         grad_x = grad_s = grad_beta = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad * ~(below | above)).to(x.dtype)
+            grad_x = grad * inside
+            grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            ds = torch.where(below, float(n), torch.where(above, float(p), v.round() - v))
+            # round(v) - v inside; n below and p above, which is where clamp put v.
+            ds = torch.where(inside, v.round_().sub_(clipped), clipped)
             # sum_to_size reduces over the elements that share one step size (all, or one row).
             grad_s = ((grad * ds).float().sum_to_size(s.shape) * g).to(s.dtype)
         if beta is not None and ctx.needs_input_grad[2]:
-            grad_beta = ((grad * (below | above)).float().sum() * g).to(beta.dtype)
+            grad_beta = (grad.masked_fill(inside, 0).float().sum() * g).to(beta.dtype)
         return grad_x, grad_s, grad_beta, None, None, None
 
 
-class LsqWeightQuantizer(nn.Module):
+class _InitFlag(nn.Module):
+    """The `initialized` buffer (checkpointed), mirrored in a Python flag so that a forward pass reads no
+    tensor to know it: `bool(buffer)` is a device sync on a GPU, once per quantizer call."""
+
+    def _init_flag(self) -> None:
+        self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False
+
+    def mark_initialized(self) -> None:
+        self.initialized.fill_(True)
+        self._ready = True
+
+    @property
+    def ready(self) -> bool:
+        if not self._ready:  # first use after construction or a state-dict load
+            self._ready = bool(self.initialized)
+        return self._ready
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False  # the loaded buffer decides, at the next use
+
+
+class LsqWeightQuantizer(_InitFlag):
     """Symmetric signed LSQ weight quantizer for ONE bit-width; learnable step size only.
 
     channels=None gives one layer-wise scale (the paper's default: per-channel scales cost extra memory
@@ -122,7 +154,7 @@ class LsqWeightQuantizer(nn.Module):
         self.channels = channels
         self.n, self.p = weight_range(bits)
         self.scale = nn.Parameter(torch.ones(()) if channels is None else torch.ones(channels))
-        self.register_buffer("initialized", torch.tensor(False))
+        self._init_flag()
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.channels}"
@@ -148,7 +180,7 @@ class LsqWeightQuantizer(nn.Module):
             self._check_rows(w)
             self.scale.copy_(scale_of(w.reshape(1, -1)).expand(self.channels))
             self.scale[: w.shape[0]] = scale_of(w.reshape(w.shape[0], -1))
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def _lsq_plus_scale(self, rows: Tensor) -> Tensor:
         mu, sigma = rows.mean(dim=1), rows.std(dim=1, correction=0)
@@ -172,7 +204,7 @@ class LsqWeightQuantizer(nn.Module):
 
     def _step(self, w: Tensor) -> Tensor:
         """The scale broadcast against w: () layer-wise, (k, 1, ..., 1) per-channel."""
-        if not bool(self.initialized):
+        if not self.ready:
             self.initialize(w)
         if self.channels is None:
             return self.scale
@@ -203,7 +235,7 @@ def without_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-class LsqActQuantizer(nn.Module):
+class LsqActQuantizer(_InitFlag):
     """Asymmetric unsigned LSQ+ activation quantizer for ONE bit-width; learnable s and beta.
 
     x_hat = round(clamp((x - beta)/s, 0, 2**b - 1)) * s + beta. beta plays the role of the paper's
@@ -217,7 +249,7 @@ class LsqActQuantizer(nn.Module):
         self.n, self.p = act_range(bits)
         self.scale = nn.Parameter(torch.ones(()))
         self.offset = nn.Parameter(torch.zeros(()))
-        self.register_buffer("initialized", torch.tensor(False))
+        self._init_flag()
         # Running range over calibration batches; +-inf means nothing observed yet.
         self.register_buffer("observed_min", torch.tensor(math.inf))
         self.register_buffer("observed_max", torch.tensor(-math.inf))
@@ -245,11 +277,11 @@ class LsqActQuantizer(nn.Module):
         span = hi - lo if hi > lo else torch.ones_like(hi)
         self.scale.copy_(span / (self.p - self.n))
         self.offset.copy_(lo - self.n * self.scale)
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def _ensure_initialized(self, x: Tensor) -> None:
         # The batch is folded into the running range, so an earlier calibration is not thrown away.
-        if not bool(self.initialized):
+        if not self.ready:
             self.observe(x)
             self.initialize()
 
@@ -335,7 +367,7 @@ class LsqSymmetricActQuantizer(LsqActQuantizer):
             raise RuntimeError("LsqSymmetricActQuantizer.initialize() needs observe() on at least one finite batch first")
         peak = torch.maximum(hi.abs(), lo.abs())
         self.scale.copy_(torch.where(peak > 0, peak, torch.ones_like(peak)) / self.p)
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
 
 ATTENTION_OPERANDS = ("q", "k", "v", "p")  # p: the softmax output

@@ -48,7 +48,7 @@ class SegmentationHead(nn.Module):
         """Min-max weight scale: the largest |w| maps to the top of the signed 8-bit grid."""
         quantizer = layer.weight_quantizer[HEAD_BITS]
         quantizer.scale.copy_(layer.weight.abs().max().clamp_min(1e-8) / weight_range(HEAD_BITS)[1])
-        quantizer.initialized.fill_(True)
+        quantizer.mark_initialized()
 
     def set_bits(self, bits: int) -> None:
         """HEAD_BITS (the deployed head, W8A8) or 32 (the FP32 reference's head)."""

@@ -156,8 +156,11 @@ def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight
 def _optimizer(config: TrainConfig, model: SegmentationModel, lora_phase: bool, steps: int):
     params = _trainable(model, lora_phase)
     lr = config.lora_lr if lora_phase else config.lr
+    # The fused AdamW: one kernel per parameter group on CUDA and a few ops per tensor on the CPU, where
+    # the default loops over tensors in Python (~28 aten ops each). It differs from that loop in the last
+    # bit of some updates; gradients and losses are untouched.
     optimizer = torch.optim.AdamW(param_groups(model, params, lr, config.weight_decay), lr=lr,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(1.0 - step / max(steps, 1), 0.0) ** config.poly_power)
     return optimizer, scheduler
