@@ -16,17 +16,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from qsamc import pipeline
+from qsamc.baselines import METHODS, PTQ_BITS, parse_bits, run_baselines
 from qsamc.distributed import DEVICES
 from qsamc.errors import QsamcError
 from qsamc.export.ort import CLOCKS
+from qsamc.export.report import LAYER_COLUMNS
 from qsamc.passes.count_bitops import FLOAT_MAC_CONVENTIONS
 from qsamc.sam import MODEL_ZOO
-from qsamc.search.evolution import OBJECTIVES
+from qsamc.search.cost import format_cost
+from qsamc.search.evolution import OBJECTIVES, EvolutionConfig
 from qsamc.supernet.space import GRANULARITIES
 from qsamc.targets import get_target, known_targets
 from qsamc.task.data import SPLITS
 from qsamc.threads import ENV as threads_env, apply_threads
-from qsamc.training.config import ATTENTION_MODES, CHOICES, HELP, TrainConfig
+from qsamc.training.config import ATTENTION_MODES, CHOICES, HELP, TrainConfig, resolve_train_config
+from qsamc.training.train import train as run_training
 from qsamc.units import human
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -73,9 +78,7 @@ def space(model: str = typer.Option("vit_l", help=MODEL_HELP),
           attention: Attention = typer.Option(Attention.float, help="searched: with attention precision (--attention "
                                               "searched of qsamc train).")):
     """Show the search space: operators, choices, number of subnets and BitOPs range."""
-    from qsamc.pipeline import describe_space
-
-    info = describe_space(model, granularity.value, attention.value)
+    info = pipeline.describe_space(model, granularity.value, attention.value)
     table = Table(title=f"search space of {model} (bits per {granularity.value})")
     table.add_column("operator")
     table.add_column("choices")
@@ -96,9 +99,7 @@ def bitops(model: str = typer.Option("vit_l", help=MODEL_HELP),
            per_layer: bool = typer.Option(False, help="Also print one line per layer."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")):
     """MACs and BitOPs of one subnet, per stage and (optionally) per layer."""
-    from qsamc.pipeline import subnet_bitops
-
-    report, chosen = subnet_bitops(model, max_, min_, subnet, float_macs.value)
+    report, chosen = pipeline.subnet_bitops(model, max_, min_, subnet, float_macs.value)
     if as_json:
         print(json.dumps({"subnet": chosen.to_json(), **report.to_json()}, indent=1))
         return
@@ -128,9 +129,7 @@ def ir(model: str = typer.Option("vit_b", help=MODEL_HELP),
        subnet: Optional[Path] = typer.Option(None, help="Annotate bits and costs of this subnet."),
        overwrite: bool = typer.Option(False, help="Replace the earlier dump in --out.")):
     """Write the annotated graph IR as JSON and Graphviz DOT."""
-    from qsamc.pipeline import write_ir
-
-    paths = write_ir(model, out, subnet, overwrite)
+    paths = pipeline.write_ir(model, out, subnet, overwrite)
     for path in paths:
         console.print(f"wrote {path}")
 
@@ -138,9 +137,6 @@ def ir(model: str = typer.Option("vit_b", help=MODEL_HELP),
 def train(config: Optional[Path], resume: bool, overwrite: bool, quiet: bool, **fields) -> None:
     """Fine-tune a SAM encoder once into a mixed-precision quantized supernet. Ctrl-C stops at the next
     iteration with a checkpoint saved (`--resume` continues it)."""
-    from qsamc.training.config import resolve_train_config
-    from qsamc.training.train import train as run_training
-
     options = {k: v.value if isinstance(v, Enum) else v for k, v in fields.items() if v is not None}
     result = run_training(resolve_train_config(config, options, resume), resume=resume, show_progress=not quiet,
                           overwrite=overwrite)
@@ -225,10 +221,6 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
     """Evolutionary search for the best subnet under BitOPs and/or latency budgets on a target."""
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from qsamc.search.cost import format_cost
-    from qsamc.pipeline import run_search
-    from qsamc.search.evolution import EvolutionConfig
-
     config = EvolutionConfig(population, top_k, mutations, crossovers, mutation_prob, generations, objective.value, seed)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} generations"),
                   TextColumn("best {task.fields[best]}"), console=console) as progress:
@@ -239,11 +231,12 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
                 tasks[index] = progress.add_task(f"budget set {index + 1}", total=generations, best="-")
             progress.update(tasks[index], completed=generation + 1, best=f"{objective.value} {best:.4f}")
 
-        result, written = run_search(supernet, target, bitops, latency, budget or [], out, restrict=restrict,
-                                     estimate=estimate, table=latency_table, dataset=dataset, data_root=data_root,
-                                     val_limit=val_limit, batch_size=batch_size, config=config,
-                                     on_generation=on_generation, float_macs=float_macs.value, split=split.value,
-                                     overwrite=overwrite, device=device.value)
+        result, written = pipeline.run_search(supernet, target, bitops, latency, budget or [], out, restrict=restrict,
+                                              estimate=estimate, table=latency_table, dataset=dataset,
+                                              data_root=data_root, val_limit=val_limit, batch_size=batch_size,
+                                              config=config, on_generation=on_generation,
+                                              float_macs=float_macs.value, split=split.value, overwrite=overwrite,
+                                              device=device.value)
     if not written:
         return
     table = Table(title=f"best subnets on {target} ({result.evaluations} subnets evaluated)")
@@ -279,15 +272,15 @@ def profile(target: str = typer.Option(..., help="Hardware target whose latency 
 
     from rich.progress import Progress
 
-    from qsamc.profiling.timers import ProfileSettings
-    from qsamc.pipeline import profile_target
+    from qsamc.profiling.timers import ProfileSettings  # deferred: start-up time, only `qsamc profile` loads it
 
     settings = ProfileSettings(threads, warmup, repeats, clock.value)
     with Progress(console=console) as progress:
         task = progress.add_task(f"timing {model} parts on {target}", total=None)
-        table, path, checks = profile_target(target, model, out, settings, calibration, validate, restrict,
-                                             lambda done, total: progress.update(task, completed=done, total=total),
-                                             attention=attention.value)
+        table, path, checks = pipeline.profile_target(target, model, out, settings, calibration, validate, restrict,
+                                                      lambda done, total: progress.update(task, completed=done,
+                                                                                          total=total),
+                                                      attention=attention.value)
     console.print(f"wrote {path}: {len(table.entries)} entries, context scale {table.context_scale:.3f} "
                   f"({table.backend}, {table.machine.get('cpu')}, {settings.threads} thread(s), {settings.clock} clock)")
     if checks:
@@ -324,48 +317,21 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
            device: Device = typer.Option(Device.auto, help="Where the task check's PyTorch side runs: " + DEVICE_HELP)):
     """Lower one subnet to the target's integer formats, emit and verify ONNX with a dynamic batch axis
     (and a TensorRT engine with that batch profile)."""
-    from qsamc.export.tensorrt_engine import BatchProfile
-    from qsamc.pipeline import export_subnet
+    from qsamc.export.tensorrt_engine import BatchProfile  # deferred: start-up time, only export loads it
 
     batch = BatchProfile(min_batch, opt_batch, max_batch)
-    report = export_subnet(supernet, subnet, target, format.value, out, promptable=promptable,
-                           sam_checkpoint=sam_checkpoint, dataset=dataset, data_root=data_root, val_limit=val_limit,
-                           batch=batch, overwrite=overwrite, device=device.value)
+    report = pipeline.export_subnet(supernet, subnet, target, format.value, out, promptable=promptable,
+                                    sam_checkpoint=sam_checkpoint, dataset=dataset, data_root=data_root,
+                                    val_limit=val_limit, batch=batch, overwrite=overwrite, device=device.value)
     layers = Table(title=f"deployed precision on {report.target}")
-    for column in ("layer", "searched", "weight", "activation", "compute"):
+    for column in LAYER_COLUMNS:
         layers.add_column(column)
-    for row in report.layers:
-        searched = "W{}A{}".format(row.w_bits if row.w_bits < 32 else "F", row.a_bits if row.a_bits < 32 else "F")
-        layers.add_row(row.layer, searched, row.weight, row.act, row.compute)
+    for row in report.layer_rows():
+        layers.add_row(*row)
     console.print(layers)
-    fidelity, cost, task = report.fidelity, report.cost, report.task
     summary = Table(title="export report", show_header=False)
-    summary.add_row("BitOPs / MACs", f"{human(cost.bitops)} / {human(cost.macs)} (attention matmuls at 32x32 bits)")
-    summary.add_row("model size", f"{human(report.onnx_bytes, 'B')} (FP32 {human(report.fp32_bytes, 'B')})")
-    summary.add_row("ONNX Runtime latency", f"{report.latency.median_ms:.1f} ms ({report.latency.threads} threads, this machine)")
-    summary.add_row("fidelity vs fake-quant", f"max {fidelity.max_rel:.2e}, mean {fidelity.mean_rel:.2e} of the output scale "
-                    f"(tolerance {fidelity.max_rel_tolerance:.1e} / {fidelity.mean_rel_tolerance:.1e})")
-    worst = report.worst_part()
-    summary.add_row("layer by layer", f"{len(report.parts)} parts verified alone; worst {worst.part}: max "
-                    f"{worst.max_rel:.2e}, mean {worst.mean_rel:.2e} (tolerance {worst.max_rel_tolerance:.1e} / "
-                    f"{worst.mean_rel_tolerance:.1e})")
-    deviating = [p for p in report.parts if p.kernels == "exact"]
-    if deviating:
-        worst_fused = max(deviating, key=lambda p: p.fused_mean_rel)
-        summary.add_row("this CPU's INT8 kernels", f"{len(deviating)} parts deviate in ONNX Runtime's fused kernels (worst "
-                        f"{worst_fused.part}: max {worst_fused.fused_max_rel:.2e}, mean {worst_fused.fused_mean_rel:.2e}); "
-                        "their lowering is exact with the kernels unfused (no VNNI here: VPMADDUBSW saturates)")
-    if task is None:
-        summary.add_row("validation mIoU", "not checked: the run's validation data is not at hand (pass --dataset)")
-    else:
-        summary.add_row("validation mIoU", f"PyTorch {task.pytorch_miou:.4f}, ONNX Runtime {task.onnx_miou:.4f} "
-                        f"({task.val_images} images)")
-    summary.add_row("opset / IR version", f"{report.opset} / {report.ir_version}")
-    summary.add_row("TensorRT lint", "clean" if not report.lint else f"{len(report.lint)} problems, e.g. {report.lint[0]}")
-    if report.decoder is not None:
-        d = report.decoder
-        summary.add_row("decoder.onnx", f"embeddings {'x'.join(map(str, d.image_embeddings[1:]))}, max abs diff "
-                        f"{d.fidelity.max_abs_diff:.2e} vs SamOnnxModel, weights {d.weights}")
+    for label, text in report.summary_rows():
+        summary.add_row(label, text)
     console.print(summary)
     for name, path in report.files.items():
         console.print(f"wrote {name}: {path}", soft_wrap=True)
@@ -391,8 +357,6 @@ def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`q
              device: Device = typer.Option(Device.auto, help="Where the PyTorch peers are scored: " + DEVICE_HELP)):
     """Post-training quantized peers of an FP32 reference (ModelOpt PTQ / AutoQuantize, ONNX Runtime
     quantize_static), scored like qsamc's subnets: val mIoU, BitOPs, ONNX Runtime CPU latency."""
-    from qsamc.baselines import METHODS, PTQ_BITS, parse_bits, run_baselines
-
     results = run_baselines(reference, dataset, data_root, out, tuple(method or METHODS),
                             tuple(parse_bits(b) for b in bits) if bits else PTQ_BITS,
                             tuple(effective_bits or (6.0,)), calibration, val_limit,
@@ -413,15 +377,13 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Output fo
                quiet: bool = typer.Option(False, help="No progress bars."),
                overwrite: bool = typer.Option(False, help="Replace the earlier quickstart in --out.")):
     """train -> search -> export on the embedded default (vit_t on generated shapes), in a few minutes."""
-    from qsamc.pipeline import quickstart as run_quickstart
-
     console.rule("1/3 qsamc train: vit_t supernet on generated shapes")
 
     def on_generation(index: int, generation: int, best: float) -> None:
         if not quiet:
             console.print(f"search, budget set {index + 1}: generation {generation + 1} done, best loss {best:.4f}")
 
-    result = run_quickstart(out, show_progress=not quiet, on_generation=on_generation, overwrite=overwrite)
+    result = pipeline.quickstart(out, show_progress=not quiet, on_generation=on_generation, overwrite=overwrite)
     trained, searched, report = result.trained, result.searched, result.export
     for name, ev in (("max subnet", trained.max_subnet), ("min subnet", trained.min_subnet)):
         console.print(f"{name}: validation mIoU {ev.miou:.4f}, loss {ev.loss:.4f}")

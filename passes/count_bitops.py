@@ -26,15 +26,14 @@ thousands of evaluations per second; it never runs the model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+# The report and its conventions sit with the IR, which carries them (`IR.cost`); importable from here too.
+from qsamc.ir.bitops import FLOAT_MAC_CONVENTIONS, BitopsReport, FloatMacs
 from qsamc.ir.graph import IR
 from qsamc.ir.pass_manager import Pass, PassResult
 from qsamc.supernet.space import SearchSpace, Subnet
 
-FloatMacs = Literal["fp32", "exclude"]
-FLOAT_MAC_CONVENTIONS = ("fp32", "exclude")
 _MAC_KINDS = ("conv", "linear", "attention")
 
 
@@ -75,32 +74,6 @@ def _float_bits(float_macs: FloatMacs) -> int:
     if float_macs not in FLOAT_MAC_CONVENTIONS:
         raise ValueError(f"float_macs must be one of {FLOAT_MAC_CONVENTIONS}, got {float_macs!r}")
     return 32 * 32 if float_macs == "fp32" else 0
-
-
-@dataclass(frozen=True)
-class BitopsReport:
-    """Totals and breakdowns of one subnet. `float_*` is the attention-matmul line."""
-
-    macs: int
-    bitops: int
-    float_macs: int
-    float_bitops: int
-    convention: FloatMacs
-    per_part: dict[str, dict[str, int]] = field(default_factory=dict)
-    per_layer: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "macs": self.macs, "bitops": self.bitops,
-            "float_macs": self.float_macs, "float_bitops": self.float_bitops,
-            "float_macs_convention": self.convention,
-            "per_part": self.per_part, "per_layer": self.per_layer,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> BitopsReport:
-        return cls(data["macs"], data["bitops"], data["float_macs"], data["float_bitops"],
-                   data["float_macs_convention"], data["per_part"], data["per_layer"])
 
 
 class CountBitopsPass(Pass):

@@ -31,7 +31,7 @@ from qsamc.supernet.layers import QuantConv2d, QuantLinear
 from qsamc.ir.pass_manager import Pass, PassResult
 from qsamc.supernet.quant import QuantizerBank
 from qsamc.supernet.space import Subnet
-from qsamc.export.static import StaticEncoder, replace_module
+from qsamc.lowered.static import StaticEncoder, replace_module
 from qsamc.supernet.encoder import Supernet, quant_modules
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from qsamc.ir.graph import IR
-from qsamc.export.lowered import SymmetricActQuantizer
+from qsamc.lowered.layers import SymmetricActQuantizer
 from qsamc.ir.pass_manager import Pass, PassResult
 
 

@@ -1,7 +1,7 @@
 """FoldWeightQuantizersPass: fake-quantized weights -> integer weights + scales in the target's containers.
 
 Second export stage, on the static subnet. Every `QuantLinear` / `QuantConv2d` becomes an `IntLinear` /
-`IntConv2d` (`qsamc.export.lowered`) that computes the same function (tested against the unlowered layer).
+`IntConv2d` (`qsamc.lowered.layers`) that computes the same function (tested against the unlowered layer).
 
 Rules (containers from `DeploymentFormat.deploy(w, a, kind)`):
 1. A quantized weight (w <= 8 bits) is folded with its trained LSQ quantizer: q = round(clamp(W/s)) on the
@@ -23,9 +23,9 @@ import torch
 from qsamc.formats import DeploymentFormat
 from qsamc.ir.graph import IR
 from qsamc.supernet.layers import QuantConv2d, QuantLinear
-from qsamc.export.lowered import IntConv2d, IntLinear
+from qsamc.lowered.layers import IntConv2d, IntLinear
 from qsamc.ir.pass_manager import Pass, PassResult
-from qsamc.export.static import replace_module
+from qsamc.lowered.static import replace_module
 
 INT4_BLOCKS = (128, 64, 32, 16)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from qsamc.ir.graph import IR
-from qsamc.export.lowered import IntConv2d, IntLinear, SymmetricActQuantizer
+from qsamc.lowered.layers import IntConv2d, IntLinear, SymmetricActQuantizer
 from qsamc.ir.pass_manager import Pass, PassResult
 from qsamc.supernet.quant import LsqActQuantizer, _MIN_SCALE
 

@@ -16,7 +16,7 @@ Rules:
 
 from __future__ import annotations
 
-from qsamc.export.lowered import SymmetricActQuantizer
+from qsamc.lowered.layers import SymmetricActQuantizer
 from qsamc.formats import AttentionRule
 from qsamc.ir.graph import IR
 from qsamc.ir.pass_manager import Pass, PassResult

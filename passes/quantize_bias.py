@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from qsamc.ir.graph import IR
-from qsamc.export.lowered import IntLinear, SymmetricActQuantizer
+from qsamc.lowered.layers import IntLinear, SymmetricActQuantizer
 from qsamc.ir.pass_manager import Pass, PassResult
 
 _INT32_MAX = 2**31 - 1

@@ -36,7 +36,11 @@ from torch import nn
 
 from qsamc.ir.frontend import count_bitops
 from qsamc.distributed import resolve_device
+from qsamc.export.emit import export_static
+from qsamc.export.ort import ort_latency, ort_session
+from qsamc.export.verify import onnx_encoder_forward
 from qsamc.fileio import atomic_write_json, check_results_folder, replace_folder
+from qsamc.targets import get_target
 from qsamc.training.runs import SupernetSpec, load_supernet, read_head_state, reference_weights
 from qsamc.task.data import Sample, build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
@@ -228,9 +232,6 @@ def modelopt_autoquantize(reference: Reference, batches: list[tuple[torch.Tensor
 
 def fp32_encoder_onnx(reference: Reference):
     """The reference encoder's FP32 ONNX model, emitted by qsamc's own export path (all layers float)."""
-    from qsamc.export.emit import export_static
-    from qsamc.targets import get_target
-
     model, ir, spec = load_supernet(reference.run)
     example = torch.zeros(1, 3, reference.resolution, reference.resolution)
     plain = replace(get_target("cpu"), fuse_attention=False)  # standard ops, as a user's export
@@ -294,9 +295,6 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
     """What `qsamc baseline` does: load the FP32 reference -> each method -> score on val -> results.json.
     Calibration runs on the CPU; the PyTorch models are scored on `device` (ONNX Runtime's on the CPU).
     A folder holding earlier baselines is replaced (whole, in one step) only with `overwrite`."""
-    from qsamc.export.ort import ort_latency, ort_session
-    from qsamc.export.verify import onnx_encoder_forward
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown baseline '{unknown[0]}'; known baselines are {', '.join(METHODS)}")

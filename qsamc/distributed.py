@@ -39,3 +39,8 @@ def resolve_device(device: str = "auto", rank: int = 0) -> torch.device:
     chosen = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(chosen)
     return chosen
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: its first parameter's or buffer's device (the CPU for one with neither)."""
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))

@@ -12,11 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import onnx
 import torch
 
 from qsamc.distributed import init_distributed, resolve_device
-from qsamc.errors import BudgetError, ConfigError
-from qsamc.fileio import check_output_file, check_results_folder, replace_folder
+from qsamc.errors import BudgetError, ConfigError, TargetError
+from qsamc.export import report as export_report
+from qsamc.export.emit import export_static
+from qsamc.export.ort import ort_latency, ort_session
+from qsamc.export.promptable import DecoderReport, DecoderSpec, build_promptable, export_decoder
+from qsamc.export.verify import (Fidelity, PartCheck, TaskCheck, check_export, check_parts, measure_fidelity,
+                                 onnx_encoder_forward)
+from qsamc.fileio import (atomic_write_bytes, atomic_write_json, check_output_file, check_output_folder,
+                          check_results_folder, replace_folder)
 from qsamc.ir.frontend import analysis_ir, count_bitops
 from qsamc.ir.graph import IR
 from qsamc.passes import BitopsModel, BitopsReport
@@ -29,15 +37,18 @@ from qsamc.search.pareto import is_search_file, write_search
 from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.targets import Target, get_target
 from qsamc.task.data import build_dataset
-from qsamc.task.evaluate import ValidationSet
-from qsamc.training.config import ATTENTION_MODES
+from qsamc.task.evaluate import ValidationSet, evaluate, evaluate_subnet
+from qsamc.task.head import SegmentationModel
+from qsamc.training.config import ATTENTION_MODES, load_train_config
 from qsamc.training.runs import load_supernet
+from qsamc.training.train import TrainResult, train
 
 if TYPE_CHECKING:
-    from qsamc.export.report import ExportReport
+    import onnxruntime as ort
+
+    from qsamc.export.tensorrt_engine import BatchProfile
     from qsamc.profiling.profile import Validation
     from qsamc.profiling.timers import ProfileSettings
-    from qsamc.training.train import TrainResult
 
 
 @dataclass(frozen=True)
@@ -88,20 +99,28 @@ def subnet_space(model: str, subnet: Subnet) -> SearchSpace:
     return default_space(model, attention_bits=ATTENTION_MODES["searched" if subnet.attention else "float"])
 
 
+IR_FILES = ("ir.json", "ir.dot")
+
+
 def write_ir(model: str, out: Path, subnet_file: Path | None = None, overwrite: bool = False) -> list[Path]:
-    """What `qsamc ir` writes: `ir.json` and `ir.dot`, with bits and costs when a subnet is given (an earlier
-    dump in `out` is replaced only with `overwrite`)."""
-    check_results_folder(out, overwrite, "an IR dump", lambda name: name in ("ir.json", "ir.dot"))
+    """What `qsamc ir` writes: `ir.json` and `ir.dot` in `out` (beside whatever else it holds), with bits and
+    costs when a subnet is given; an earlier dump is replaced only with `overwrite`."""
+    check_output_folder(out)
+    held = [name for name in IR_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(f"--out {out} already holds {' and '.join(held)}; replace them with --overwrite or choose "
+                          "another folder")
     if subnet_file is not None:
         subnet = load_subnet(subnet_file)
         space = subnet_space(model, subnet)
         ir = count_bitops(space, space.validate(subnet))[0]
     else:
         ir = analysis_ir(default_space(model))
-    with replace_folder(out) as staging:
-        ir.save_json(staging / "ir.json")
-        (staging / "ir.dot").write_text(ir.to_dot())
-    return [out / "ir.json", out / "ir.dot"]
+    paths = [out / name for name in IR_FILES]
+    out.mkdir(parents=True, exist_ok=True)
+    ir.save_json(paths[0])
+    paths[1].write_text(ir.to_dot())
+    return paths
 
 
 # --- search (`qsamc search`) and latency tables (`qsamc profile`) ---------------------------------
@@ -187,7 +206,7 @@ def profile_target(target_name: str, model: str, out: Path | None, settings: Pro
     """What `qsamc profile` does: build (and optionally validate) the latency table of a target (the
     profiler is imported here, so `qsamc search` never loads it); `attention="searched"` adds the INT8
     attention entries a supernet trained with `--attention searched` needs."""
-    from qsamc.profiling.profile import build_table, validate_table
+    from qsamc.profiling.profile import build_table, validate_table  # deferred: start-up time, search never loads it
 
     target = get_target(target_name)
     path = out or default_table_path(target, model)
@@ -239,14 +258,60 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     earlier export is replaced only with `overwrite`, and whole: the new export is built beside it and
     swapped in, so a kill at any moment leaves the old export or the new one. `device`: where the task
     check's PyTorch side runs (the encoder's ONNX Runtime side runs on the CPU, its head on `device`)."""
-    from qsamc.fileio import atomic_write_bytes, atomic_write_json
-    from qsamc.export.emit import export_static
-    from qsamc.errors import TargetError
-    from qsamc.export.report import ExportReport, layer_precisions, plot_precision_map
-    from qsamc.export import tensorrt_engine
-    from qsamc.task.evaluate import evaluate, evaluate_subnet
-    from qsamc.export.ort import ort_latency, ort_session
-    from qsamc.export.verify import TaskCheck, check_export, check_parts, measure_fidelity, onnx_encoder_forward
+    job = _check_inputs(run, subnet_file, target_name, fmt, out, promptable, sam_checkpoint, dataset, data_root,
+                        val_limit, batch, overwrite)
+    emitted = _lower_and_emit(job, samples)
+    verified = _verify(job, emitted, device)
+    decoder = _export_decoder(job, emitted, verified) if promptable else None
+    report, data = _report(job, emitted, verified, decoder)
+    _write_folder(job, out, report, data, decoder)
+    return report
+
+
+@dataclass(frozen=True)
+class _ExportJob:
+    """An export's inputs, checked (`_check_inputs`)."""
+
+    target: Target
+    fmt: str
+    batch: BatchProfile
+    subnet: Subnet
+    model: SegmentationModel
+    ir: IR
+    space: SearchSpace
+    validation: ValidationSet | None  # the task-level check's data (semantic runs)
+    decoder: tuple[DecoderSpec, torch.nn.Module, str] | None  # `promptable`: (spec, model, where its weights came from)
+
+
+@dataclass(frozen=True)
+class _Emitted:
+    """The lowered static subnet, its fake-quantized reference and its ONNX model (`_lower_and_emit`), with the
+    sample images they are checked on: `images` at batch 1, `batched` at batch 4."""
+
+    images: list[torch.Tensor]
+    batched: torch.Tensor
+    static: IR
+    reference: torch.nn.Module
+    model_proto: onnx.ModelProto
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What `_verify` checked, and the ONNX Runtime session that ran the model (it also times it)."""
+
+    lint: list[str]
+    session: ort.InferenceSession
+    fidelity: Fidelity
+    parts: list[PartCheck]
+    task: TaskCheck | None
+
+
+def _check_inputs(run: Path, subnet_file: Path, target_name: str, fmt: str, out: Path, promptable: bool,
+                  sam_checkpoint: Path | None, dataset: str | None, data_root: Path | None, val_limit: int | None,
+                  batch, overwrite: bool) -> _ExportJob:
+    """Every input of an export, checked before any work: the options, the output folder, the subnet and the run,
+    the validation data and (`promptable`) the SAM checkpoint, in the order their errors come."""
+    from qsamc.export import tensorrt_engine  # deferred: start-up time, search never loads the TensorRT builder
 
     if sam_checkpoint is not None and not promptable:
         raise ConfigError("--sam-checkpoint is for the prompt encoder and mask decoder: add --promptable")
@@ -265,23 +330,35 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
     # The task-level check scores mIoU through the head; an instance run's export is verified on the encoder.
     validation = (ValidationSet(build_dataset(dataset, data_root, "val"), val_limit)
                   if dataset and spec.task == "semantic" else None)
-
+    decoder = None
     if promptable:  # read the SAM checkpoint before the slow part: its errors come first
-        from qsamc.export.promptable import DecoderSpec, build_promptable, export_decoder
         decoder_spec = DecoderSpec.for_subnet(subnet.model, subnet.resolution)
-        decoder_model, decoder_weights = build_promptable(decoder_spec, sam_checkpoint)
+        decoder = (decoder_spec, *build_promptable(decoder_spec, sam_checkpoint))
+    return _ExportJob(target, fmt, batch, subnet, model, ir, spec.space, validation, decoder)
 
+
+def _lower_and_emit(job: _ExportJob, samples: int) -> _Emitted:
+    """The sample images (seeded), then extract the static subnet -> the target's lowering passes -> ONNX."""
+    resolution = job.subnet.resolution
     generator = torch.Generator().manual_seed(0)
-    images = [torch.randn(1, 3, subnet.resolution, subnet.resolution, generator=generator) for _ in range(samples)]
-    batched = torch.randn(4, 3, subnet.resolution, subnet.resolution, generator=generator)
-    static, reference, model_proto = export_static(ir, spec.space, subnet, target, images[0])
-    lint = target.lint(model_proto)
-    session = ort_session(model_proto, spinning=True)  # it also times the model
-    fidelity = measure_fidelity(session, reference, [*images, batched], min(b.a for b in subnet.bits),
+    images = [torch.randn(1, 3, resolution, resolution, generator=generator) for _ in range(samples)]
+    batched = torch.randn(4, 3, resolution, resolution, generator=generator)
+    static, reference, model_proto = export_static(job.ir, job.space, job.subnet, job.target, images[0])
+    return _Emitted(images, batched, static, reference, model_proto)
+
+
+def _verify(job: _ExportJob, emitted: _Emitted, device: str) -> _Verified:
+    """TensorRT lint -> the whole model in ONNX Runtime (batch 1 and 4) -> each lowered part alone -> the
+    task metric (on `device`) -> one sentence if any of them fails."""
+    target, subnet, images = job.target, job.subnet, emitted.images
+    lint = target.lint(emitted.model_proto)
+    session = ort_session(emitted.model_proto, spinning=True)  # it also times the model
+    fidelity = measure_fidelity(session, emitted.reference, [*images, emitted.batched], min(b.a for b in subnet.bits),
                                 target.deployment.float_type)
-    parts = check_parts(reference, static.root, subnet, images[0], target)
+    parts = check_parts(emitted.reference, emitted.static.root, subnet, images[0], target)
     task = None
-    if validation is not None:
+    if job.validation is not None:
+        model, validation = job.model, job.validation
         scoring = resolve_device(device)
         model.to(scoring)
         task = TaskCheck(evaluate_subnet(model, subnet, validation).miou,
@@ -290,35 +367,51 @@ def export_subnet(run: Path, subnet_file: Path, target_name: str, fmt: str, out:
                          len(validation.samples))
         model.to("cpu")
     check_export(lint, fidelity, target.lint_required, parts=parts, task=task)
-    if promptable:
-        embeddings = [torch.from_numpy(session.run(None, {"image": x.numpy()})[0]) for x in images]
-        decoder_proto, decoder_report = export_decoder(decoder_spec, decoder_model, decoder_weights, embeddings)
+    return _Verified(lint, session, fidelity, parts, task)
 
-    layers = layer_precisions(static, target.deployment)
+
+def _export_decoder(job: _ExportJob, emitted: _Emitted, verified: _Verified) -> tuple[onnx.ModelProto, DecoderReport]:
+    """`promptable`: decoder.onnx, verified on the encoder's own embeddings of the sample images."""
+    decoder_spec, decoder_model, decoder_weights = job.decoder
+    embeddings = [torch.from_numpy(verified.session.run(None, {"image": x.numpy()})[0]) for x in emitted.images]
+    return export_decoder(decoder_spec, decoder_model, decoder_weights, embeddings)
+
+
+def _report(job: _ExportJob, emitted: _Emitted, verified: _Verified,
+            decoder: tuple[onnx.ModelProto, DecoderReport] | None) -> tuple[export_report.ExportReport, bytes]:
+    """The export report (its files are the write step's) and the serialized model."""
+    static, model_proto = emitted.static, emitted.model_proto
+    layers = export_report.layer_precisions(static, job.target.deployment)
     data = model_proto.SerializeToString()
-    report = ExportReport(
-        subnet=subnet, target=target.name, format=fmt,
+    report = export_report.ExportReport(
+        subnet=job.subnet, target=job.target.name, format=job.fmt,
         opset=next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")),
         ir_version=model_proto.ir_version, cost=static.cost, layers=layers, onnx_bytes=len(data),
-        fp32_bytes=4 * sum(t.numel() for t in reference.state_dict().values() if t.is_floating_point()),
-        latency=ort_latency(session, images[0]), fidelity=fidelity, lint=lint, parts=parts, task=task)
+        fp32_bytes=4 * sum(t.numel() for t in emitted.reference.state_dict().values() if t.is_floating_point()),
+        latency=ort_latency(verified.session, emitted.images[0]), fidelity=verified.fidelity, lint=verified.lint,
+        parts=verified.parts, task=verified.task, decoder=None if decoder is None else decoder[1])
+    return report, data
+
+
+def _write_folder(job: _ExportJob, out: Path, report: export_report.ExportReport, data: bytes,
+                  decoder: tuple[onnx.ModelProto, DecoderReport] | None) -> None:
+    """Model, decoder, precision map, engine (`trt`) and report.json, all or nothing: the files are written in a
+    fresh folder beside `out` and swapped in whole at the end (TensorRT's timing.cache is carried over)."""
+    target, subnet = job.target, job.subnet
     paths = {"onnx": out / "encoder.onnx", "report": out / "report.json", "precision_map": out / "precision.png"}
-    # All or nothing: the files are written in a fresh folder beside `out` and swapped in whole at the end.
     with replace_folder(out, keep=("timing.cache",)) as staging:
         atomic_write_bytes(staging / paths["onnx"].name, data)
-        if promptable:
+        if decoder is not None:
             paths["decoder"] = out / "decoder.onnx"
-            atomic_write_bytes(staging / paths["decoder"].name, decoder_proto.SerializeToString())
-            report.decoder = decoder_report
-        plot_precision_map(layers, staging / paths["precision_map"].name,
-                           f"{subnet.model} @ {subnet.resolution}px on {target.name}")
-        if fmt == target.engine_format:
-            report.engine = target.build_engine(paths["onnx"], out, batch, subnet.resolution, staging=staging)
+            atomic_write_bytes(staging / paths["decoder"].name, decoder[0].SerializeToString())
+        export_report.plot_precision_map(report.layers, staging / paths["precision_map"].name,
+                                         f"{subnet.model} @ {subnet.resolution}px on {target.name}")
+        if job.fmt == target.engine_format:
+            report.engine = target.build_engine(paths["onnx"], out, job.batch, subnet.resolution, staging=staging)
             if report.engine.path is not None:
                 paths["engine"] = Path(report.engine.path)
         report.files = {k: str(v) for k, v in paths.items()}
         atomic_write_json(staging / paths["report"].name, report.to_json())
-    return report
 
 
 # The embedded default: a vit_t supernet trained from scratch on generated shapes, which only needs a
@@ -337,7 +430,7 @@ class QuickstartResult:
     search_files: list[Path]
     chosen: Path  # the subnet exported: the best under the middle budget
     budget: Budget
-    export: ExportReport
+    export: export_report.ExportReport
 
 
 QUICKSTART_FOLDERS = ("supernet", "search", "export")
@@ -347,9 +440,6 @@ def quickstart(out: Path, show_progress: bool = True, on_generation=None, overwr
     """What `qsamc quickstart` does: train -> search (BitOPs ladder, cpu target) -> export the best subnet
     of the middle budget to a verified Q/DQ ONNX model. An earlier quickstart in `out` is replaced only
     with `overwrite`."""
-    from qsamc.training.train import train
-    from qsamc.training.config import load_train_config
-
     check_results_folder(out, overwrite, "a quickstart", lambda name: name in QUICKSTART_FOLDERS)
     run = out / "supernet"
     trained = train(load_train_config(None, {"out": str(run), **QUICKSTART_TRAINING}), show_progress=show_progress,

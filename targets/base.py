@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from qsamc.errors import TargetError
+from qsamc.export.verify import lint_tensorrt
 from qsamc.formats import Container, DeploymentFormat
+from qsamc.passes import (FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass,
+                          LowerAttentionQuantizersPass)
 from qsamc.supernet.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -79,9 +82,6 @@ class Target:
     def lowering_passes(self) -> list[Pass]:
         """Fold weight quantizers into integer weights -> lower LSQ+ activation offsets to zero-point 0 ->
         fold the offsets into the norms that produce them -> lower quantized attention to Q/DQ."""
-        from qsamc.passes import (FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass,
-                                  LowerAttentionQuantizersPass)
-
         return [FoldWeightQuantizersPass(self.deployment), LowerActivationOffsetsPass(), FoldOffsetIntoNormPass(),
                 LowerAttentionQuantizersPass(self.deployment.int8_attention)]
 
@@ -93,8 +93,6 @@ class Target:
 
     def lint(self, model: onnx.ModelProto) -> list[str]:
         """What TensorRT 10 would refuse in `model` under this target's rules (reported on every target)."""
-        from qsamc.export.verify import lint_tensorrt
-
         return lint_tensorrt(model, self.deployment)
 
     def timer(self, settings: ProfileSettings) -> Timer:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from qsamc.formats import ONNXRUNTIME_CPU
+from qsamc.passes import FuseFloatAttentionPass, QuantizeBiasPass
 from qsamc.targets.base import Peaks, Target, register
 
 
@@ -29,12 +30,10 @@ class OnnxRuntimeCpuTarget(Target):
     fuse_attention: bool = True
 
     def lowering_passes(self):
-        from qsamc.passes import FuseFloatAttentionPass, QuantizeBiasPass
-
         return [*super().lowering_passes(), QuantizeBiasPass(), *([FuseFloatAttentionPass()] if self.fuse_attention else [])]
 
     def timer(self, settings):
-        from qsamc.profiling.timers import OnnxRuntimeTimer
+        from qsamc.profiling.timers import OnnxRuntimeTimer  # deferred: start-up time, search never loads them
 
         return OnnxRuntimeTimer(settings)
 

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import onnx
 
+from qsamc.export.float16 import to_float16
+from qsamc.export.report import EngineBuild
 from qsamc.targets.base import Target
 
 FP16_OPSET = 19  # FP16 Q/DQ scales
@@ -35,12 +37,10 @@ class TensorRTTarget(Target):
     def finish_onnx(self, model: onnx.ModelProto) -> onnx.ModelProto:
         if self.deployment.float_type != "fp16":
             return model
-        from qsamc.export.float16 import to_float16
-
         return to_float16(model)
 
     def timer(self, settings):
-        from qsamc.profiling.timers import TensorRTTimer
+        from qsamc.profiling.timers import TensorRTTimer  # deferred: start-up time, search never loads them
 
         return TensorRTTimer(settings)
 
@@ -49,8 +49,7 @@ class TensorRTTarget(Target):
         the report's `EngineBuild`: the `trtexec` command, the batch profile, and why none was built. The
         paths name `out`; with `staging`, the files are read and built there (the export's folder before
         it is swapped in for `out`)."""
-        from qsamc.export import tensorrt_engine
-        from qsamc.export.report import EngineBuild
+        from qsamc.export import tensorrt_engine  # deferred: start-up time, search never loads it
 
         engine, cache = out / "encoder.plan", out / "timing.cache"
         missing = tensorrt_engine.missing()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-
+import random
 import sys
 
 import pytest
@@ -91,6 +91,36 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def fp32_reference_run(tmp_path_factory):
+    """A finished `REFERENCE_TRAIN` run (`qsamc train --schedule fp32`), shared by the whole session (the
+    reference and baseline tests): copy it before changing it."""
+    from qsamc.training.config import load_train_config
+    from qsamc.training.train import train
+
+    run = tmp_path_factory.mktemp("reference")
+    train(load_train_config(None, {**parse_flags(REFERENCE_TRAIN), "out": str(run)}), show_progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(tmp_path_factory):
+    """`lowering_helpers.calibrated_vit_t()` (calibrated, untrained, multiplex LoRA, 4 classes) saved as a run
+    folder, with two W8A8 subnets: w8a8.json (an architecture sampled with Random(7)) and w8a8-min.json (the
+    smallest, the fastest to export). Shared by the whole session: copy it before writing into it."""
+    from lowering_helpers import calibrated_vit_t
+
+    from qsamc.training.runs import save_supernet
+
+    model, _, spec = calibrated_vit_t()  # seeds itself; built once per test process
+    run = tmp_path_factory.mktemp("calibrated")
+    save_supernet(run, spec, model)
+    space = spec.space
+    space.uniform_bits(space.sample(random.Random(7)), 8, 8).save(run / "w8a8.json")
+    space.uniform_bits(space.min_subnet(), 8, 8).save(run / "w8a8-min.json")
+    return run
+
+
 def parse_flags(args: list[str]) -> dict[str, str]:
     """`--lora-rank 16 --per-channel` -> {"lora_rank": "16", "per_channel": "true"}: the option lists the CLI
     tests pass to `qsamc train`, as the config overrides `load_train_config` takes."""
@@ -106,6 +136,16 @@ def parse_flags(args: list[str]) -> dict[str, str]:
         else:
             out[key], i = "true", i + 1
     return out
+
+
+def tiny_train(**changes: str) -> list[str]:
+    """`TINY_TRAIN` with some options changed or added, each once: tiny_train(iterations="3", schedule="fp32")."""
+    values = {**parse_flags(TINY_TRAIN), **changes}
+    return [part for key, value in values.items() for part in (f"--{key.replace('_', '-')}", value)]
+
+
+# The FP32 reference's training: three iterations at the native resolution, a checkpoint after the last.
+REFERENCE_TRAIN = tiny_train(iterations="3", phase1_iterations="2", checkpoint_every="3", schedule="fp32", lr="1e-3")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ for real on a tiny reference, scored with qsamc's own BitOPs and metric."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import onnx
 import pytest
@@ -17,19 +16,13 @@ from qsamc.baselines import (calibration_images, load_reference, modelopt_ptq, p
                              _modelopt_bits)
 from qsamc.training.runs import load_supernet
 from qsamc.errors import CheckpointError, ConfigError
-from qsamc.training.train import fp32_subnet, train
-from conftest import parse_flags
-from qsamc.training.config import load_train_config
-
-FLAGS = ["--iterations", "2", "--phase1-iterations", "1", "--batch-size", "1", "--val-limit", "2", "--calibration-batches", "1",
-         "--schedule", "fp32", "--lr", "1e-3"]
+from qsamc.training.train import fp32_subnet
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("reference")
-    train(replace(load_train_config(None, parse_flags(FLAGS)), out=str(run)), show_progress=False)
-    return run
+def reference_run(fp32_reference_run):
+    """The session's FP32 reference (conftest's REFERENCE_TRAIN), shared with test_reference.py."""
+    return fp32_reference_run
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +100,8 @@ def test_parse_bits():
             parse_bits(bad)
 
 
-def test_a_supernet_run_is_not_a_reference(tmp_path):
-    run = tmp_path / "supernet"
-    flags = [f for f in FLAGS if f not in ("--schedule", "fp32")]
-    train(replace(load_train_config(None, parse_flags(flags)), out=str(run), schedule="full"), show_progress=False)
+def test_a_supernet_run_is_not_a_reference(tiny_run):
+    run = tiny_run  # the session's finished supernet run (progressive schedule)
     with pytest.raises(CheckpointError, match="is not an FP32 reference run"):
         load_reference(run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import copy
 import json
-import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lowering_helpers import calibrated_vit_t, dyadic_input, dyadic_layer
-from qsamc.training.runs import save_supernet
 from qsamc.export.emit import emit_onnx, lower
 from qsamc.formats import ONNXRUNTIME_CPU, TENSORRT
 from qsamc.targets import get_target
@@ -198,13 +197,10 @@ def test_lint_catches_zero_points_integer_ops_and_opsets():
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
+def run_folder(calibrated_run):
+    """The session's calibrated run (its w8a8.json: a sampled architecture at W8A8) and its model, IR and spec."""
     model, ir, spec = calibrated_vit_t()
-    run = tmp_path_factory.mktemp("run")
-    save_supernet(run, spec, model)
-    subnet = spec.space.uniform_bits(spec.space.sample(random.Random(7)), 8, 8)
-    subnet.save(run / "w8a8.json")
-    return run, model, ir, spec
+    return calibrated_run, model, ir, spec
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +317,8 @@ def test_a_broken_lowering_fails_the_export_in_its_part(run_folder, tmp_path, mo
 def test_the_task_check_defaults_to_the_runs_own_validation_data(run_folder, tmp_path):
     from qsamc.pipeline import training_dataset
 
+    # This test writes the run's config.json: into a copy, so that the session's shared run stays as it is.
+    run_folder = (Path(shutil.copytree(run_folder[0], tmp_path / "run")), *run_folder[1:])
     run = run_folder[0]
     (run / "config.json").write_text(json.dumps({"dataset": "synthetic", "data_root": None}))
     try:

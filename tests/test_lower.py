@@ -14,7 +14,7 @@ from lowering_helpers import calibrated_vit_t, dyadic_input, dyadic_layer
 from qsamc.formats import ONNXRUNTIME_CPU, TENSORRT
 from qsamc.ir.graph import IR, verify_ir
 from qsamc.supernet.lora import Lora
-from qsamc.export.lowered import IntConv2d, IntLinear, SymmetricActQuantizer
+from qsamc.lowered.layers import IntConv2d, IntLinear, SymmetricActQuantizer
 from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import (CountBitopsPass, ExtractSubnetPass, FoldOffsetIntoNormPass, FoldWeightQuantizersPass,
                           LowerActivationOffsetsPass)

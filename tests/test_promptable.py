@@ -10,10 +10,8 @@ import onnx
 import pytest
 import torch
 from conftest import randomize_
-from lowering_helpers import calibrated_vit_t
 
 from qsamc import sam
-from qsamc.training.runs import save_supernet
 from qsamc.errors import CheckpointError
 from qsamc.export.promptable import (
     INPUT_NAMES,
@@ -24,6 +22,7 @@ from qsamc.export.promptable import (
     onnx_model,
 )
 from qsamc.export.ort import ort_session
+from qsamc.supernet.space import load_subnet
 
 
 def _prompt(spec: DecoderSpec, embedding: np.ndarray, points: int, orig=(90, 120)) -> dict[str, np.ndarray]:
@@ -112,13 +111,9 @@ def test_a_checkpoint_without_prompt_encoder_or_mask_decoder_is_one_sentence(tmp
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    model, _, spec = calibrated_vit_t()
-    run = tmp_path_factory.mktemp("run")
-    save_supernet(run, spec, model)
-    subnet = spec.space.uniform_bits(spec.space.min_subnet(), 8, 8)  # the fastest to export
-    subnet.save(run / "w8a8.json")
-    return run, subnet
+def run_folder(calibrated_run):
+    """The session's calibrated run and its w8a8-min.json: the smallest subnet at W8A8, the fastest to export."""
+    return calibrated_run, load_subnet(calibrated_run / "w8a8-min.json")
 
 
 def test_export_promptable_chains_encoder_onnx_into_decoder_onnx(run_cli, run_folder, tmp_path, monkeypatch, capsys):
@@ -129,7 +124,7 @@ def test_export_promptable_chains_encoder_onnx_into_decoder_onnx(run_cli, run_fo
     spec = DecoderSpec.for_subnet("vit_t", subnet.resolution)
     _sam_checkpoint(tmp_path / "sam.pth", spec)
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli("export", "--supernet", run, "--subnet", run / "w8a8.json", "--target", "cpu",
+    code, stdout, stderr = run_cli("export", "--supernet", run, "--subnet", run / "w8a8-min.json", "--target", "cpu",
                                 "--out", out, "--promptable", "--sam-checkpoint", tmp_path / "sam.pth")
     assert code in (0, None), stderr
     assert "decoder.onnx" in stdout
@@ -155,7 +150,7 @@ def test_export_promptable_user_errors_are_one_sentence_and_write_nothing(run_cl
     _sam_checkpoint(checkpoint, DecoderSpec.for_subnet("vit_t", 256), with_decoder=False)
     flags = ["--promptable"] if case == "encoder-only checkpoint" else []
     out = tmp_path / "out"
-    code, _, stderr = run_cli("export", "--supernet", run, "--subnet", run / "w8a8.json", "--target", "cpu",
+    code, _, stderr = run_cli("export", "--supernet", run, "--subnet", run / "w8a8-min.json", "--target", "cpu",
                            "--out", out, *flags, "--sam-checkpoint", checkpoint)
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1
     assert ("no prompt encoder or mask decoder weights" in stderr) == bool(flags)

@@ -18,11 +18,10 @@ from qsamc.supernet.quant import MSE_CANDIDATES, LsqWeightQuantizer, _grid
 from qsamc.supernet.space import default_space
 from qsamc.task.losses import distillation_loss
 from qsamc.training.train import fp32_subnet, train
-from conftest import parse_flags
+from conftest import parse_flags, tiny_train
 from qsamc.training.config import load_train_config
 
-FLAGS = ["--iterations", "3", "--phase1-iterations", "2", "--batch-size", "1", "--val-limit", "2", "--calibration-batches", "1",
-         "--checkpoint-every", "3"]
+FLAGS = tiny_train(iterations="3", phase1_iterations="2", checkpoint_every="3")
 
 
 def config(out: Path, **changes):
@@ -30,10 +29,9 @@ def config(out: Path, **changes):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("reference")
-    train(config(run, schedule="fp32", lr=1e-3), show_progress=False)
-    return run
+def reference_run(fp32_reference_run):
+    """The session's FP32 reference: `config(run, schedule="fp32", lr=1e-3)` (conftest's REFERENCE_TRAIN)."""
+    return fp32_reference_run
 
 
 def test_fp32_schedule_trains_the_float_largest_network_at_the_native_resolution(reference_run):
@@ -75,9 +73,8 @@ def test_a_bare_sam_checkpoint_still_gives_a_random_head(tmp_path):
     assert torch.equal(rebuilt.supernet.blocks[0].attn.qkv.weight, model.supernet.blocks[0].attn.qkv.weight)
 
 
-def test_a_lora_supernet_is_refused_as_a_starting_point(reference_run, tmp_path):
-    lora_run = tmp_path / "lora"
-    train(config(lora_run, schedule="lora"), show_progress=False)
+def test_a_lora_supernet_is_refused_as_a_starting_point(reference_run, tiny_run):
+    lora_run = tiny_run  # the session's finished progressive run: LoRA attached in its phase 2
     with pytest.raises(CheckpointError, match="trained with LoRA; start from an FP32 reference run"):
         build_model(SupernetSpec(default_space("vit_t"), 4, None), lora_run)
 

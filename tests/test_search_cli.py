@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from qsamc.training.runs import SupernetSpec, build_model, load_supernet, save_supernet
+from qsamc.training.runs import load_supernet
 from qsamc.search.cost import BitopsCost, Budget
 from qsamc.task.data import SyntheticConfig, build_dataset
 from qsamc.task.evaluate import ValidationSet, evaluate_subnet
-from qsamc.passes import CalibrateActivationsPass
 from qsamc.search.evolution import EvolutionConfig, SubnetFitness, search
 from qsamc.supernet.space import default_space, load_subnet
 
@@ -18,17 +17,13 @@ TINY_SEARCH = ["--population", "4", "--top-k", "2", "--mutations", "2", "--cross
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    """A calibrated, untrained vit_t supernet saved as a training run."""
+def run_folder(calibrated_run):
+    """A calibrated, untrained vit_t supernet saved as a training run: the session's `calibrated_run` (shared:
+    a test that writes into it works on a copy). This module's searches run on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny forwards; more threads only contend on shared CI machines
     torch.manual_seed(0)
-    spec = SupernetSpec(default_space("vit_t"), num_classes=4, lora=None)
-    model, ir = build_model(spec)
-    CalibrateActivationsPass(model, [torch.randn(2, 3, 256, 256)])(ir)
-    run = tmp_path_factory.mktemp("run")
-    save_supernet(run, spec, model)
-    yield run
+    yield calibrated_run
     torch.set_num_threads(threads)
 
 
@@ -134,8 +129,11 @@ def test_search_refuses_empty_evaluations_before_any_work(run_folder, tmp_path, 
 
 
 def test_search_defaults_to_the_runs_dataset_and_refuses_another_class_count(run_folder, tmp_path, qsamc):
+    import shutil
     from pathlib import Path
 
+    # This test writes the run's config.json: into a copy, so that the session's shared run stays as it is.
+    run_folder = Path(shutil.copytree(run_folder, tmp_path / "run"))
     camvid = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
     code, _, stderr = qsamc("search", "--supernet", str(run_folder), "--target", "cpu", "--bitops", "--dataset",
                             "camvid", "--data-root", str(camvid), "--out", str(tmp_path / "o"), *TINY_SEARCH)

@@ -10,7 +10,7 @@ Lowering is always the target's pass list (`Target.lowering_passes`) in the Pass
 on the extracted static subnet (`export_static`), the latency tables on the subnets they cut parts
 from, and `lower` on any other module through the IR of its quantized layers (`layers_ir`). `emit_onnx`
 refuses a module that still holds a quantized layer or an LSQ+ activation quantizer. The integer layers
-write their own QuantizeLinear / DequantizeLinear (`qsamc.export.lowered`); the TorchScript exporter
+write their own QuantizeLinear / DequantizeLinear (`qsamc.lowered.layers`); the TorchScript exporter
 writes the rest (LayerNorm, Softmax, GELU stay float; SAM's LayerNorm2d is written as one
 LayerNormalization between transposes).
 
@@ -34,10 +34,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from qsamc.export.lowered import ChannelLayerNorm, IntLinear
-from qsamc.export.static import replace_module
 from qsamc.ir.graph import layers_ir
 from qsamc.ir.pass_manager import PassManager
+from qsamc.lowered.layers import ChannelLayerNorm, IntLinear
+from qsamc.lowered.static import replace_module
+from qsamc.passes import CountBitopsPass, ExtractSubnetPass
 from qsamc.sam import LayerNorm2d
 from qsamc.supernet.layers import QUANT_LAYER_TYPES
 from qsamc.supernet.quant import LsqActQuantizer
@@ -51,8 +52,6 @@ def export_static(ir, space, subnet, target: Target, example_input: torch.Tensor
     reference the ONNX model must reproduce) -> the target's lowering passes and BitOPs through the
     PassManager -> emit (with a dynamic batch axis unless told otherwise). Returns (lowered static IR,
     reference module, ONNX model)."""
-    from qsamc.passes import CountBitopsPass, ExtractSubnetPass
-
     static = ExtractSubnetPass(subnet)(ir).ir
     reference = copy.deepcopy(static.root)
     PassManager([*target.lowering_passes(), CountBitopsPass(space, subnet)], verify=True)(static)

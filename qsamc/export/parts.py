@@ -12,19 +12,22 @@ table entry times exactly the nodes (and ONNX Runtime fusions) that the part has
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
 from torch import nn
 
 from qsamc.export.emit import emit_onnx
-from qsamc.export.static import StaticEncoder
+from qsamc.lowered.static import StaticEncoder
 from qsamc.ir.graph import IR
 from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import ExtractSubnetPass
 from qsamc.sam import sam_modeling
 from qsamc.supernet.space import Subnet
-from qsamc.targets.base import Target
+
+if TYPE_CHECKING:
+    from qsamc.targets.base import Target
 
 _window_partition = sam_modeling.image_encoder.window_partition
 _window_unpartition = sam_modeling.image_encoder.window_unpartition

@@ -45,6 +45,8 @@ from torch.nn import functional as F
 from qsamc import sam as sam_zoo
 from qsamc.errors import ConfigError
 from qsamc.export.emit import finish_model
+from qsamc.export.ort import ort_session
+from qsamc.export.verify import ExportError
 
 DECODER_OPSET = 17  # segment-anything's scripts/export_onnx_model.py default
 INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
@@ -244,8 +246,6 @@ class DecoderReport:
 def verify_decoder(proto: onnx.ModelProto, model: nn.Module, prompts: list[dict[str, np.ndarray]]) -> DecoderFidelity:
     """Run `decoder.onnx` in a real ONNX Runtime session on `prompts` and compare every output with the
     PyTorch `SamOnnxModel`: max absolute difference, and the same relative to the outputs' scale."""
-    from qsamc.export.ort import ort_session
-
     session = ort_session(proto)
     wrapper = onnx_model(model)
     max_abs, scale, shapes = 0.0, 0.0, []
@@ -256,7 +256,6 @@ def verify_decoder(proto: onnx.ModelProto, model: nn.Module, prompts: list[dict[
         for name, g, e in zip(OUTPUT_NAMES, got, expected):
             e = e.numpy()
             if g.shape != e.shape:
-                from qsamc.export.verify import ExportError
                 raise ExportError(f"decoder.onnx output '{name}' has shape {g.shape} where SamOnnxModel gives {e.shape}")
             max_abs = max(max_abs, float(np.abs(g - e).max()))
             scale = max(scale, float(np.abs(e).max()))
@@ -269,8 +268,6 @@ def export_decoder(spec: DecoderSpec, model: nn.Module, weights: str,
     """Emit and verify `decoder.onnx`; (model, its report). `embeddings` are the encoder's outputs on the
     sample images (the verification then feeds the decoder what it will see); random ones without.
     Raises `ExportError` when ONNX Runtime and PyTorch disagree beyond the tolerance."""
-    from qsamc.export.verify import ExportError
-
     proto = emit_decoder(model, spec)
     if embeddings is None:
         generator = torch.Generator().manual_seed(2)

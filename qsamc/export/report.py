@@ -1,4 +1,5 @@
-"""The export report: what `qsamc export` writes next to the model (report.json, precision.png) and prints.
+"""The export report: what `qsamc export` writes next to the model (report.json, precision.png) and prints
+(`ExportReport.layer_rows`, `ExportReport.summary_rows`).
 
 BitOPs come from the static subnet's IR (`CountBitopsPass`), deployed precisions from the target's
 deployment rules (`DeploymentFormat.deploy`), fidelity and latency from `qsamc.export.verify`.
@@ -19,6 +20,10 @@ from qsamc.formats import DeploymentFormat
 from qsamc.ir.graph import IR
 from qsamc.passes.count_bitops import BitopsReport
 from qsamc.supernet.space import Subnet
+from qsamc.units import human
+
+# The columns of `ExportReport.layer_rows()`.
+LAYER_COLUMNS = ("layer", "searched", "weight", "activation", "compute")
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,46 @@ class ExportReport:
     def worst_part(self) -> PartCheck:
         """The part closest to its mean tolerance."""
         return max(self.parts, key=lambda p: p.mean_rel / p.mean_rel_tolerance)
+
+    def layer_rows(self) -> list[tuple[str, ...]]:
+        """What `qsamc export` prints per quantized layer, one cell per `LAYER_COLUMNS`: the searched bits
+        (F for float) and the containers the target runs it in."""
+        def bits(b: int) -> str:
+            return str(b) if b < 32 else "F"
+
+        return [(row.layer, f"W{bits(row.w_bits)}A{bits(row.a_bits)}", row.weight, row.act, row.compute)
+                for row in self.layers]
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """What `qsamc export` prints of what it checked and wrote: (label, text) pairs."""
+        fidelity, cost, task, worst = self.fidelity, self.cost, self.task, self.worst_part()
+        rows = [
+            ("BitOPs / MACs", f"{human(cost.bitops)} / {human(cost.macs)} (attention matmuls at 32x32 bits)"),
+            ("model size", f"{human(self.onnx_bytes, 'B')} (FP32 {human(self.fp32_bytes, 'B')})"),
+            ("ONNX Runtime latency", f"{self.latency.median_ms:.1f} ms ({self.latency.threads} threads, this machine)"),
+            ("fidelity vs fake-quant", f"max {fidelity.max_rel:.2e}, mean {fidelity.mean_rel:.2e} of the output scale "
+             f"(tolerance {fidelity.max_rel_tolerance:.1e} / {fidelity.mean_rel_tolerance:.1e})"),
+            ("layer by layer", f"{len(self.parts)} parts verified alone; worst {worst.part}: max {worst.max_rel:.2e}, "
+             f"mean {worst.mean_rel:.2e} (tolerance {worst.max_rel_tolerance:.1e} / {worst.mean_rel_tolerance:.1e})"),
+        ]
+        deviating = [p for p in self.parts if p.kernels == "exact"]  # passed only with the kernels unfused
+        if deviating:
+            worst_fused = max(deviating, key=lambda p: p.fused_mean_rel)
+            rows.append(("this CPU's INT8 kernels", f"{len(deviating)} parts deviate only in ONNX Runtime's fused INT8 "
+                         f"kernels on this CPU (worst {worst_fused.part}: max {worst_fused.fused_max_rel:.2e}, mean "
+                         f"{worst_fused.fused_mean_rel:.2e}); they are exact with those kernels unfused"))
+        if task is None:
+            rows.append(("validation mIoU", "not checked: the run's validation data is not at hand (pass --dataset)"))
+        else:
+            rows.append(("validation mIoU", f"PyTorch {task.pytorch_miou:.4f}, ONNX Runtime {task.onnx_miou:.4f} "
+                         f"({task.val_images} images)"))
+        rows.append(("opset / IR version", f"{self.opset} / {self.ir_version}"))
+        rows.append(("TensorRT lint", "clean" if not self.lint else f"{len(self.lint)} problems, e.g. {self.lint[0]}"))
+        if self.decoder is not None:
+            d = self.decoder
+            rows.append(("decoder.onnx", f"embeddings {'x'.join(map(str, d.image_embeddings[1:]))}, max abs diff "
+                         f"{d.fidelity.max_abs_diff:.2e} vs SamOnnxModel, weights {d.weights}"))
+        return rows
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -21,10 +21,13 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto
 
+from qsamc.distributed import module_device
 from qsamc.errors import QsamcError
+from qsamc.export.emit import emit_onnx
 from qsamc.export.float16 import FP32_OPS, LAYOUT_OPS, constant_values, fp16_safe_scale
-from qsamc.formats import TENSORRT, AttentionRule, DeploymentFormat
 from qsamc.export.ort import ort_session
+from qsamc.export.parts import AttentionPart, MlpPart, NeckPart, PatchPart, one_torch_thread
+from qsamc.formats import TENSORRT, AttentionRule, DeploymentFormat
 
 TENSORRT_OPSETS = (9, 24)
 # TensorRT 10's ONNX operator support matrix (onnx-tensorrt docs/operators.md), the part that an
@@ -323,9 +326,6 @@ def check_parts(reference: torch.nn.Module, lowered: torch.nn.Module, subnet, im
     float path flips far more values (FP16 resolves a value near the top of an 8-bit grid to 1/16 of a
     step), which the LayerNorms after the next layer amplify; its effect is checked where it matters, on
     the whole shipped model and its task metric (`measure_fidelity`, the task-level check)."""
-    from qsamc.export.emit import emit_onnx
-    from qsamc.export.parts import AttentionPart, MlpPart, NeckPart, PatchPart, one_torch_thread
-
     target = target.with_float_type("fp32")
 
     def parts(static):
@@ -363,7 +363,7 @@ def onnx_encoder_forward(session: ort.InferenceSession, head: torch.nn.Module):
     """Images -> logits with the encoder in an ONNX Runtime session (static batch 1) and `head` in torch:
     how the task-level check scores an exported encoder through its head."""
     name = session.get_inputs()[0].name
-    device = next(head.parameters()).device
+    device = module_device(head)
 
     @torch.no_grad()
     def forward(images: torch.Tensor) -> torch.Tensor:

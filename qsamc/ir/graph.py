@@ -20,18 +20,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import networkx as nx
 import torch
 from torch import nn
 
+from qsamc.ir.bitops import BitopsReport
 from qsamc.supernet.layers import QuantConv2d, QuantLinear
 from qsamc.sam import Attention, LayerNorm2d
 from qsamc.supernet.space import LayerBits, Subnet
-
-if TYPE_CHECKING:
-    from qsamc.passes.count_bitops import BitopsReport
 
 KINDS = ("input", "output", "conv", "linear", "attention", "norm", "act", "elementwise")
 IR_FORMAT = "qsamc.ir"
@@ -107,8 +105,6 @@ class IR:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IR:
-        from qsamc.passes.count_bitops import BitopsReport  # passes build on the IR, not the reverse
-
         subnet = None if data.get("subnet") is None else Subnet.from_json(data["subnet"])
         cost = None if data.get("cost") is None else BitopsReport.from_json(data["cost"])
         return cls(nx.node_link_graph(data["graph"], edges="edges"), data["model"], subnet=subnet, cost=cost)

@@ -28,7 +28,7 @@ import random
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -40,8 +40,10 @@ from qsamc.passes import CalibrateActivationsPass
 from qsamc.profiling.timers import ProfileSettings, Timer
 from qsamc.search.latency_table import LatencyTable, PartKeys, TableLatency, part_key
 from qsamc.supernet.space import LayerBits, SearchSpace, Subnet, default_space
-from qsamc.targets.base import Target
 from qsamc.training.runs import SupernetSpec, build_model
+
+if TYPE_CHECKING:
+    from qsamc.targets.base import Target
 
 CALIBRATION_SEED = "qsamc-latency-calibration"  # a stream of its own: validation never reuses these subnets
 

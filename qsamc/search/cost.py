@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from qsamc.errors import BudgetError, TargetError
 from qsamc.formats import Container
@@ -23,8 +23,10 @@ from qsamc.ir.graph import IR
 from qsamc.passes.count_bitops import BitopsModel, FloatMacs, attention_macs, node_macs
 from qsamc.passes.lower_attention import deploys_int8
 from qsamc.supernet.space import LayerBits, SearchSpace, Subnet
-from qsamc.targets import Target
 from qsamc.units import SI, si_prefix
+
+if TYPE_CHECKING:
+    from qsamc.targets import Target
 
 Metric = Literal["bitops", "latency"]
 _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6}

@@ -21,12 +21,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsamc.errors import ConfigError
 from qsamc.passes.lower_attention import deploys_int8
 from qsamc.supernet.space import SearchSpace, Subnet
-from qsamc.targets.base import Target
+
+if TYPE_CHECKING:
+    from qsamc.targets.base import Target
 
 TABLE_FORMAT = "qsamc.latency_table"
 TABLE_VERSION = 1

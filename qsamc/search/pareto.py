@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from qsamc.fileio import save_figure
 from qsamc.search.cost import CostModel
 from qsamc.search.evolution import Candidate, SearchResult
 from qsamc.supernet.space import SearchSpace, Subnet
-from qsamc.targets import Target
 from qsamc.units import si_prefix
+
+if TYPE_CHECKING:
+    from qsamc.targets import Target
 
 PARETO_FORMAT = "qsamc.pareto"
 PARETO_VERSION = 1

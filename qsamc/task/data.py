@@ -485,6 +485,9 @@ def _synthetic(request: DatasetRequest) -> SegmentationDataset:
 
 
 DATASETS: dict[str, DatasetFactory] = {"synthetic": _synthetic, "ade20k": _ade20k, "camvid": _camvid}
+# Each task's formats: the semantic task's above; the instance task's are registered by `qsamc.task.instances`
+# (pycocotools) when it is imported, which importing anything of `qsamc.task` does (`qsamc/task/__init__.py`).
+TASK_DATASETS: dict[str, dict[str, DatasetFactory]] = {"semantic": DATASETS, "instance": {}}
 
 
 def build_dataset(
@@ -502,10 +505,7 @@ def build_dataset(
     The instance task's formats (`coco`, `synthetic`) live in `qsamc.task.instances` (pycocotools)."""
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; use one of {', '.join(TASKS)}.")
-    if task == "instance":
-        from qsamc.task.instances import INSTANCE_DATASETS as registry
-    else:
-        registry = DATASETS
+    registry = TASK_DATASETS[task]
     if format not in registry:
         raise DataError(f"the {task} task has no dataset format {format!r}; its formats are {', '.join(sorted(registry))}.")
     if split not in SPLITS:

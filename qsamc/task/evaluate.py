@@ -14,7 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qsamc.distributed import module_device
+
 from qsamc.task.data import SegmentationDataset, make_batch, preprocess_shape
+from qsamc.task.instances import instance_predictions
+from qsamc.task.mask2former import mask_scores
 from qsamc.task.metric import SegmentationMetric
 from qsamc.supernet.space import Subnet
 
@@ -88,11 +92,8 @@ def evaluate_instances(encoder: Callable[[torch.Tensor], torch.Tensor], head: to
     the subnet) and COCO mask AP of `encoder` (images -> features) + a Mask2Former `head`: each image's top-k
     instances, their mask logits upsampled to the padded input, cropped to the image and resized to its
     original size, binarised at 0 and scored by class probability x mask score."""
-    from qsamc.task.instances import instance_predictions
-    from qsamc.task.mask2former import mask_scores
-
     total, predictions, image_ids = 0.0, [], []
-    device = next(head.parameters()).device
+    device = module_device(head)
     for start, (images, masks) in zip(range(0, len(data.samples), data.batch_size), data.batches(resolution, device)):
         features = encoder(images)
         with torch.random.fork_rng(devices=[]):
@@ -125,6 +126,6 @@ def evaluate_subnet(model: torch.nn.Module, subnet: Subnet, data: ValidationSet)
     try:
         if data.task == "instance":
             return evaluate_instances(model.supernet, model.head, data, subnet.resolution)
-        return evaluate(model, data, subnet.resolution, next(model.parameters()).device)
+        return evaluate(model, data, subnet.resolution, module_device(model))
     finally:
         model.train(was_training)

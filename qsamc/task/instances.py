@@ -30,7 +30,7 @@ from PIL import Image
 
 from qsamc.errors import DataError
 from qsamc.fileio import atomic_write_json
-from qsamc.task.data import (SPLITS, AugmentConfig, DatasetRequest, Sample, SegmentationDataset,
+from qsamc.task.data import (SPLITS, TASK_DATASETS, AugmentConfig, DatasetRequest, Sample, SegmentationDataset,
                              SyntheticConfig, SyntheticDataset, load_image)
 
 CODE_BASE = 1000  # instance code = (class + 1) * CODE_BASE + k, k = 1..CODE_BASE - 1
@@ -307,5 +307,7 @@ def _coco(request: DatasetRequest) -> InstanceDataset:
     return InstanceDataset(CocoInstances(request.root, request.split), "coco", request.augmentation, request.seed)
 
 
-# The instance task's formats (`build_dataset(..., task="instance")`); users can add their own.
-INSTANCE_DATASETS = {"synthetic": _synthetic_instances, "coco": _coco}
+# The instance task's formats (`build_dataset(..., task="instance")`), registered with the semantic task's
+# in `qsamc.task.data`; users can add their own.
+INSTANCE_DATASETS = TASK_DATASETS["instance"]
+INSTANCE_DATASETS.update({"synthetic": _synthetic_instances, "coco": _coco})

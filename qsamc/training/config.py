@@ -41,7 +41,9 @@ LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")
 LORA_SWITCHES = ("weight", "act")
 CONFIG_FORMAT = "qsamc.train_config"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+# Version 1 (before held-out splits) is still read: its runs trained on every training image.
+READABLE_VERSIONS = {1: {"holdout": 0.0}, 2: {}}
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class TrainConfig:
     head_layers: int = 9
     task: str = "semantic"
     attention: str = "float"
+    holdout: float = 0.1
+    holdout_seed: int = 0
 
     def __post_init__(self) -> None:
         get_config(self.model)
@@ -120,6 +124,9 @@ class TrainConfig:
             (self.seed >= 0, f"seed must be 0 or more, got {self.seed}"),
             (self.val_limit >= 1, f"val_limit must be at least 1, got {self.val_limit}"),
             (self.num_workers >= 0, f"num_workers must be 0 or more, got {self.num_workers}"),
+            (math.isfinite(self.holdout) and 0 <= self.holdout <= 0.5,
+             f"holdout must be a fraction from 0 to 0.5 of the training images, got {self.holdout}"),
+            (self.holdout_seed >= 0, f"holdout_seed must be 0 or more, got {self.holdout_seed}"),
             (self.out.strip() != "", "out must name the run folder; it is empty"),
             (self.calibration_batches >= 1, f"calibration_batches must be at least 1, got {self.calibration_batches}"),
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number above 0, got {self.lr}"),
@@ -228,6 +235,8 @@ HELP: dict[str, str] = {
     "head_queries": "Mask2Former head: object queries.",
     "head_layers": "Mask2Former head: masked-attention decoder layers.",
     "task": "semantic (mIoU) or instance (COCO-format data, mask AP; needs --head mask2former).",
+    "holdout": "Fraction of the training images never trained on; qsamc search scores subnets on them (0: none).",
+    "holdout_seed": "Seed of the held-out images (the same settings hold out the same images in every run).",
     "attention": "float (the paper: attention matmuls stay float) or searched (q, k, v and softmax output "
                  "8-bit or float per block, or per stage / model with --granularity; beyond the paper).",
 }
@@ -293,8 +302,11 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
     values: dict[str, Any] = {}
     written = _read_file(Path(path)) if path else {}
     if "format" in written or "version" in written:  # a config.json that qsamc wrote
-        if (written.pop("format", None), written.pop("version", None)) != (CONFIG_FORMAT, CONFIG_VERSION):
-            raise ConfigError(f"config file {path} is not a version-{CONFIG_VERSION} qsamc training config")
+        fmt, version = written.pop("format", None), written.pop("version", None)
+        if fmt != CONFIG_FORMAT or version not in READABLE_VERSIONS:
+            raise ConfigError(f"config file {path} is not a qsamc training config of version "
+                              f"{' or '.join(map(str, READABLE_VERSIONS))}")
+        written = {**READABLE_VERSIONS[version], **written}
     for source in (written, overrides or {}):
         for key, value in source.items():
             name = key.replace("-", "_")

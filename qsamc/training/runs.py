@@ -24,8 +24,12 @@ import torch
 from qsamc.errors import ConfigError, CheckpointError, QsamcError
 from qsamc.fileio import (atomic_torch_save, atomic_write_json, check_output_folder, make_folder, read_json,
                           remove_stale_temporaries)
+from qsamc.ir.frontend import build_ir
+from qsamc.ir.pass_manager import PassManager
+from qsamc.passes import AttachLoraPass, InsertQuantizersPass
 from qsamc.task.head import SegmentationModel
 from qsamc.task.mask2former import Mask2FormerSpec
+from qsamc.supernet.encoder import Supernet
 from qsamc.supernet.lora import LoraConfig
 from qsamc.supernet.quant import WeightInit
 from qsamc.sam import check_state_dict, is_quantizer_state, read_tensors
@@ -141,11 +145,6 @@ def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_s
 
     `checkpoint`: a SAM checkpoint (the encoder), or a qsamc FP32 reference run (encoder and head; the
     head's num_classes must match)."""
-    from qsamc.ir.pass_manager import PassManager
-    from qsamc.passes import AttachLoraPass, InsertQuantizersPass
-    from qsamc.ir.frontend import build_ir
-    from qsamc.supernet.encoder import Supernet
-
     weights = reference_weights(checkpoint) if checkpoint is not None else None
     supernet = Supernet.build(spec.space.model, weights, spec.space)
     ir = build_ir(supernet)

@@ -166,6 +166,48 @@ def _optimizer(config: TrainConfig, model: SegmentationModel, lora_phase: bool, 
     return optimizer, scheduler
 
 
+def _phase_steps(config: TrainConfig, lora_phase: bool) -> int:
+    """The iterations of one phase: the whole run without a LoRA phase, else the iterations before or after
+    the progressive boundary."""
+    lora_from = config.lora_from()
+    if lora_from is None:
+        return config.iterations
+    return config.iterations - lora_from if lora_phase else lora_from
+
+
+def _start_phase(config: TrainConfig, model: SegmentationModel, ir, device: torch.device, world: int,
+                 lora_phase: bool, state: dict | None = None, run: Path | None = None):
+    """A training phase starts: for the LoRA phase, attach LoRA (seeded apart from the rest) on `device`;
+    resuming, the checkpoint's weights; a new optimizer over what the phase trains (the LoRA phase freezes
+    W0) and its scheduler, resuming from the checkpoint's state; across ranks, a new DDP wrapper that sees
+    the phase's parameters. Returns (optimizer, scheduler, the module a step calls)."""
+    if lora_phase:
+        PassManager([AttachLoraPass(config.lora, seed=config.seed + 1)])(ir)
+        model.to(device)
+    if state is not None:
+        resume_weights(model, state, run)
+    optimizer, scheduler = _optimizer(config, model, lora_phase, _phase_steps(config, lora_phase))
+    if state is not None:
+        resume_optimizer(optimizer, scheduler, state, run)
+    wrapped: nn.Module = model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    return optimizer, scheduler, wrapped
+
+
+def _calibrate(config: TrainConfig, model: SegmentationModel, ir, space: SearchSpace, train_set,
+               device: torch.device) -> None:
+    """LSQ+ activation initialisation from `config.calibration_batches` batches at the (phase-capped) max
+    subnet."""
+    calibration_subnet = training_space(config, space, 0).max_subnet()
+    resolution = calibration_subnet.resolution
+    calibration = [
+        make_batch([train_set.sample(i, 0) for i in batch_indices(config, len(train_set), k, 0, 1)[1]], resolution)[0]
+        for k in range(config.calibration_batches)
+    ]
+    PassManager([CalibrateActivationsPass(model, [b.to(device) for b in calibration], calibration_subnet)])(ir)
+
+
 class _Logger:
     """metrics.csv (and TensorBoard when installed), written by rank 0 only."""
 
@@ -277,36 +319,16 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     state = load_checkpoint(run) if resume else None
     start = state["iteration"] if state else 0
     if state is None:
-        # 2. LSQ+ activation initialisation from calibration batches at the (phase-capped) max subnet.
-        calibration_subnet = training_space(config, space, 0).max_subnet()
-        resolution = calibration_subnet.resolution
-        calibration = [
-            make_batch([train_set.sample(i, 0) for i in batch_indices(config, len(train_set), k, 0, 1)[1]], resolution)[0]
-            for k in range(config.calibration_batches)
-        ]
-        PassManager([CalibrateActivationsPass(model, [b.to(device) for b in calibration], calibration_subnet)])(ir)
+        # 2. LSQ+ activation initialisation (a resumed run has its quantizers in its checkpoint).
+        _calibrate(config, model, ir, space, train_set, device)
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run / "config.json", config.to_json())
-    # A checkpoint written at the progressive boundary predates the LoRA: the loop attaches it, as it did.
+    # 3. The phase the run is in starts (LoRA attached past the progressive boundary; resumed, the weights and
+    # optimizer of its checkpoint); the loop starts the LoRA phase at the boundary. A checkpoint written at the
+    # boundary predates the LoRA: the loop attaches it, as it did.
     lora_attached = lora_from is not None and (start > lora_from if state else start >= lora_from)
-    if lora_attached:
-        PassManager([AttachLoraPass(config.lora, seed=config.seed + 1)])(ir)
-        model.to(device)
-    if state is not None:
-        resume_weights(model, state, run)
-
-    def phase_steps(lora_phase: bool) -> int:
-        if lora_from is None:
-            return config.iterations
-        return config.iterations - lora_from if lora_phase else lora_from
-
-    optimizer, scheduler = _optimizer(config, model, lora_attached, phase_steps(lora_attached))
-    if state is not None:
-        resume_optimizer(optimizer, scheduler, state, run)
-    wrapped: nn.Module = model
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer, scheduler, wrapped = _start_phase(config, model, ir, device, world, lora_attached, state, run)
 
     logger = _Logger(run, start if resume else None) if rank == 0 else None
     bar = progress_bar(config.iterations, "training supernet", enabled=show_progress and rank == 0,
@@ -318,14 +340,9 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
             bar.advance(start)
             for iteration in range(start, config.iterations):
                 adapt_threads()  # follow the free cores (qsamc.threads)
-                # 3. Progressive boundary: attach LoRA, freeze W0, new optimizer over LoRA + quantizers.
-                if lora_from is not None and iteration == lora_from and not lora_attached:
-                    PassManager([AttachLoraPass(config.lora, seed=config.seed + 1)])(ir)
-                    model.to(device)
+                if lora_from is not None and iteration == lora_from and not lora_attached:  # 3. the boundary
                     lora_attached = True
-                    optimizer, scheduler = _optimizer(config, model, True, phase_steps(True))
-                    if world > 1:
-                        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+                    optimizer, scheduler, wrapped = _start_phase(config, model, ir, device, world, lora_phase=True)
                 # 4. One step: the iteration's subnets, each on the iteration's batch at its resolution.
                 epoch, indices = batch_indices(config, len(train_set), iteration, rank, world)
                 samples = [train_set.sample(i, epoch) for i in indices]

@@ -1,0 +1,77 @@
+"""The held-out part of a training split: images `qsamc train` never trains on and `qsamc search` scores on.
+
+Search ranks subnets by a score (validation loss, mIoU or mask AP); scored on images the supernet trained
+on, it prefers subnets that fit those images, and scored on the validation split it tunes the choice to
+the images the results are reported on. OFA and BigNAS hold out part of the training set for the search
+instead, and so does qsamc: `qsamc train --holdout 0.1` keeps a seeded 10% of the training images out of
+training (recorded in the run's config.json), and `qsamc search` scores on exactly those by default.
+
+The chosen images are a pure function of (number of training images, fraction, seed): an FP32
+reference and the supernet trained from it with the same settings hold out the same images, so the
+weights search starts from never saw them either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from qsamc.errors import DataError
+from qsamc.task.data import SegmentationDataset, Sample
+
+
+def holdout_indices(size: int, fraction: float, seed: int) -> list[int]:
+    """The sorted indices of a `fraction` of `size` images (at least one when `fraction` > 0), drawn by a
+    permutation seeded with `seed`."""
+    if fraction <= 0:
+        return []
+    count = max(1, round(size * fraction))
+    if count >= size:
+        raise DataError(f"holding out {fraction:g} of {size} training images leaves none to train on; "
+                        "lower --holdout")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[:count])
+
+
+class SplitView(SegmentationDataset):
+    """The images `indices` of `base`, in that order: the held-out part of a training split, or the rest.
+    Augmentation stays keyed by the base index, so an image is augmented the same in a view as in its split."""
+
+    def __init__(self, base: SegmentationDataset, indices: Sequence[int], part: str) -> None:
+        super().__init__(base.augmentation, base.seed)
+        self.base, self.indices, self.part = base, list(indices), part
+        self.name, self.num_classes, self.ignore_index = base.name, base.num_classes, base.ignore_index
+        self.task = base.task
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, index: int) -> Sample:
+        return self.base.read(self.indices[index])
+
+    def sample(self, index: int, epoch: int) -> Sample:
+        return self.base.sample(self.indices[index], epoch)
+
+    def check_files(self) -> None:
+        self.base.check_files()
+
+    # The instance task's evaluation reads image ids and COCO categories through the dataset.
+    @property
+    def category_ids(self):
+        return self.base.category_ids
+
+    def image_id(self, index: int) -> int:
+        return self.base.image_id(self.indices[index])
+
+    def evaluate(self, predictions, image_ids):
+        return self.base.evaluate(predictions, image_ids)
+
+
+def split_holdout(train: SegmentationDataset, fraction: float, seed: int) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    """(the images to train on, the held-out images or None) of a training split."""
+    held = holdout_indices(len(train), fraction, seed)
+    if not held:
+        return train, None
+    kept = sorted(set(range(len(train))) - set(held))
+    return SplitView(train, kept, "train"), SplitView(train, held, "holdout")

@@ -1,0 +1,117 @@
+"""The held-out part of the training split (qsamc/task/holdout.py): never trained on, scored by search."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from conftest import TINY_TRAIN, parse_flags
+from qsamc.errors import ConfigError, DataError
+from qsamc.task.data import SyntheticConfig, build_dataset
+from qsamc.task.holdout import holdout_indices, split_holdout
+from qsamc.training.config import TrainConfig, load_train_config
+
+
+def test_holdout_indices_are_a_seeded_fraction():
+    held = holdout_indices(64, 0.1, seed=0)
+    assert len(held) == 6 and held == sorted(set(held)) and all(0 <= i < 64 for i in held)
+    assert holdout_indices(64, 0.1, seed=0) == held  # a pure function of its arguments
+    assert holdout_indices(64, 0.1, seed=1) != held
+    assert holdout_indices(64, 0.0, seed=0) == []
+    assert len(holdout_indices(5, 0.01, seed=0)) == 1  # at least one image when asked for any
+    with pytest.raises(DataError, match=r"^holding out 0.5 of 1 training images leaves none to train on; lower --holdout$"):
+        holdout_indices(1, 0.5, seed=0)
+
+
+def test_split_holdout_partitions_the_training_images():
+    train = build_dataset("synthetic", None, "train", augment=True, seed=3, synthetic=SyntheticConfig(count=20))
+    kept, held = split_holdout(train, 0.25, seed=0)
+    assert len(kept) == 15 and len(held) == 5
+    assert sorted(kept.indices + held.indices) == list(range(20))
+    names = {kept[i].name for i in range(len(kept))} | {held.sample(i, 0).name for i in range(len(held))}
+    assert len(names) == 20
+    # The same image, augmented the same way, in the view as in the split it comes from.
+    first = held.indices[0]
+    assert (held.sample(0, 2).image == train.sample(first, 2).image).all()
+    assert split_holdout(train, 0.0, seed=0) == (train, None)
+
+
+def test_config_holds_out_a_tenth_by_default_and_old_runs_none(tmp_path):
+    assert (TrainConfig().holdout, TrainConfig().holdout_seed) == (0.1, 0)
+    with pytest.raises(ConfigError, match=r"^holdout must be a fraction from 0 to 0.5 of the training images, got 0.9$"):
+        load_train_config(None, {"holdout": "0.9"})
+    old = {**TrainConfig().to_json(), "version": 1}
+    del old["holdout"], old["holdout_seed"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert load_train_config(tmp_path / "config.json").holdout == 0.0  # it trained on every image
+
+
+# --- training never sees them, search scores on them -------------------------------------------------
+
+def test_training_never_reads_a_held_out_image(tmp_path, monkeypatch):
+    import qsamc.training.train as T
+    from qsamc.task.data import build_dataset as build
+
+    trained = []
+    original = T.make_batch
+
+    def spy(samples, resolution):
+        trained.extend(s.name for s in samples)
+        return original(samples, resolution)
+
+    monkeypatch.setattr(T, "make_batch", spy)
+    config = replace(load_train_config(None, parse_flags(TINY_TRAIN)), out=str(tmp_path / "run"), holdout=0.25,
+                     iterations=8, phase1_iterations=4, batch_size=4)
+    T.train(config, show_progress=False)
+    held = split_holdout(build("synthetic", None, "train"), 0.25, 0)[1]
+    held_names = {held[i].name for i in range(len(held))}
+    assert len(held_names) == 16 and len(trained) >= 8 * 4
+    assert not held_names & set(trained)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["holdout"] == 0.25
+
+
+def test_search_scores_on_the_held_out_images_by_default(tiny_run, tmp_path):
+    from qsamc.pipeline import run_search, search_images
+    from qsamc.search.evolution import EvolutionConfig
+
+    images, scored_on = search_images(tiny_run, "synthetic", None, "auto", "semantic")
+    assert scored_on == "holdout (6 training images the supernet never trained on)" and len(images) == 6
+    assert {images[i].name for i in range(6)} <= {f"synthetic-train-{i}" for i in range(64)}
+    config = EvolutionConfig(population=4, top_k=2, mutations=2, crossovers=2, generations=1)
+    result, _ = run_search(tiny_run, "cpu", True, False, ["30G"], tmp_path / "s", val_limit=2, config=config)
+    assert result.scored_on == scored_on
+    assert json.loads((tmp_path / "s" / "pareto.json").read_text())["scored_on"] == scored_on
+
+
+def test_a_run_from_before_held_out_splits_searches_on_val_and_says_so(tiny_run, tmp_path):
+    import shutil
+
+    from qsamc.pipeline import search_images
+
+    run = tmp_path / "old"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".lock"))
+    saved = json.loads((run / "config.json").read_text())
+    del saved["holdout"], saved["holdout_seed"]
+    saved["version"] = 1
+    (run / "config.json").write_text(json.dumps(saved))
+    images, scored_on = search_images(run, "synthetic", None, "auto", "semantic")
+    assert scored_on == ("val (the run's held-out images are not usable: it holds out no training images (trained "
+                         "before held-out splits, or with --holdout 0))")
+    assert images[0].name.startswith("synthetic-val-")
+    with pytest.raises(ConfigError, match=r"holds out no training images of synthetic; search it with --split val or train$"):
+        search_images(run, "synthetic", None, "holdout", "semantic")
+
+
+def test_a_supernet_holds_out_what_its_reference_held_out(tmp_path):
+    from qsamc.training.config import check_reference_holdout
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "config.json").write_text(json.dumps(TrainConfig(schedule="fp32", holdout=0.2).to_json()))
+    check_reference_holdout(TrainConfig(checkpoint=str(reference), holdout=0.2))
+    with pytest.raises(ConfigError, match=r"^the reference .*reference held out 0.2 of the training images \(seed 0\) and this "
+                                          r"run would hold out 0.1 \(seed 0\): search would score on images the reference "
+                                          r"trained on; pass --holdout 0.2 --holdout-seed 0$"):
+        check_reference_holdout(TrainConfig(checkpoint=str(reference)))
