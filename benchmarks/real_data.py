@@ -11,7 +11,8 @@ One run, six stages, each written under --out and reused when it is already ther
               inplace distillation from it, MSE-initialised per-channel weight scales and activation
               ranges calibrated on training images.
 4. profile    `qsamc profile --target cpu`: the measured ONNX Runtime latency table.
-5. search     `qsamc search --target cpu` on 64 training images (val stays unseen; population 16, 4
+5. search     `qsamc search --target cpu` on the held-out training images (the 10% of train that reference
+              and supernet both never trained on; val stays unseen; population 16, 4
               generations, seeded with uniform-precision subnets) under BitOPs budgets (attention
               matmuls excluded) at each baseline's BitOPs and at 1% and 2% of FP32, and under CPU latency
               budgets at the table's latency of the uniform W8A8 / W4A8 / W4A4 largest subnets and at
@@ -165,14 +166,14 @@ def main() -> None:
         bitops_budgets = sorted({r["bitops"] for r in peers[1:]} | {int(f * fp32_bitops) for f in LADDER})
         run_search(supernet, "cpu", True, False, [f"{b:.6e}" for b in bitops_budgets], search_out / "bitops",
                    dataset=data["dataset"], data_root=Path(data["data_root"]), val_limit=SEARCH_IMAGES,
-                   config=SEARCH, float_macs="exclude", split="train", overwrite=True)
+                   config=SEARCH, float_macs="exclude", overwrite=True)
         model, ir, spec = load_supernet(supernet)
         latency = TableLatency(LatencyTable.load(table), spec.space, get_target("cpu"), source=str(table))
         uniform = [latency.cost(spec.space.uniform_bits(spec.space.max_subnet(), w, a)) for w, a in UNIFORM]
         latency_budgets = sorted({round(b, 6) for b in uniform} | {round(LATENCY_FRACTION * min(uniform), 6)})
         run_search(supernet, "cpu", False, True, [f"{1e3 * b:.4f}ms" for b in latency_budgets], search_out / "latency",
                    table=table, dataset=data["dataset"], data_root=Path(data["data_root"]), val_limit=SEARCH_IMAGES,
-                   config=SEARCH, split="train", overwrite=True)
+                   config=SEARCH, overwrite=True)
     if "evaluate" in stages and stage("evaluate", evaluated / "evaluated.json", args.fresh):
         largest = space.max_subnet()
         subnets = {"qsamc FP32 grid": space.uniform_bits(largest, 32, 32),

@@ -28,7 +28,6 @@ from qsamc.search.cost import format_cost
 from qsamc.search.evolution import OBJECTIVES, EvolutionConfig
 from qsamc.supernet.space import GRANULARITIES
 from qsamc.targets import get_target, known_targets
-from qsamc.task.data import SPLITS
 from qsamc.threads import ENV as threads_env, apply_threads
 from qsamc.training.config import ATTENTION_MODES, CHOICES, HELP, TrainConfig, resolve_train_config
 from qsamc.training.train import train as run_training
@@ -46,7 +45,7 @@ def choice(name: str, values: Iterable[str]) -> type[Enum]:
 
 Granularity = choice("Granularity", GRANULARITIES)
 FloatMacs = choice("FloatMacs", FLOAT_MAC_CONVENTIONS)
-Split = choice("Split", SPLITS)
+Split = choice("Split", pipeline.SEARCH_SPLITS)
 Objective = choice("Objective", OBJECTIVES)
 Attention = choice("Attention", tuple(ATTENTION_MODES))
 Clock = choice("Clock", CLOCKS)
@@ -215,7 +214,8 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            seed: int = typer.Option(0),
            float_macs: FloatMacs = typer.Option(FloatMacs.fp32, help="Count attention matmuls in BitOPs at 32x32 bits, "
                                                 "or exclude them (the paper's convention)."),
-           split: Split = typer.Option(Split.val, help="The split whose images score subnets; train keeps val for reporting."),
+           split: Split = typer.Option(Split.auto, help="The images that score subnets: auto is the run's held-out "
+                                    "training images (never trained on) where it has them, else val."),
            overwrite: bool = typer.Option(False, help="Replace the earlier search in --out (whole, in one step)."),
            device: Device = typer.Option(Device.auto, help="Where candidates are scored: " + DEVICE_HELP)):
     """Evolutionary search for the best subnet under BitOPs and/or latency budgets on a target."""

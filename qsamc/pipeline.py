@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from qsamc.distributed import init_distributed, resolve_device
-from qsamc.errors import BudgetError, ConfigError, TargetError
+from qsamc.errors import BudgetError, ConfigError, QsamcError, TargetError
 from qsamc.export import report as export_report
 from qsamc.export.emit import export_static
 from qsamc.export.ort import ort_latency, ort_session
@@ -36,10 +36,11 @@ from qsamc.search.latency_table import LatencyTable, TableLatency, default_table
 from qsamc.search.pareto import is_search_file, write_search
 from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.targets import Target, get_target
-from qsamc.task.data import build_dataset
+from qsamc.task.data import SegmentationDataset, build_dataset
 from qsamc.task.evaluate import ValidationSet, evaluate, evaluate_subnet
+from qsamc.task.holdout import split_holdout
 from qsamc.task.head import SegmentationModel
-from qsamc.training.config import ATTENTION_MODES, load_train_config
+from qsamc.training.config import ATTENTION_MODES, TrainConfig, load_train_config
 from qsamc.training.runs import load_supernet
 from qsamc.training.train import TrainResult, train
 
@@ -146,11 +147,12 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
                *, restrict: bool = False, estimate: bool = False, table: Path | None = None,
                dataset: str | None = None, data_root: Path | None = None, val_limit: int | None = 64,
                batch_size: int = 8, config: EvolutionConfig = EvolutionConfig(),
-               on_generation=None, float_macs: FloatMacs = "fp32", split: str = "val",
+               on_generation=None, float_macs: FloatMacs = "fp32", split: str = "auto",
                overwrite: bool = False, device: str = "auto") -> tuple[SearchResult, list[Path]]:
     """What `qsamc search` does; returns the result and the files written (none on ranks > 0).
     `float_macs="exclude"` leaves the attention matmuls out of BitOPs (the paper's convention); `split`
-    is the dataset split whose images score the subnets (`train` keeps val for reporting only). `dataset`
+    is the images that score the subnets (`auto`: the run's held-out training images where it has them, else
+    val; `search_images`). `dataset`
     None: the one the run was trained on (its config.json; synthetic for a run without one). A folder that
     holds an earlier search is replaced (whole, in one step) only with `overwrite`. `device`: where the
     candidates are scored (`auto`: the GPU where torch sees one; one GPU per rank under torchrun)."""
@@ -186,13 +188,14 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     if config.objective not in TASK_OBJECTIVES[spec.task]:
         raise ConfigError(f"{run} is {'an' if spec.task == 'instance' else 'a'} {spec.task}-segmentation run; its objectives are "
                           f"{' and '.join(TASK_OBJECTIVES[spec.task])}, not {config.objective}")
-    images = build_dataset(dataset, data_root, split, task=spec.task)
+    images, scored_on = search_images(run, dataset, data_root, split, spec.task)
     if images.num_classes != spec.num_classes:
         raise ConfigError(f"the supernet in {run} predicts {spec.num_classes} classes but the {dataset} data has "
                           f"{images.num_classes}: pass the dataset it was trained on (--dataset, --data-root)")
     data = ValidationSet(images, val_limit, batch_size)
     result = search(space, costs, SubnetFitness(model, data), parsed, config,
                     on_generation=on_generation if rank == 0 else None)
+    result.scored_on = scored_on
     written = []
     if rank == 0:
         with replace_folder(out) as staging:
@@ -217,6 +220,41 @@ def profile_target(target_name: str, model: str, out: Path | None, settings: Pro
     table.save(path)
     checks = validate_table(table, space, target, validate, settings=settings) if validate else []
     return table, path, checks
+
+
+# `qsamc search --split`: auto is the run's held-out images where it has them, else val.
+SEARCH_SPLITS = ("auto", "holdout", "train", "val")
+
+
+def run_config(run: Path) -> TrainConfig | None:
+    """The config a run was trained with (its config.json), or None for a run folder without a readable one."""
+    try:
+        return load_train_config(run / "config.json") if (run / "config.json").is_file() else None
+    except QsamcError:
+        return None
+
+
+def search_images(run: Path, dataset: str, data_root: Path | None, split: str, task: str) -> tuple[SegmentationDataset, str]:
+    """The images that score search's candidates, and a line that says which: the run's held-out training
+    images (`holdout`; what `auto` picks where the run has them and `dataset` is its own), or a split."""
+    if split not in SEARCH_SPLITS:
+        raise ConfigError(f"unknown split '{split}'; use one of {', '.join(SEARCH_SPLITS)}")
+    config = run_config(run)
+    own = config is not None and (dataset, data_root) == (config.dataset, None if config.data_root is None
+                                                          else Path(config.data_root))
+    holds_out = own and config.holdout > 0
+    if split == "auto":
+        split = "holdout" if holds_out else "val"
+        if not holds_out:
+            why = ("it was trained on another dataset" if config is not None and not own else
+                   "it holds out no training images (trained before held-out splits, or with --holdout 0)")
+            return build_dataset(dataset, data_root, "val", task=task), f"val (the run's held-out images are not usable: {why})"
+    if split == "holdout":
+        if not holds_out:
+            raise ConfigError(f"{run} holds out no training images of {dataset}; search it with --split val or train")
+        _, held = split_holdout(build_dataset(dataset, data_root, "train", task=task), config.holdout, config.holdout_seed)
+        return held, f"holdout ({len(held)} training images the supernet never trained on)"
+    return build_dataset(dataset, data_root, split, task=task), split
 
 
 def training_dataset(run: Path) -> tuple[str | None, Path | None]:
@@ -416,7 +454,8 @@ def _write_folder(job: _ExportJob, out: Path, report: export_report.ExportReport
 
 # The embedded default: a vit_t supernet trained from scratch on generated shapes, which only needs a
 # higher learning rate and a few hundred iterations where fine-tuning real SAM weights takes 160k.
-QUICKSTART_TRAINING = {"iterations": 300, "phase1_iterations": 200, "lr": 1e-3, "lora_lr": 2e-3,
+# A quarter of the 64 generated training images is held out: the 16 images search scores on.
+QUICKSTART_TRAINING = {"iterations": 300, "phase1_iterations": 200, "lr": 1e-3, "lora_lr": 2e-3, "holdout": 0.25,
                        "checkpoint_every": 100, "val_limit": 32}
 QUICKSTART_SEARCH = EvolutionConfig(population=16, top_k=4, mutations=8, crossovers=8, generations=3)
 

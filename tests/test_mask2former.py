@@ -90,7 +90,9 @@ def test_search_and_export_score_subnets_through_the_mask2former_head(mask2forme
 
     run, _ = mask2former_run
     config = EvolutionConfig(population=4, top_k=2, mutations=2, crossovers=2, generations=1, objective="miou")
-    searched, written = run_search(run, "cpu", True, False, ["20G"], tmp_path / "search", val_limit=4, config=config)
+    # Scored on val (not the run's held-out images), so that search's figure is the export check's.
+    searched, written = run_search(run, "cpu", True, False, ["20G"], tmp_path / "search", val_limit=4, config=config,
+                                   split="val")
     best = searched.results[0].best
     assert 0.0 <= best.evaluation.miou <= 1.0 and best.costs["bitops"] <= 20e9
     report = export_subnet(run, tmp_path / "search" / "best-20G.json", "cpu", "onnx", tmp_path / "export",

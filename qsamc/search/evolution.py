@@ -110,6 +110,7 @@ class SearchResult:
     results: list[BudgetResult]
     config: EvolutionConfig
     evaluations: int = field(init=False)
+    scored_on: str = ""  # which images scored the candidates (set by `qsamc.pipeline.run_search`)
 
     def __post_init__(self) -> None:
         self.evaluations = len(self.candidates)

@@ -69,7 +69,8 @@ def write_search(result: SearchResult, space: SearchSpace, target: Target, costs
     metrics = [c.name for c in costs]
     data = {
         "format": PARETO_FORMAT, "version": PARETO_VERSION, "model": space.model, "target": target.name,
-        "deployment": target.deployment.name, "objective": result.objective, "evolution": result.config.to_json(),
+        "deployment": target.deployment.name, "objective": result.objective, "scored_on": result.scored_on,
+        "evolution": result.config.to_json(),
         "space": space.to_json(),
         "cost_models": {c.name: c.description for c in costs}, "evaluations": result.evaluations,
         "best": best,

@@ -338,3 +338,19 @@ def resolve_train_config(path: str | Path | None, options: dict[str, Any], resum
         raise ConfigError(f"cannot resume: {saved} does not exist (pass the run's --out or its --config)")
     # The run is where its folder is now, not where config.json says it was written (a copied or moved run).
     return dataclasses.replace(load_train_config(saved), out=str(run))
+
+
+def check_reference_holdout(config: TrainConfig) -> None:
+    """A run that starts from a qsamc FP32 reference on the same dataset holds out the same training images
+    it did: otherwise the weights the run starts from have seen the images search scores on."""
+    if config.checkpoint is None or not (Path(config.checkpoint) / "config.json").is_file():
+        return  # a SAM checkpoint never saw this dataset's training split
+    reference = load_train_config(Path(config.checkpoint) / "config.json")
+    if (reference.dataset, reference.data_root) != (config.dataset, config.data_root):
+        return
+    if (reference.holdout, reference.holdout_seed) != (config.holdout, config.holdout_seed):
+        raise ConfigError(
+            f"the reference {config.checkpoint} held out {reference.holdout:g} of the training images (seed "
+            f"{reference.holdout_seed}) and this run would hold out {config.holdout:g} (seed {config.holdout_seed}): "
+            f"search would score on images the reference trained on; pass --holdout {reference.holdout:g} "
+            f"--holdout-seed {reference.holdout_seed}")

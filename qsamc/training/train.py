@@ -36,6 +36,7 @@ from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.training.runs import (SupernetSpec, build_model, checkpoint_path, load_checkpoint, prepare_run_folder,
                                  resume_optimizer, resume_weights, run_lock, save_supernet)
 from qsamc.task.data import build_dataset, make_batch
+from qsamc.task.holdout import split_holdout
 from qsamc.errors import ConfigError, QsamcError, WriteError
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.task.head import SegmentationModel
@@ -46,7 +47,7 @@ from qsamc.progress import progress_bar
 from qsamc.supernet.quant import LsqActQuantizer, LsqWeightQuantizer
 from qsamc.supernet.space import SearchSpace, Subnet, default_space
 from qsamc.threads import adapt as adapt_threads
-from qsamc.training.config import TrainConfig, default_phase1_resolution
+from qsamc.training.config import TrainConfig, check_reference_holdout, default_phase1_resolution
 
 
 class TrainingDiverged(QsamcError):
@@ -286,6 +287,7 @@ class _StopRequest:
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True, overwrite: bool = False) -> TrainResult:
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; choose one")
+    check_reference_holdout(config)
     run = Path(config.out)
     rank, world = init_distributed(config.device)
     if rank == 0:
@@ -301,6 +303,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
 
     # 1. Data, space, model with quantizers.
     train_set = build_dataset(config.dataset, config.data_root, "train", augment=True, seed=config.seed, task=config.task)
+    train_set, _ = split_holdout(train_set, config.holdout, config.holdout_seed)  # never trained on: search's
     val_set = build_dataset(config.dataset, config.data_root, "val", seed=config.seed, task=config.task)
     for split in (train_set, val_set):  # a bad file is found now, not after every iteration has run
         split.check_files()
