@@ -14,6 +14,8 @@ from qsamc.ir.pass_manager import Pass, PassManager, PassResult
 from qsamc.passes import AnnotatePrecisionPass, AnnotateStructurePass
 from qsamc.sam import Attention, LayerNorm2d
 from qsamc.supernet.space import default_space
+from qsamc.supernet.encoder import Supernet
+from qsamc.ir.frontend import build_ir
 
 WINDOWED = [i for i in range(12) if i not in (2, 5, 8, 11)]
 
@@ -276,3 +278,25 @@ def test_dot_output(vit_t_ir):
         assert f'  "{u}" -> "{v}";' in dot
     assert dot.count(" -> ") == ir.graph.number_of_edges()
     assert '"blocks.0.attn.qkv" [label="blocks.0.attn.qkv\\nlinear\\nW32A32", fillcolor=lightblue]' in dot
+
+
+def test_a_supernet_of_a_structure_traced_before_reuses_its_graph_and_another_structure_is_traced(monkeypatch):
+    from dataclasses import replace
+
+    from qsamc.ir import graph as graph_module
+
+    first = build_ir(Supernet.build("vit_t"))
+    calls = []
+    original = graph_module._trace_graph
+    monkeypatch.setattr(graph_module, "_trace_graph", lambda supernet: calls.append(1) or original(supernet))
+    again = Supernet.build("vit_t")
+    second = build_ir(again)
+    assert calls == []  # same structure: no torch.export
+    assert second.root is again and second.graph is not first.graph
+    assert nx.utils.graphs_equal(first.graph, second.graph)
+    second.graph.nodes["output"]["shape"] = None  # a private copy: the next build is unaffected
+    assert build_ir(Supernet.build("vit_t")).graph.nodes["output"]["shape"] == first.graph.nodes["output"]["shape"]
+    space = default_space("vit_t")
+    smaller = replace(space, resolutions=tuple(r for r in space.resolutions if r < max(space.resolutions)))
+    build_ir(Supernet.build("vit_t", space=smaller))
+    assert calls == [1]  # another traced resolution: traced again

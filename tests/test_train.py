@@ -120,6 +120,7 @@ class TrainSpy:
 def spied_run(config: TrainConfig, resume: bool = False) -> TrainSpy:
     with pytest.MonkeyPatch.context() as monkeypatch:
         spy = TrainSpy(monkeypatch)
+        spy.threads = torch.get_num_threads()  # a CLI run that must match it bit for bit takes the same count
         train(config, resume=resume, show_progress=False)
     return spy
 
@@ -313,10 +314,12 @@ def test_batch_indices_split_one_global_batch_across_ranks(tmp_path):
 # --- resume, divergence ----------------------------------------------------------------------------------
 
 def test_resume_after_sigkill_ends_with_the_same_weights(progressive_run, tmp_path):
-    reference, _ = progressive_run
+    reference, spy = progressive_run
+    threads = ("--threads", str(spy.threads))  # sums in another thread count round differently
     run = tmp_path / "killed"
     checkpoint = run / "checkpoints" / "last.pt"
-    process = subprocess.Popen([sys.executable, "-m", "qsamc.cli.main", "train", *FLAGS, "--quiet", "--out", str(run)],
+    process = subprocess.Popen([sys.executable, "-m", "qsamc.cli.main", *threads, "train", *FLAGS, "--quiet",
+                                "--out", str(run)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
@@ -333,7 +336,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(progressive_run, tmp_pa
     assert killed_at < 6
     assert not (run / "supernet.pt").exists()
 
-    resumed = cli("train", "--out", str(run), "--resume", "--quiet")
+    resumed = cli(*threads, "train", "--out", str(run), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_state(load_state(run / "supernet.pt"), load_state(reference / "supernet.pt"))
     assert [r["loss"] for r in metric_rows(run)] == [r["loss"] for r in metric_rows(reference)]

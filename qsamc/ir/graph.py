@@ -17,6 +17,7 @@ Node attributes, by the pass that adds them:
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 
 from qsamc.ir.bitops import BitopsReport
 from qsamc.supernet.layers import QuantConv2d, QuantLinear
+from qsamc import sam
 from qsamc.sam import Attention, LayerNorm2d
 from qsamc.supernet.space import LayerBits, Subnet
 
@@ -154,8 +156,33 @@ def _module_stack(node: torch.fx.Node, types_by_path: dict[str, type]) -> list[t
     return [(path, types_by_path.get(path, object)) for path, _ in stack.values()]
 
 
+# Traced graphs by the structure they were traced from (`_structure_key`): torch.export takes seconds, and
+# one command builds the same supernet more than once (an export builds the trained model and a fresh one).
+_TRACED: dict[tuple, nx.DiGraph] = {}
+
+
+def _structure_key(supernet: nn.Module, model: str) -> tuple:
+    """Everything the traced graph depends on: the encoder's configuration, the search space, the traced
+    resolution, every module's path and class, every parameter's and buffer's path and shape, the device
+    type. Weights and buffer values do not change the graph."""
+    return (model, repr(sam.MODEL_ZOO.get(model)), json.dumps(supernet.space.to_json(), sort_keys=True),
+            supernet.subnet.resolution, supernet.pos_embed.device.type,
+            tuple((name, type(m).__qualname__) for name, m in supernet.named_modules()),
+            tuple((name, tuple(t.shape)) for name, t in supernet.state_dict(keep_vars=True).items()))
+
+
 def trace(supernet: nn.Module, model: str) -> IR:
-    """Trace `supernet` at its current subnet (normally the maximum) into an IR."""
+    """Trace `supernet` at its current subnet (normally the maximum) into an IR. A supernet of the same
+    structure as one traced before in this process gets a copy of that graph, bound to it."""
+    key = _structure_key(supernet, model)
+    if key not in _TRACED:
+        _TRACED[key] = _trace_graph(supernet)
+    ir = IR(copy.deepcopy(_TRACED[key]), model, supernet)
+    verify_ir(ir, after="trace")
+    return ir
+
+
+def _trace_graph(supernet: nn.Module) -> nx.DiGraph:
     resolution = supernet.subnet.resolution
     example = torch.zeros(1, 3, resolution, resolution, device=supernet.pos_embed.device)
     program = torch.export.export(supernet, (example,), strict=False)
@@ -214,9 +241,7 @@ def trace(supernet: nn.Module, model: str) -> IR:
     for result in out_node.all_input_nodes:
         g.add_edge(group[result], "output")
         g.nodes["output"]["shape"] = g.nodes[group[result]]["shape"]
-    ir = IR(g, model, supernet)
-    verify_ir(ir, after="trace")
-    return ir
+    return g
 
 
 def layers_ir(module: nn.Module, example: torch.Tensor) -> IR:

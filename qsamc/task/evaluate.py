@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ class Evaluation:
     ap: float = math.nan
     ap50: float = math.nan
     ap75: float = math.nan
+    # evaluate(per_image=True): each image's confusion matrix [N, C, C], for paired bootstrap intervals.
+    image_confusions: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def metrics(self) -> dict[str, float]:
         """Loss and the task's own metrics (JSON-ready: no NaN for the other task's)."""
@@ -71,18 +73,19 @@ class ValidationSet:
 
 @torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ValidationSet, resolution: int,
-             device: torch.device | str = "cpu") -> Evaluation:
+             device: torch.device | str = "cpu", per_image: bool = False) -> Evaluation:
     """Mean per-pixel cross-entropy (ignore label excluded), mIoU and pixel accuracy of any model that
     maps images at `resolution` to logits: a subnet, a baseline, an ONNX Runtime session plus head. The
-    batches go to `device`, the model's."""
-    metric = SegmentationMetric(data.num_classes, data.ignore_index)
+    batches go to `device`, the model's. `per_image`: also each image's confusion matrix."""
+    metric = SegmentationMetric(data.num_classes, data.ignore_index, per_image=per_image)
     total, pixels = torch.zeros((), dtype=torch.float64, device=device), 0
     for images, masks in data.batches(resolution, device):
         logits = forward(images).float()
         total += F.cross_entropy(logits, masks, ignore_index=data.ignore_index, reduction="sum").double()
         pixels += int((masks != data.ignore_index).sum())
         metric.update(logits, masks)
-    return Evaluation(float(total) / max(pixels, 1), metric.miou(), metric.pixel_accuracy())
+    return Evaluation(float(total) / max(pixels, 1), metric.miou(), metric.pixel_accuracy(),
+                      image_confusions=metric.images() if per_image else None)
 
 
 @torch.no_grad()
