@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -21,6 +24,17 @@ TINY_1024 = sam.EncoderConfig(
     "vit_tiny1024", embed_dim=32, depth=4, num_heads=2, global_attn_indexes=(1, 3),
     img_size=1024, window_size=14, out_chans=16,
 )
+
+
+def pytest_configure(config):
+    """One trace cache for the session (`qsamc.ir.trace_cache`), shared with the CLI processes the tests start,
+    and empty at its start: a test never reads a graph traced by other code than the code under test."""
+    config.trace_cache = tempfile.mkdtemp(prefix="qsamc-test-traces-")
+    os.environ["QSAMC_CACHE_DIR"] = config.trace_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "trace_cache", ""), ignore_errors=True)
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -280,11 +280,13 @@ def test_dot_output(vit_t_ir):
     assert '"blocks.0.attn.qkv" [label="blocks.0.attn.qkv\\nlinear\\nW32A32", fillcolor=lightblue]' in dot
 
 
-def test_a_supernet_of_a_structure_traced_before_reuses_its_graph_and_another_structure_is_traced(monkeypatch):
+def test_a_supernet_of_a_structure_traced_before_reuses_its_graph_and_another_structure_is_traced(monkeypatch,
+                                                                                                   tmp_path):
     from dataclasses import replace
 
     from qsamc.ir import graph as graph_module
 
+    monkeypatch.setenv("QSAMC_CACHE_DIR", str(tmp_path))  # nothing on disk: the other structure must be traced
     first = build_ir(Supernet.build("vit_t"))
     calls = []
     original = graph_module._trace_graph
@@ -300,3 +302,44 @@ def test_a_supernet_of_a_structure_traced_before_reuses_its_graph_and_another_st
     smaller = replace(space, resolutions=tuple(r for r in space.resolutions if r < max(space.resolutions)))
     build_ir(Supernet.build("vit_t", space=smaller))
     assert calls == [1]  # another traced resolution: traced again
+
+
+def test_a_trace_kept_on_disk_is_read_back_by_the_next_command_as_the_same_graph(monkeypatch, tmp_path):
+    from qsamc.ir import graph as graph_module
+    from qsamc.ir import trace_cache
+
+    first = build_ir(Supernet.build("vit_t"))
+    traced = dict(graph_module._TRACED)  # what this process traced (or read) so far
+    calls = []
+
+    def traced_again(supernet):  # torch.export's result, as this process already has it
+        calls.append(1)
+        return traced[graph_module._structure_key(supernet, "vit_t")]
+
+    monkeypatch.setenv("QSAMC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(graph_module, "_TRACED", {})  # a new command
+    monkeypatch.setattr(graph_module, "_trace_graph", traced_again)
+    build_ir(Supernet.build("vit_t"))
+    files = list((tmp_path / "traces").glob("*.json"))
+    assert calls == [1] and len(files) == 1
+
+    monkeypatch.setattr(graph_module, "_TRACED", {})  # the next command reads it, and traces nothing
+    loaded = build_ir(Supernet.build("vit_t"))
+    assert calls == [1]
+    assert list(loaded.graph.nodes(data=True)) == list(first.graph.nodes(data=True))
+    assert list(loaded.graph.edges) == list(first.graph.edges)
+    assert all(list(loaded.graph.predecessors(n)) == list(first.graph.predecessors(n)) for n in first.graph)
+
+    files[0].write_text('{"format": "qsamc.trace", "version": 1, "nodes": [')  # cut short by a full disk
+    monkeypatch.setattr(graph_module, "_TRACED", {})
+    assert list(build_ir(Supernet.build("vit_t")).graph.edges) == list(first.graph.edges)
+    assert calls == [1, 1]  # traced afresh, and written whole again
+    assert trace_cache.load(graph_module._structure_key(Supernet.build("vit_t"), "vit_t")) is not None
+
+    monkeypatch.setenv("QSAMC_CACHE_DIR", "off")
+    assert trace_cache.cache_dir() is None
+    monkeypatch.setenv("QSAMC_CACHE_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(graph_module, "_TRACED", {})
+    assert list(build_ir(Supernet.build("vit_t")).graph.edges) == list(first.graph.edges)  # unwritable: no cache
+    assert calls == [1, 1, 1]

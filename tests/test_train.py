@@ -640,11 +640,16 @@ def test_one_writer_per_run_folder_and_a_dead_writer_leaves_no_stuck_lock(tmp_pa
         pass
 
 
+# Iterations of the run the signal tests stop: enough that the signal, sent once the first iteration is logged,
+# lands well before the end, and few enough that the resumed run finishes quickly.
+STOP_RUN = 8
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_saves_a_checkpoint_at_the_iteration_boundary_and_resume_finishes(tmp_path, signum):
     run = tmp_path / "stopped"
     process = subprocess.Popen([sys.executable, "-m", "qsamc.cli.main", "train", *FLAGS, "--checkpoint-every", "100",
-                                "--iterations", "30", "--quiet", "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                "--iterations", str(STOP_RUN), "--quiet", "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     try:
         while not (run / "metrics.csv").exists() or len(metric_rows(run)) < 1:
@@ -656,14 +661,14 @@ def test_ctrl_c_saves_a_checkpoint_at_the_iteration_boundary_and_resume_finishes
     finally:
         process.kill()
     stopped_at = load_state(run / "checkpoints" / "last.pt")["iteration"]
-    assert process.returncode == 130 and 1 <= stopped_at < 30
-    assert stderr == (f"error: {signal.Signals(signum).name} stopped training after iteration {stopped_at} of 30; its "
+    assert process.returncode == 130 and 1 <= stopped_at < STOP_RUN
+    assert stderr == (f"error: {signal.Signals(signum).name} stopped training after iteration {stopped_at} of {STOP_RUN}; its "
                       f"checkpoint is saved in {run / 'checkpoints' / 'last.pt'}: continue with qsamc train --resume "
                       f"--out {run}\n")
     assert len(metric_rows(run)) == stopped_at
     resumed = cli("train", "--out", str(run), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    assert [r["iteration"] for r in metric_rows(run)] == [str(i) for i in range(1, 31)]
+    assert [r["iteration"] for r in metric_rows(run)] == [str(i) for i in range(1, STOP_RUN + 1)]
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [

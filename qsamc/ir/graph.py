@@ -27,6 +27,7 @@ import networkx as nx
 import torch
 from torch import nn
 
+from qsamc.ir import trace_cache
 from qsamc.ir.bitops import BitopsReport
 from qsamc.supernet.layers import QuantConv2d, QuantLinear
 from qsamc import sam
@@ -158,7 +159,8 @@ def _module_stack(node: torch.fx.Node, types_by_path: dict[str, type]) -> list[t
 
 # Traced graphs by the structure they were traced from (`_structure_key`): torch.export takes seconds, and
 # one command builds the same supernet more than once (an export builds the trained model and a fresh one).
-_TRACED: dict[tuple, nx.DiGraph] = {}
+# Across commands they are kept on disk (`trace_cache`).
+_TRACED: dict[tuple, trace_cache.TraceData] = {}
 
 
 def _structure_key(supernet: nn.Module, model: str) -> tuple:
@@ -173,16 +175,32 @@ def _structure_key(supernet: nn.Module, model: str) -> tuple:
 
 def trace(supernet: nn.Module, model: str) -> IR:
     """Trace `supernet` at its current subnet (normally the maximum) into an IR. A supernet of the same
-    structure as one traced before in this process gets a copy of that graph, bound to it."""
+    structure as one traced before (in this process, or by an earlier command through `trace_cache`) gets a
+    copy of that graph, bound to it."""
     key = _structure_key(supernet, model)
     if key not in _TRACED:
-        _TRACED[key] = _trace_graph(supernet)
-    ir = IR(copy.deepcopy(_TRACED[key]), model, supernet)
+        data = trace_cache.load(key)
+        if data is None:
+            data = _trace_graph(supernet)
+            trace_cache.store(key, data)
+        _TRACED[key] = data
+    ir = IR(_graph_of(_TRACED[key]), model, supernet)
     verify_ir(ir, after="trace")
     return ir
 
 
-def _trace_graph(supernet: nn.Module) -> nx.DiGraph:
+def _graph_of(data: trace_cache.TraceData) -> nx.DiGraph:
+    """The DiGraph of traced nodes and edges, built in their order (so successors and predecessors keep it)."""
+    nodes, edges = data
+    graph = nx.DiGraph()
+    for name, attrs in nodes:
+        graph.add_node(name, **copy.deepcopy(attrs))
+    graph.add_edges_from(edges)
+    return graph
+
+
+def _trace_graph(supernet: nn.Module) -> trace_cache.TraceData:
+    """torch.export of `supernet` at its current subnet, grouped into IR nodes: (nodes, edges) as plain data."""
     resolution = supernet.subnet.resolution
     example = torch.zeros(1, 3, resolution, resolution, device=supernet.pos_embed.device)
     program = torch.export.export(supernet, (example,), strict=False)
@@ -229,19 +247,17 @@ def _trace_graph(supernet: nn.Module) -> nx.DiGraph:
         if isinstance(value, torch.Tensor):
             entry["shape"] = list(value.shape)
 
-    g = nx.DiGraph()
-    for name, a in attrs.items():
-        g.add_node(name, **a)
     out_node = next(n for n in graph.nodes if n.op == "output")
-    g.add_node("output", kind="output", module="", ops=[], shape=None)
+    attrs["output"] = {"kind": "output", "module": "", "ops": [], "shape": None}
+    edges: dict[tuple[str, str], None] = {}  # in the order they are met, once each
     for node, name in group.items():
         for producer in node.all_input_nodes:
             if producer in group and group[producer] != name:
-                g.add_edge(group[producer], name)
+                edges[group[producer], name] = None
     for result in out_node.all_input_nodes:
-        g.add_edge(group[result], "output")
-        g.nodes["output"]["shape"] = g.nodes[group[result]]["shape"]
-    return g
+        edges[group[result], "output"] = None
+        attrs["output"]["shape"] = attrs[group[result]]["shape"]
+    return list(attrs.items()), list(edges)
 
 
 def layers_ir(module: nn.Module, example: torch.Tensor) -> IR:
