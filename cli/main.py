@@ -1,4 +1,7 @@
-"""The `qsamc` command line: parse, call one library function, print. No logic lives here."""
+"""The `qsamc` command line: parse, call one library function, print. No logic lives here.
+
+The pipeline, the baselines and the export report are imported by the commands that run them: they load
+ONNX and ONNX Runtime (2 s on a 2-core CPU), which `qsamc train` and a refused command never need."""
 
 from __future__ import annotations
 
@@ -16,22 +19,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qsamc import pipeline
-from qsamc.baselines import METHODS, PTQ_BITS, parse_bits, run_baselines
 from qsamc.distributed import DEVICES
 from qsamc.errors import QsamcError
-from qsamc.export.ort import CLOCKS
-from qsamc.export.report import LAYER_COLUMNS
+from qsamc.formats import EXPORT_FORMATS
 from qsamc.passes.count_bitops import FLOAT_MAC_CONVENTIONS
 from qsamc.sam import MODEL_ZOO
 from qsamc.search.cost import format_cost
 from qsamc.search.evolution import OBJECTIVES, EvolutionConfig
 from qsamc.supernet.space import GRANULARITIES
-from qsamc.targets import get_target, known_targets
+from qsamc.task.holdout import SEARCH_SPLITS
 from qsamc.threads import ENV as threads_env, apply_threads
 from qsamc.training.config import ATTENTION_MODES, CHOICES, HELP, TrainConfig, resolve_train_config
 from qsamc.training.train import train as run_training
-from qsamc.units import human
+from qsamc.units import CLOCKS, human
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="qsamc: compile SAM image encoders into mixed-precision quantized subnets.")
@@ -45,13 +45,13 @@ def choice(name: str, values: Iterable[str]) -> type[Enum]:
 
 Granularity = choice("Granularity", GRANULARITIES)
 FloatMacs = choice("FloatMacs", FLOAT_MAC_CONVENTIONS)
-Split = choice("Split", pipeline.SEARCH_SPLITS)
+Split = choice("Split", SEARCH_SPLITS)
 Objective = choice("Objective", OBJECTIVES)
 Attention = choice("Attention", tuple(ATTENTION_MODES))
 Clock = choice("Clock", CLOCKS)
 Device = choice("Device", DEVICES)
 DEVICE_HELP = "auto (a GPU where torch sees one), cpu or cuda."
-ExportFormat = choice("ExportFormat", sorted({f for name in known_targets() for f in get_target(name).formats}))
+ExportFormat = choice("ExportFormat", EXPORT_FORMATS)
 
 
 MODEL_HELP = f"Encoder config: {', '.join(MODEL_ZOO)}."
@@ -77,6 +77,7 @@ def space(model: str = typer.Option("vit_l", help=MODEL_HELP),
           attention: Attention = typer.Option(Attention.float, help="searched: with attention precision (--attention "
                                               "searched of qsamc train).")):
     """Show the search space: operators, choices, number of subnets and BitOPs range."""
+    from qsamc import pipeline  # deferred: start-up time (the module's docstring says why)
     info = pipeline.describe_space(model, granularity.value, attention.value)
     table = Table(title=f"search space of {model} (bits per {granularity.value})")
     table.add_column("operator")
@@ -98,6 +99,7 @@ def bitops(model: str = typer.Option("vit_l", help=MODEL_HELP),
            per_layer: bool = typer.Option(False, help="Also print one line per layer."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")):
     """MACs and BitOPs of one subnet, per stage and (optionally) per layer."""
+    from qsamc import pipeline  # deferred: start-up time (the module's docstring says why)
     report, chosen = pipeline.subnet_bitops(model, max_, min_, subnet, float_macs.value)
     if as_json:
         print(json.dumps({"subnet": chosen.to_json(), **report.to_json()}, indent=1))
@@ -128,6 +130,7 @@ def ir(model: str = typer.Option("vit_b", help=MODEL_HELP),
        subnet: Optional[Path] = typer.Option(None, help="Annotate bits and costs of this subnet."),
        overwrite: bool = typer.Option(False, help="Replace the earlier dump in --out.")):
     """Write the annotated graph IR as JSON and Graphviz DOT."""
+    from qsamc import pipeline  # deferred: start-up time (the module's docstring says why)
     paths = pipeline.write_ir(model, out, subnet, overwrite)
     for path in paths:
         console.print(f"wrote {path}")
@@ -219,6 +222,7 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            overwrite: bool = typer.Option(False, help="Replace the earlier search in --out (whole, in one step)."),
            device: Device = typer.Option(Device.auto, help="Where candidates are scored: " + DEVICE_HELP)):
     """Evolutionary search for the best subnet under BitOPs and/or latency budgets on a target."""
+    from qsamc import pipeline  # deferred: start-up time (the module's docstring says why)
     from rich.progress import BarColumn, Progress, TextColumn
 
     config = EvolutionConfig(population, top_k, mutations, crossovers, mutation_prob, generations, objective.value, seed)
@@ -272,6 +276,7 @@ def profile(target: str = typer.Option(..., help="Hardware target whose latency 
 
     from rich.progress import Progress
 
+    from qsamc import pipeline  # deferred: start-up time (the module's docstring says why)
     from qsamc.profiling.timers import ProfileSettings  # deferred: start-up time, only `qsamc profile` loads it
 
     settings = ProfileSettings(threads, warmup, repeats, clock.value)
@@ -317,6 +322,8 @@ def export(supernet: Path = typer.Option(..., help="A training run folder (super
            device: Device = typer.Option(Device.auto, help="Where the task check's PyTorch side runs: " + DEVICE_HELP)):
     """Lower one subnet to the target's integer formats, emit and verify ONNX with a dynamic batch axis
     (and a TensorRT engine with that batch profile)."""
+    from qsamc import pipeline  # deferred: start-up time (the module's docstring says why)
+    from qsamc.export.report import LAYER_COLUMNS
     from qsamc.export.tensorrt_engine import BatchProfile  # deferred: start-up time, only export loads it
 
     batch = BatchProfile(min_batch, opt_batch, max_batch)
@@ -357,6 +364,7 @@ def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`q
              device: Device = typer.Option(Device.auto, help="Where the PyTorch peers are scored: " + DEVICE_HELP)):
     """Post-training quantized peers of an FP32 reference (ModelOpt PTQ / AutoQuantize, ONNX Runtime
     quantize_static), scored like qsamc's subnets: val mIoU, BitOPs, ONNX Runtime CPU latency."""
+    from qsamc.baselines import METHODS, PTQ_BITS, parse_bits, run_baselines  # deferred: start-up time
     results = run_baselines(reference, dataset, data_root, out, tuple(method or METHODS),
                             tuple(parse_bits(b) for b in bits) if bits else PTQ_BITS,
                             tuple(effective_bits or (6.0,)), calibration, val_limit,
@@ -377,6 +385,7 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="Output fo
                quiet: bool = typer.Option(False, help="No progress bars."),
                overwrite: bool = typer.Option(False, help="Replace the earlier quickstart in --out.")):
     """train -> search -> export on the embedded default (vit_t on generated shapes), in a few minutes."""
+    from qsamc import pipeline  # deferred: start-up time (the module's docstring says why)
     console.rule("1/3 qsamc train: vit_t supernet on generated shapes")
 
     def on_generation(index: int, generation: int, best: float) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 Container = Literal["int4", "int8", "fp8", "fp16", "fp32"]
+# what `qsamc export --format` writes: a Q/DQ ONNX model, or a TensorRT engine beside it; a target offers some
+EXPORT_FORMATS = ("onnx", "trt")
 LayerKind = Literal["linear", "conv"]
 
 

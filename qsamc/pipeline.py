@@ -38,7 +38,7 @@ from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.targets import Target, get_target
 from qsamc.task.data import SegmentationDataset, build_dataset
 from qsamc.task.evaluate import ValidationSet, evaluate, evaluate_subnet
-from qsamc.task.holdout import split_holdout
+from qsamc.task.holdout import SEARCH_SPLITS, split_holdout
 from qsamc.task.head import SegmentationModel
 from qsamc.training.config import ATTENTION_MODES, TrainConfig, load_train_config
 from qsamc.training.runs import load_supernet
@@ -223,7 +223,6 @@ def profile_target(target_name: str, model: str, out: Path | None, settings: Pro
 
 
 # `qsamc search --split`: auto is the run's held-out images where it has them, else val.
-SEARCH_SPLITS = ("auto", "holdout", "train", "val")
 
 
 def run_config(run: Path) -> TrainConfig | None:

@@ -1,6 +1,12 @@
-"""SI prefixes for MACs, BitOPs and bytes, one table for reading budgets and for printing figures."""
+"""SI prefixes for MACs, BitOPs and bytes, one table for reading budgets and for printing figures; the clocks
+latencies are read on."""
 
 from __future__ import annotations
+
+import time
+
+# `qsamc profile --clock`: the timing thread's CPU time (robust on a shared machine) or wall time
+CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 SI = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from qsamc.errors import TargetError
 from qsamc.export.verify import lint_tensorrt
-from qsamc.formats import Container, DeploymentFormat
+from qsamc.formats import EXPORT_FORMATS, Container, DeploymentFormat
 from qsamc.passes import (FoldOffsetIntoNormPass, FoldWeightQuantizersPass, LowerActivationOffsetsPass,
                           LowerAttentionQuantizersPass)
 from qsamc.supernet.space import SearchSpace
@@ -108,6 +108,8 @@ _REGISTRY: dict[str, Target] = {}
 def register(target: Target) -> Target:
     if target.name in _REGISTRY:
         raise ValueError(f"target '{target.name}' is registered twice")
+    if not set(target.formats) <= set(EXPORT_FORMATS):
+        raise ValueError(f"target '{target.name}' exports {target.formats}; qsamc writes {EXPORT_FORMATS}")
     _REGISTRY[target.name] = target
     return target
 

@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 
 from qsamc.threads import current as current_threads
+from qsamc.units import CLOCKS
 
-CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
 def ort_session(model: onnx.ModelProto, threads: int | None = None, profile: bool = False,

@@ -20,6 +20,9 @@ import torch
 from qsamc.errors import DataError
 from qsamc.task.data import SegmentationDataset, Sample
 
+# `qsamc search --split`: auto (the held-out images where the run has them, else val), or one of them
+SEARCH_SPLITS = ("auto", "holdout", "train", "val")
+
 
 def holdout_indices(size: int, fraction: float, seed: int) -> list[int]:
     """The sorted indices of a `fraction` of `size` images (at least one when `fraction` > 0), drawn by a
