@@ -21,7 +21,8 @@ from onnx import TensorProto, helper
 from qsamc.errors import ConfigError, TargetError
 from qsamc.export import tensorrt_engine
 from qsamc.export.emit import finish_model
-from qsamc.export.ort import CLOCKS, ort_session, time_runs
+from qsamc.export.ort import ort_session, time_runs
+from qsamc.units import CLOCKS
 
 
 @dataclass(frozen=True)
