@@ -1,30 +1,36 @@
-"""Real data, side by side: qsamc's searched subnets against what a user would pick instead, on CamVid.
+"""Real data, side by side: qsamc's subnets against what a user would pick instead, on CamVid, leave one
+drive out.
 
-One run, six stages, each written under --out and reused when it is already there (--fresh redoes all):
+CamVid's val frames are one of its training drives (0016E5), surrounded by that drive's training frames:
+val measures fit more than generalisation. So the benchmark runs folds. Fold `val` is the classic run
+(train on train less a seeded 10%, score on val); fold `<drive>` (0001TP, 0006R0, 0016E5) trains on the
+other two drives (`qsamc train --holdout-match '<drive>_*'`) and scores on the held-out drive. Each fold,
+each stage written under --out/<fold> and reused when it is already there (--fresh redoes all):
 
-1. reference  `qsamc train --schedule fp32`: a SAM-architecture stand-in (vit_t) trained in FP32 on
-              CamVid train from a random init (no SAM weights can be downloaded here): the FP32
-              reference, and the model every post-training quantizer starts from.
-2. baselines  `qsamc baseline` from the reference: ModelOpt PTQ (W8A8, W4A8, W4A4), ModelOpt
-              AutoQuantize (6 and 5 effective weight bits), ONNX Runtime quantize_static (W8A8).
+1. reference  `qsamc train --schedule fp32`: a SAM-architecture stand-in (vit_t) trained in FP32 from a
+              random init (no SAM weights can be downloaded here): the FP32 reference, and the model every
+              post-training quantizer starts from.
+2. baselines  `qsamc baseline` from the reference, calibrated on the images the reference trained on and
+              scored on the fold's images: ModelOpt PTQ (W8A8, W4A8, W4A4), ModelOpt AutoQuantize (6 and 5
+              effective weight bits), ONNX Runtime quantize_static (W8A8).
 3. supernet   `qsamc train` (progressive, multiplex LoRA) from the reference's encoder and head, with
-              inplace distillation from it, MSE-initialised per-channel weight scales and activation
-              ranges calibrated on training images.
-4. profile    `qsamc profile --target cpu`: the measured ONNX Runtime latency table.
-5. search     `qsamc search --target cpu` on the held-out training images (the 10% of train that reference
-              and supernet both never trained on; val stays unseen; population 16, 4
-              generations, seeded with uniform-precision subnets) under BitOPs budgets (attention
-              matmuls excluded) at each baseline's BitOPs and at 1% and 2% of FP32, and under CPU latency
-              budgets at the table's latency of the uniform W8A8 / W4A8 / W4A4 largest subnets and at
-              3/4 of the fastest of them.
-6. evaluate   the supernet's FP32 grid and uniform W8A8 / W4A8 / W4A4 largest subnets and every searched
-              subnet: `qsamc export --target cpu` (Q/DQ ONNX, every check), val mIoU in PyTorch and
-              through ONNX Runtime (encoder in ONNX Runtime, the supernet's W8A8 head), CPU latency.
+              inplace distillation from it, holding out what the reference held out.
+4. search     `qsamc search --target cpu --bitops` at each peer's BitOPs and at 1% / 2% of FP32 (attention
+              matmuls excluded), scored on images neither trained on nor reported: the held-out 10% in fold
+              val, val in the drive folds (for fold 0016E5, val is other frames of the reported drive).
+5. evaluate   the supernet's FP32 grid, uniform W8A8 / W4A8 / W4A4 and searched subnets on the fold's
+              images in PyTorch, each image's confusion matrix kept; in fold val also `qsamc export --target
+              cpu` of each (Q/DQ ONNX, every check: mIoU through ONNX Runtime, CPU latency).
 
-Everything is scored on CamVid val (101 images, never trained on). Prints a markdown table and writes
-results.json and real_data.png (mIoU against BitOPs and against CPU latency) under --out.
+The table gives every fold and the mean over the drive folds: mIoU, and each difference to the FP32
+reference and to the peer at equal BitOPs with its paired bootstrap 95% interval over images (stratified
+by fold for the mean; `qsamc.task.intervals`). An interval that holds 0 is a tie. Writes results.json and
+real_data.png (mIoU against BitOPs per fold) under --out; each fold's stage times are in results.json.
 
-    python benchmarks/real_data.py [--data ../shared/data/camvid] [--out runs/real_data] [--fresh]
+    python benchmarks/real_data.py [--data ../shared/data/camvid] [--out runs/real_data] [--folds val,0001TP,...]
+                                   [--scale 1.0] [--fresh]
+
+`--scale` multiplies every training's iterations (0.05 gives a smoke run of the whole pipeline).
 """
 
 from __future__ import annotations
@@ -36,20 +42,24 @@ import sys
 import time
 from pathlib import Path
 
-from qsamc.ir.frontend import count_bitops
+import torch
+
 from qsamc.baselines import run_baselines
-from qsamc.fileio import atomic_write_json
-from qsamc.training.runs import load_supernet
-from qsamc.profiling.timers import ProfileSettings
-from qsamc.search.latency_table import LatencyTable, TableLatency
-from qsamc.pipeline import export_subnet, profile_target, run_search
+from qsamc.fileio import atomic_torch_save, atomic_write_json
+from qsamc.ir.frontend import count_bitops
+from qsamc.pipeline import export_subnet, run_search
 from qsamc.search.evolution import EvolutionConfig
 from qsamc.supernet.space import Subnet, load_subnet
-from qsamc.targets import get_target
-from qsamc.training.train import train
+from qsamc.task.evaluate import ValidationSet, evaluate_subnet
+from qsamc.task.intervals import mean_interval, paired_bootstrap
 from qsamc.training.config import load_train_config
+from qsamc.training.runs import load_supernet
+from qsamc.training.splits import search_images
+from qsamc.training.train import train
 
 MODEL = "vit_t"
+DRIVES = ("0001TP", "0006R0", "0016E5")
+FOLDS = ("val", *DRIVES)
 REFERENCE = {"schedule": "fp32", "iterations": 1500, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 250,
              "val_limit": 101}
 SUPERNET = {"schedule": "progressive", "lora_variant": "multiplex", "iterations": 1200, "phase1_iterations": 600,
@@ -59,72 +69,220 @@ SEARCH = EvolutionConfig(population=16, top_k=4, mutations=8, crossovers=8, gene
 UNIFORM = ((8, 8), (4, 8), (4, 4))
 LADDER = (0.01, 0.02)  # extra BitOPs budgets, fractions of FP32
 SEARCH_IMAGES = 64
-LATENCY_FRACTION = 0.75  # an extra latency budget, a fraction of the fastest uniform subnet's
 
 
-def stage(name: str, done: Path, fresh: bool) -> bool:
+def stage(fold: str, name: str, done: Path, fresh: bool) -> bool:
     """Whether stage `name` must run (its result `done` is missing, or --fresh)."""
     if done.exists() and not fresh:
-        print(f"[{name}] reusing {done}", flush=True)
+        print(f"[{fold}/{name}] reusing {done}", flush=True)
         return False
-    print(f"[{name}] running", flush=True)
+    print(f"[{fold}/{name}] running", flush=True)
     return True
+
+
+def scaled(settings: dict, scale: float) -> dict:
+    """Training settings with every iteration count times `scale` (at least 2 iterations, 1 in phase 1)."""
+    out = dict(settings)
+    out["iterations"] = max(2, round(settings["iterations"] * scale))
+    if "phase1_iterations" in settings:
+        out["phase1_iterations"] = min(out["iterations"] - 1, max(1, round(settings["phase1_iterations"] * scale)))
+    out["checkpoint_every"] = max(1, min(out["iterations"], round(settings["checkpoint_every"] * scale)))
+    return out
 
 
 def bitops_exclude(space, subnet) -> int:
     return count_bitops(space, subnet, "exclude")[1].bitops
 
 
-def evaluate_subnets(run: Path, subnets: dict[str, Subnet], data: dict, out: Path) -> list[dict]:
-    """Export each subnet for `cpu` with every check (task level on all of val) and collect its figures."""
-    rows = []
-    out.mkdir(parents=True, exist_ok=True)
-    for index, (label, subnet) in enumerate(subnets.items()):
+def fold_holdout(fold: str) -> dict:
+    """The training options that hold the fold's images out: a seeded 10% in fold val, the drive otherwise."""
+    return {} if fold == "val" else {"holdout_match": f"{fold}_*"}
+
+
+def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool) -> dict:
+    """Every stage of one fold; returns its rows (label, method, BitOPs, mIoU, ...) and stage times, and
+    saves the rows' per-image confusion matrices to <fold>/confusions.pt."""
+    reference, supernet, baselines = root / "reference", root / "supernet", root / "baselines"
+    search_out, evaluated = root / "search", root / "evaluate"
+    scoring_split = "val" if fold == "val" else "holdout"
+    times: dict[str, float] = {}
+    holdout = fold_holdout(fold)
+
+    started = time.perf_counter()
+    if stage(fold, "reference", reference / "supernet.pt", fresh):
+        # A stage that runs replaces what an earlier (killed or --fresh) run left in its folder.
+        train(load_train_config(None, {"model": MODEL, "out": str(reference), **data, **holdout,
+                                       **scaled(REFERENCE, scale)}), overwrite=True)
+    times["reference"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if stage(fold, "baselines", baselines / "confusions.pt", fresh):
+        found = run_baselines(reference, data["dataset"], Path(data["data_root"]), baselines, effective_bits=(6.0, 5.0),
+                              progress=lambda line: print(f"  {line}", flush=True), overwrite=True,
+                              split=scoring_split, per_image=True)
+        atomic_torch_save({r.label: r.evaluation.image_confusions for r in found}, baselines / "confusions.pt")
+    times["baselines"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if stage(fold, "supernet", supernet / "supernet.pt", fresh):
+        train(load_train_config(None, {"model": MODEL, "out": str(supernet), "checkpoint": str(reference), **data,
+                                       **holdout, **scaled(SUPERNET, scale)}), overwrite=True)
+    times["supernet"] = time.perf_counter() - started
+
+    peers = json.loads((baselines / "baselines.json").read_text())["results"]
+    fp32_bitops = peers[0]["bitops"]
+    bitops_budgets = sorted({r["bitops"] for r in peers[1:]} | {int(f * fp32_bitops) for f in LADDER})
+    started = time.perf_counter()
+    if stage(fold, "search", search_out / "pareto.json", fresh):
+        run_search(supernet, "cpu", True, False, [f"{b:.6e}" for b in bitops_budgets], search_out,
+                   dataset=data["dataset"], data_root=Path(data["data_root"]), val_limit=SEARCH_IMAGES,
+                   config=SEARCH, float_macs="exclude", split="holdout" if fold == "val" else "val", overwrite=True)
+    times["search"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if stage(fold, "evaluate", evaluated / "evaluated.json", fresh):
+        model, _, spec = load_supernet(supernet)
+        space = spec.space
+        largest = space.max_subnet()
+        subnets = {"qsamc FP32 grid": space.uniform_bits(largest, 32, 32),
+                   **{f"qsamc W{w}A{a}": space.uniform_bits(largest, w, a) for w, a in UNIFORM}}
+        best = json.loads((search_out / "pareto.json").read_text())["best"]
+        assert len(best) == len(bitops_budgets), "one best subnet per budget, in the budgets' order"
+        budget_of = {}
+        for budget, entry in zip(bitops_budgets, best):
+            label = f"qsamc search <= {100 * budget / fp32_bitops:.2f}% BitOPs"
+            subnets[label], budget_of[label] = load_subnet(search_out / entry["subnet_file"]), budget
+        images, _ = search_images(supernet, data["dataset"], Path(data["data_root"]), scoring_split, "semantic")
+        scored = ValidationSet(images)
+        rows, confusions = [], {}
+        for label, subnet in subnets.items():
+            evaluation = evaluate_subnet(model, subnet, scored, per_image=True)
+            confusions[label] = evaluation.image_confusions
+            rows.append({"label": label, "method": "qsamc", "subnet": subnet.to_json(),
+                         "bitops": bitops_exclude(space, subnet), "budget": budget_of.get(label),
+                         "miou": evaluation.miou, "latency_ms": None, "onnx_miou": None})
+            print(f"  {label}: mIoU {evaluation.miou:.4f}", flush=True)
+        if fold == "val":
+            exported(supernet, subnets, rows, data, evaluated)
+        atomic_torch_save(confusions, evaluated / "confusions.pt")
+        atomic_write_json(evaluated / "evaluated.json", rows)
+    times["evaluate"] = time.perf_counter() - started
+
+    rows = [{"label": r["label"], "method": r["method"], "bitops": r["bitops"], "latency_ms": r["latency_ms"],
+             "miou": r["evaluation"]["miou"], "onnx_miou": None, "budget": None} for r in peers]
+    rows += json.loads((evaluated / "evaluated.json").read_text())
+    confusions = {**torch.load(baselines / "confusions.pt", weights_only=True),
+                  **torch.load(evaluated / "confusions.pt", weights_only=True)}
+    print(f"[{fold}] stages took " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()), flush=True)
+    return {"fold": fold, "scored_on": "CamVid val" if fold == "val" else f"drive {fold} (held out of training)",
+            "images": int(next(iter(confusions.values())).shape[0]), "fp32_bitops": fp32_bitops, "rows": rows,
+            "seconds": times, "confusions": confusions}
+
+
+def exported(run: Path, subnets: dict[str, Subnet], rows: list[dict], data: dict, out: Path) -> None:
+    """`qsamc export --target cpu` of each subnet with every check (task level on all of val): its mIoU
+    through ONNX Runtime and its CPU latency join the subnet's row."""
+    for index, ((label, subnet), row) in enumerate(zip(subnets.items(), rows)):
         started = time.perf_counter()
         path = out / f"subnet-{index}.json"
+        out.mkdir(parents=True, exist_ok=True)
         subnet.save(path)
         report = export_subnet(run, path, "cpu", "onnx", out / f"export-{index}", dataset=data["dataset"],
                                data_root=Path(data["data_root"]), val_limit=None, overwrite=True)
-        space = load_supernet_spec(run).space
-        rows.append({"label": label, "method": "qsamc", "subnet": subnet.to_json(),
-                     "bitops": bitops_exclude(space, subnet), "latency_ms": report.latency.best_ms,
-                     "miou": report.task.pytorch_miou, "onnx_miou": report.task.onnx_miou,
-                     "fidelity": report.fidelity.to_json(), "worst_part": report.worst_part().to_json()})
-        print(f"  [{index + 1}/{len(subnets)}] {label}: mIoU {rows[-1]['miou']:.4f} (ONNX {rows[-1]['onnx_miou']:.4f}), "
-              f"{rows[-1]['latency_ms']:.2f} ms, {time.perf_counter() - started:.0f} s", flush=True)
-    return rows
+        row.update(latency_ms=report.latency.best_ms, onnx_miou=report.task.onnx_miou,
+                   fidelity=report.fidelity.to_json(), worst_part=report.worst_part().to_json())
+        print(f"  [{index + 1}/{len(subnets)}] {label}: ONNX mIoU {report.task.onnx_miou:.4f}, "
+              f"{report.latency.best_ms:.2f} ms, {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def load_supernet_spec(run: Path):
-    from qsamc.training.runs import read_spec
+def peer_of(row: dict, rows: list[dict]) -> dict | None:
+    """The post-training peer a qsamc row is judged against at equal BitOPs: ModelOpt PTQ at the same uniform
+    bits, or the peer whose BitOPs the search budget was."""
+    if row["method"] != "qsamc" or row["label"] == "qsamc FP32 grid":
+        return None
+    if row.get("budget") is None:
+        bits = row["label"].split()[-1]
+        return next((r for r in rows if r["label"] == f"ModelOpt PTQ {bits}"), None)
+    return next((r for r in rows if r["method"] not in ("qsamc", "fp32") and r["bitops"] == row["budget"]), None)
 
-    return read_spec(run / "supernet.json")
+
+def comparisons(fold: dict) -> list[dict]:
+    """Each row of a fold with its differences to the FP32 reference and to its peer, and their intervals."""
+    confusions, rows = fold["confusions"], fold["rows"]
+    reference = confusions["FP32 reference"]
+    out = []
+    for row in rows:
+        peer = peer_of(row, rows)
+        mine = confusions[row["label"]]
+        out.append({**row, "vs_fp32": paired_bootstrap(mine, reference).to_json() if row["method"] != "fp32" else None,
+                    "peer": peer["label"] if peer else None,
+                    "vs_peer": paired_bootstrap(mine, confusions[peer["label"]]).to_json() if peer else None})
+    return out
 
 
-def plot(rows: list[dict], fp32_bitops: int, path: Path) -> None:
+def describe(interval: dict | None) -> str:
+    if interval is None:
+        return "-"
+    return f"{100 * interval['difference']:+.2f} [{100 * interval['low']:+.2f}, {100 * interval['high']:+.2f}]"
+
+
+def report(folds: list[dict], out: Path) -> None:
+    summary = {}
+    for fold in folds:
+        fold["rows"] = comparisons(fold)
+        print(f"\n### fold {fold['fold']}: scored on {fold['scored_on']}, {fold['images']} images; stages "
+              + ", ".join(f"{k} {v / 60:.0f} min" for k, v in fold["seconds"].items()))
+        print("\n| model | % of FP32 BitOPs | mIoU | vs FP32 [95% CI] | peer at equal BitOPs | vs peer [95% CI] |")
+        print("|---|---:|---:|---:|---|---:|")
+        for r in sorted(fold["rows"], key=lambda r: -r["bitops"]):
+            print(f"| {r['label']} | {100 * r['bitops'] / fold['fp32_bitops']:.2f}% | {100 * r['miou']:.2f} | "
+                  f"{describe(r['vs_fp32'])} | {r['peer'] or '-'} | {describe(r['vs_peer'])} |")
+    drives = [f for f in folds if f["fold"] in DRIVES]
+    if len(drives) > 1:
+        labels = [r["label"] for r in drives[0]["rows"] if all(r["label"] in f["confusions"] for f in drives)]
+        print(f"\n### mean over the held-out drives ({', '.join(f['fold'] for f in drives)})")
+        print("\n| model | mIoU | vs FP32 [95% CI] | worst drive vs FP32 | vs peer [95% CI] |")
+        print("|---|---:|---:|---:|---:|")
+        for label in labels:
+            per_fold = [next(r for r in f["rows"] if r["label"] == label) for f in drives]
+            vs_fp32 = None if per_fold[0]["method"] == "fp32" else mean_interval(
+                [(f["confusions"][label], f["confusions"]["FP32 reference"]) for f in drives]).to_json()
+            peers = [r["peer"] for r in per_fold]
+            vs_peer = mean_interval([(f["confusions"][label], f["confusions"][p]) for f, p in zip(drives, peers)]
+                                    ).to_json() if all(peers) else None
+            worst = min((r["vs_fp32"]["difference"] for r in per_fold if r["vs_fp32"]), default=None)
+            miou = sum(r["miou"] for r in per_fold) / len(per_fold)
+            summary[label] = {"miou": miou, "vs_fp32": vs_fp32, "worst_vs_fp32": worst, "vs_peer": vs_peer}
+            print(f"| {label} | {100 * miou:.2f} | {describe(vs_fp32)} | "
+                  f"{'-' if worst is None else f'{100 * worst:+.2f}'} | {describe(vs_peer)} |")
+    atomic_write_json(out / "results.json", {"folds": [{k: v for k, v in f.items() if k != "confusions"} for f in folds],
+                                             "mean_over_drives": summary})
+    plot(folds, out / "real_data.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'real_data.png'}")
+
+
+def plot(folds: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, len(folds), figsize=(4.2 * len(folds), 4), squeeze=False)
     styles = {"qsamc": ("o", "#1b9e77"), "fp32": ("*", "black"), "modelopt-ptq": ("s", "#d95f02"),
               "modelopt-autoquantize": ("D", "#7570b3"), "ort-static": ("^", "#e7298a")}
-    for ax, key, xlabel in ((axes[0], "bitops", "BitOPs, % of FP32 (attention matmuls excluded)"),
-                            (axes[1], "latency_ms", "ONNX Runtime CPU latency (ms, best of 10, 2 threads)")):
+    for ax, fold in zip(axes[0], folds):
         for method, (marker, colour) in styles.items():
-            points = [r for r in rows if r["method"] == method and r.get(key) is not None]
-            if not points:
-                continue
-            xs = [100 * r[key] / fp32_bitops if key == "bitops" else r[key] for r in points]
-            ax.scatter(xs, [100 * r["miou"] for r in points], marker=marker, color=colour, label=method, s=40)
-        if key == "bitops":
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("CamVid val mIoU (%)")
+            points = [r for r in fold["rows"] if r["method"] == method]
+            if points:
+                ax.scatter([100 * r["bitops"] / fold["fp32_bitops"] for r in points], [100 * r["miou"] for r in points],
+                           marker=marker, color=colour, label=method, s=40)
+        ax.set_xscale("log")
+        ax.set_xlabel("BitOPs, % of FP32")
+        ax.set_ylabel("mIoU (%)")
+        ax.set_title(f"fold {fold['fold']}: {fold['scored_on']}", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("vit_t stand-in on CamVid: qsamc subnets vs post-training quantization of the same FP32 model", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("vit_t stand-in on CamVid, leave one drive out: qsamc vs post-training quantization", fontsize=9)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 
@@ -133,83 +291,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid")
     parser.add_argument("--out", type=Path, default=Path("runs/real_data"))
+    parser.add_argument("--folds", default=",".join(FOLDS), help=f"Some of {', '.join(FOLDS)}.")
+    parser.add_argument("--scale", type=float, default=1.0, help="Multiplies every training's iterations.")
     parser.add_argument("--fresh", action="store_true", help="Redo every stage.")
-    parser.add_argument("--stages", default="reference,baselines,supernet,profile,search,evaluate")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         print(f"CamVid not found at {args.data}; skipping the real-data benchmark.")
         return
-    stages = set(args.stages.split(","))
+    folds = args.folds.split(",")
+    unknown = [f for f in folds if f not in FOLDS]
+    if unknown or not 0 < args.scale <= 10:
+        sys.exit(f"error: folds must be some of {', '.join(FOLDS)} and 0 < --scale <= 10")
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
-    reference, supernet, baselines = args.out / "reference", args.out / "supernet", args.out / "baselines"
-    table, search_out, evaluated = args.out / "latency-cpu.json", args.out / "search", args.out / "evaluate"
     started = time.perf_counter()
-
-    if "reference" in stages and stage("reference", reference / "supernet.pt", args.fresh):
-        # A stage that runs replaces what an earlier (killed or --fresh) run left in its folder.
-        train(load_train_config(None, {"model": MODEL, "out": str(reference), **data, **REFERENCE}), overwrite=True)
-    if "baselines" in stages and stage("baselines", baselines / "baselines.json", args.fresh):
-        run_baselines(reference, data["dataset"], Path(data["data_root"]), baselines, effective_bits=(6.0, 5.0),
-                      progress=lambda line: print(f"  {line}", flush=True), overwrite=True)
-    if "supernet" in stages and stage("supernet", supernet / "supernet.pt", args.fresh):
-        train(load_train_config(None, {"model": MODEL, "out": str(supernet), "checkpoint": str(reference),
-                                       **data, **SUPERNET}), overwrite=True)
-    if "profile" in stages and stage("profile", table, args.fresh):
-        profile_target("cpu", MODEL, table, ProfileSettings())
-
-    peers = json.loads((baselines / "baselines.json").read_text())["results"]
-    space = load_supernet_spec(supernet).space
-    fp32_bitops = peers[0]["bitops"]
-    if "search" in stages and stage("search", search_out / "latency" / "pareto.json", args.fresh):
-        bitops_budgets = sorted({r["bitops"] for r in peers[1:]} | {int(f * fp32_bitops) for f in LADDER})
-        run_search(supernet, "cpu", True, False, [f"{b:.6e}" for b in bitops_budgets], search_out / "bitops",
-                   dataset=data["dataset"], data_root=Path(data["data_root"]), val_limit=SEARCH_IMAGES,
-                   config=SEARCH, float_macs="exclude", overwrite=True)
-        model, ir, spec = load_supernet(supernet)
-        latency = TableLatency(LatencyTable.load(table), spec.space, get_target("cpu"), source=str(table))
-        uniform = [latency.cost(spec.space.uniform_bits(spec.space.max_subnet(), w, a)) for w, a in UNIFORM]
-        latency_budgets = sorted({round(b, 6) for b in uniform} | {round(LATENCY_FRACTION * min(uniform), 6)})
-        run_search(supernet, "cpu", False, True, [f"{1e3 * b:.4f}ms" for b in latency_budgets], search_out / "latency",
-                   table=table, dataset=data["dataset"], data_root=Path(data["data_root"]), val_limit=SEARCH_IMAGES,
-                   config=SEARCH, overwrite=True)
-    if "evaluate" in stages and stage("evaluate", evaluated / "evaluated.json", args.fresh):
-        largest = space.max_subnet()
-        subnets = {"qsamc FP32 grid": space.uniform_bits(largest, 32, 32),
-                   **{f"qsamc W{w}A{a}": space.uniform_bits(largest, w, a) for w, a in UNIFORM}}
-        for kind in ("bitops", "latency"):
-            for best in json.loads((search_out / kind / "pareto.json").read_text())["best"]:
-                subnets[f"qsamc search {kind} <= {best['budgets'][0]}"] = load_subnet(search_out / kind / best["subnet_file"])
-        rows = evaluate_subnets(supernet, subnets, data, evaluated)
-        atomic_write_json(evaluated / "evaluated.json", rows)
-
-    rows = [{"label": r["label"], "method": r["method"], "bitops": r["bitops"], "latency_ms": r["latency_ms"],
-             "miou": r["evaluation"]["miou"], "onnx_miou": None} for r in peers]
-    rows += json.loads((evaluated / "evaluated.json").read_text())
-    report(rows, fp32_bitops, args.out)
+    results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh) for fold in folds]
+    report(results, args.out)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
-
-
-def report(rows: list[dict], fp32_bitops: int, out: Path) -> None:
-    fp32 = next(r["miou"] for r in rows if r["method"] == "fp32")
-    print("\n| model | BitOPs | % of FP32 | CPU latency (ms) | val mIoU (PyTorch) | val mIoU (ONNX Runtime) | vs FP32 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: -r["bitops"]):
-        latency = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}"
-        onnx_miou = "-" if r.get("onnx_miou") is None else f"{100 * r['onnx_miou']:.2f}"
-        print(f"| {r['label']} | {r['bitops'] / 1e9:.2f} G | {100 * r['bitops'] / fp32_bitops:.2f}% | {latency} | "
-              f"{100 * r['miou']:.2f} | {onnx_miou} | {100 * (r['miou'] - fp32):+.2f} |")
-    within = [r for r in rows if r["method"] == "qsamc" and r["miou"] >= fp32 - 0.01]
-    if within:
-        best = min(within, key=lambda r: r["bitops"])
-        print(f"\nsmallest qsamc subnet within 1 mIoU point of FP32 ({100 * fp32:.2f}): {best['label']}, "
-              f"{100 * best['bitops'] / fp32_bitops:.2f}% of FP32 BitOPs, mIoU {100 * best['miou']:.2f}")
-    else:
-        print("\nno qsamc subnet is within 1 mIoU point of FP32")
-    atomic_write_json(out / "results.json", {"fp32_bitops": fp32_bitops, "rows": rows})
-    plot(rows, fp32_bitops, out / "real_data.png")
-    print(f"wrote {out / 'results.json'} and {out / 'real_data.png'}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def choice(name: str, values: Iterable[str]) -> type[Enum]:
 Granularity = choice("Granularity", GRANULARITIES)
 FloatMacs = choice("FloatMacs", FLOAT_MAC_CONVENTIONS)
 Split = choice("Split", SEARCH_SPLITS)
+BaselineSplit = choice("BaselineSplit", ("val", "holdout"))
 Objective = choice("Objective", OBJECTIVES)
 Attention = choice("Attention", tuple(ATTENTION_MODES))
 Clock = choice("Clock", CLOCKS)
@@ -361,6 +362,8 @@ def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`q
              calibration: int = typer.Option(32, help="Training images for calibration (and AutoQuantize's scores)."),
              val_limit: Optional[int] = typer.Option(None, help="Validation images (default: all)."),
              overwrite: bool = typer.Option(False, help="Replace the earlier baselines in --out (whole, in one step)."),
+             split: BaselineSplit = typer.Option(BaselineSplit.val, help="The images that score the peers: val, or "
+                                                 "holdout (the reference's held-out training images)."),
              device: Device = typer.Option(Device.auto, help="Where the PyTorch peers are scored: " + DEVICE_HELP)):
     """Post-training quantized peers of an FP32 reference (ModelOpt PTQ / AutoQuantize, ONNX Runtime
     quantize_static), scored like qsamc's subnets: val mIoU, BitOPs, ONNX Runtime CPU latency."""
@@ -368,7 +371,8 @@ def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`q
     results = run_baselines(reference, dataset, data_root, out, tuple(method or METHODS),
                             tuple(parse_bits(b) for b in bits) if bits else PTQ_BITS,
                             tuple(effective_bits or (6.0,)), calibration, val_limit,
-                            progress=lambda line: console.print(line), device=device.value, overwrite=overwrite)
+                            progress=lambda line: console.print(line), device=device.value, overwrite=overwrite,
+                            split=split.value)
     fp32 = results[0]
     table = Table(title=f"baselines of {reference} (BitOPs: attention matmuls excluded)")
     for column in ("method", "BitOPs", "% of FP32", "CPU latency", "val mIoU"):

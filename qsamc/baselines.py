@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +43,7 @@ from qsamc.export.verify import onnx_encoder_forward
 from qsamc.fileio import atomic_write_json, check_results_folder, replace_folder
 from qsamc.targets import get_target
 from qsamc.training.runs import SupernetSpec, load_supernet, read_head_state, reference_weights
+from qsamc.training.splits import search_images, trained_images
 from qsamc.task.data import Sample, build_dataset, make_batch
 from qsamc.errors import CheckpointError, ConfigError, QsamcError
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate
@@ -70,7 +71,9 @@ class BaselineResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "label": self.label, "subnet": self.subnet.to_json(),
-                "evaluation": asdict(self.evaluation), "macs": self.macs, "bitops": self.bitops,
+                "evaluation": {f.name: getattr(self.evaluation, f.name) for f in fields(Evaluation)
+                               if f.name != "image_confusions"},  # those are the benchmark's, kept apart
+                "macs": self.macs, "bitops": self.bitops,
                 "float_macs": self.float_macs, "latency_ms": self.latency_ms, "notes": self.notes}
 
 
@@ -121,11 +124,13 @@ def load_reference(run: str | Path) -> Reference:
     return Reference(FloatSegmentationModel(encoder, head).eval(), spec, run)
 
 
-def calibration_batches(dataset: str, data_root: Path | None, count: int,
-                        resolution: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def calibration_batches(dataset: str, data_root: Path | None, count: int, resolution: int,
+                        reference_run: Path | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`count` training images (no augmentation) spread over the split, with their masks, preprocessed at
-    `resolution` in batches of 8: what the quantizers calibrate on and AutoQuantize scores on."""
-    train = build_dataset(dataset, data_root, "train")
+    `resolution` in batches of 8: what the quantizers calibrate on and AutoQuantize scores on. With
+    `reference_run`, only the images that run trained on: never the ones it held out."""
+    train = (build_dataset(dataset, data_root, "train") if reference_run is None
+             else trained_images(reference_run, dataset, data_root))
     if count < 1:
         raise ConfigError(f"--calibration must be at least 1 image, got {count}")
     picks = np.linspace(0, len(train) - 1, min(count, len(train))).round().astype(int)
@@ -301,10 +306,12 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
                   methods: tuple[str, ...] = METHODS, ptq_bits: tuple[tuple[int, int], ...] = PTQ_BITS,
                   effective_bits: tuple[float, ...] = (6.0,), calibration: int = 32, val_limit: int | None = None,
                   latency_runs: int = 10, progress: Callable[[str], None] = lambda _: None, device: str = "cpu",
-                  overwrite: bool = False) -> list[BaselineResult]:
-    """What `qsamc baseline` does: load the FP32 reference -> each method -> score on val -> results.json.
-    Calibration runs on the CPU; the PyTorch models are scored on `device` (ONNX Runtime's on the CPU).
-    A folder holding earlier baselines is replaced (whole, in one step) only with `overwrite`."""
+                  overwrite: bool = False, split: str = "val", per_image: bool = False) -> list[BaselineResult]:
+    """What `qsamc baseline` does: load the FP32 reference -> each method -> score on `split` (val, or the
+    reference's held-out training images: `holdout`) -> results.json. Calibration runs on the CPU; the PyTorch
+    models are scored on `device` (ONNX Runtime's on the CPU). `per_image`: each result's evaluation keeps
+    its images' confusion matrices (paired bootstrap intervals, `qsamc.task.intervals`). A folder holding
+    earlier baselines is replaced (whole, in one step) only with `overwrite`."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown baseline '{unknown[0]}'; known baselines are {', '.join(METHODS)}")
@@ -315,15 +322,17 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
     if any(m.startswith("modelopt") for m in methods):
         _modelopt()  # a missing extra is one sentence before any work
     resolution = reference.resolution
-    val = ValidationSet(build_dataset(dataset, data_root, "val"), val_limit)
-    batches = calibration_batches(dataset, data_root, calibration, resolution)
+    if split not in ("val", "holdout"):
+        raise ConfigError(f"baselines are scored on val or holdout, got '{split}'")
+    val = ValidationSet(search_images(reference_run, dataset, data_root, split, "semantic")[0], val_limit)
+    batches = calibration_batches(dataset, data_root, calibration, resolution, reference_run)
     images = [batch for batch, _ in batches]
     results: list[BaselineResult] = []
 
     def scored(model: nn.Module) -> Evaluation:
         """`evaluate` on the scoring device; the model comes back to the CPU, where calibration runs."""
         try:
-            return evaluate(model.to(scoring), val, resolution, scoring)
+            return evaluate(model.to(scoring), val, resolution, scoring, per_image=per_image)
         finally:
             model.to("cpu")
 
@@ -355,9 +364,11 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
             head = deployed_head(reference, images)
             latency = ort_latency(session, images[0][:1], runs=latency_runs)
             add("ort-static", "ORT quantize_static W8A8", reference.subnet(8, 8),
-                evaluate(onnx_encoder_forward(session, head), val, resolution), latency_ms=latency.best_ms,
+                evaluate(onnx_encoder_forward(session, head), val, resolution, per_image=per_image),
+                latency_ms=latency.best_ms,
                 notes={"onnx": str(out / path.name), "latency": latency.to_json(),
                        "quantized": "every MatMul and Conv (attention too)"})
-        atomic_write_json(staging / "baselines.json", {"reference": str(reference_run), "val_images": len(val.samples),
+        atomic_write_json(staging / "baselines.json", {"reference": str(reference_run), "split": split,
+                                                       "val_images": len(val.samples),
                                                        "results": [r.to_json() for r in results]})
     return results

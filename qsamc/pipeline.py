@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from qsamc.distributed import init_distributed, resolve_device
-from qsamc.errors import BudgetError, ConfigError, QsamcError, TargetError
+from qsamc.errors import BudgetError, ConfigError, TargetError
 from qsamc.export import report as export_report
 from qsamc.export.emit import export_static
 from qsamc.export.ort import ort_latency, ort_session
@@ -36,12 +36,12 @@ from qsamc.search.latency_table import LatencyTable, TableLatency, default_table
 from qsamc.search.pareto import is_search_file, write_search
 from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.targets import Target, get_target
-from qsamc.task.data import SegmentationDataset, build_dataset
+from qsamc.task.data import build_dataset
 from qsamc.task.evaluate import ValidationSet, evaluate, evaluate_subnet
-from qsamc.task.holdout import SEARCH_SPLITS, split_holdout
 from qsamc.task.head import SegmentationModel
-from qsamc.training.config import ATTENTION_MODES, TrainConfig, load_train_config
+from qsamc.training.config import ATTENTION_MODES, load_train_config
 from qsamc.training.runs import load_supernet
+from qsamc.training.splits import run_config, search_images
 from qsamc.training.train import TrainResult, train
 
 if TYPE_CHECKING:
@@ -223,37 +223,6 @@ def profile_target(target_name: str, model: str, out: Path | None, settings: Pro
 
 
 # `qsamc search --split`: auto is the run's held-out images where it has them, else val.
-
-
-def run_config(run: Path) -> TrainConfig | None:
-    """The config a run was trained with (its config.json), or None for a run folder without a readable one."""
-    try:
-        return load_train_config(run / "config.json") if (run / "config.json").is_file() else None
-    except QsamcError:
-        return None
-
-
-def search_images(run: Path, dataset: str, data_root: Path | None, split: str, task: str) -> tuple[SegmentationDataset, str]:
-    """The images that score search's candidates, and a line that says which: the run's held-out training
-    images (`holdout`; what `auto` picks where the run has them and `dataset` is its own), or a split."""
-    if split not in SEARCH_SPLITS:
-        raise ConfigError(f"unknown split '{split}'; use one of {', '.join(SEARCH_SPLITS)}")
-    config = run_config(run)
-    own = config is not None and (dataset, data_root) == (config.dataset, None if config.data_root is None
-                                                          else Path(config.data_root))
-    holds_out = own and config.holdout > 0
-    if split == "auto":
-        split = "holdout" if holds_out else "val"
-        if not holds_out:
-            why = ("it was trained on another dataset" if config is not None and not own else
-                   "it holds out no training images (trained before held-out splits, or with --holdout 0)")
-            return build_dataset(dataset, data_root, "val", task=task), f"val (the run's held-out images are not usable: {why})"
-    if split == "holdout":
-        if not holds_out:
-            raise ConfigError(f"{run} holds out no training images of {dataset}; search it with --split val or train")
-        _, held = split_holdout(build_dataset(dataset, data_root, "train", task=task), config.holdout, config.holdout_seed)
-        return held, f"holdout ({len(held)} training images the supernet never trained on)"
-    return build_dataset(dataset, data_root, split, task=task), split
 
 
 def training_dataset(run: Path) -> tuple[str | None, Path | None]:

@@ -116,3 +116,28 @@ def test_baseline_cli_user_errors_are_one_sentence(run_cli, reference_run, tmp_p
         args += ["--bits", "W9A9"]
     code, _, stderr = run_cli(*args)
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_peers_can_be_scored_on_the_references_held_out_images_and_never_calibrate_on_them(reference_run, tmp_path):
+    from qsamc.task.data import build_dataset
+    from qsamc.task.holdout import split_holdout
+    from qsamc.training.splits import trained_images
+
+    held = split_holdout(build_dataset("synthetic", None, "train"), 0.1, 0)[1]  # REFERENCE_TRAIN's default
+    held_names = {held.image_name(i) for i in range(len(held))}
+    calibrated = trained_images(reference_run, "synthetic", None)
+    assert len(calibrated) == 64 - len(held) == 58
+    assert not held_names & {calibrated.image_name(i) for i in range(len(calibrated))}
+
+    found = run_baselines(reference_run, "synthetic", None, tmp_path / "out", methods=("modelopt-ptq",),
+                          ptq_bits=((8, 8),), calibration=2, split="holdout", per_image=True)
+    assert [r.label for r in found] == ["FP32 reference", "ModelOpt PTQ W8A8", "ModelOpt PTQ W8A8 (INT8_DEFAULT_CFG as is)"]
+    pixels = load_reference(reference_run).resolution ** 2
+    for result in found:  # each of the 6 held-out images, every pixel counted once
+        confusions = result.evaluation.image_confusions
+        assert confusions.shape == (6, 4, 4) and confusions.sum() == 6 * pixels
+    saved = json.loads((tmp_path / "out" / "baselines.json").read_text())
+    assert (saved["split"], saved["val_images"]) == ("holdout", 6)
+    assert "image_confusions" not in saved["results"][0]["evaluation"]
+    with pytest.raises(ConfigError, match=r"^baselines are scored on val or holdout, got 'train'$"):
+        run_baselines(reference_run, "synthetic", None, tmp_path / "other", split="train")

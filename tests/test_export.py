@@ -74,6 +74,41 @@ def test_tensorrt_layers_compute_in_fp16_and_match_to_fp16_rounding(bits, conv):
     assert [i.type.tensor_type.elem_type for i in (*model.graph.input, *model.graph.output)] == [TensorProto.FLOAT] * 2
 
 
+def test_emitting_the_same_module_again_hands_out_a_copy_of_the_first_emission(monkeypatch):
+    """Emission is kept per module content: the same lowered layer emits once and comes back as an equal,
+    independent model; one changed weight, attribute, input shape or target emits afresh, and a module
+    with a hook is never kept."""
+    import qsamc.export.emit as emit_module
+
+    calls = []
+    original = emit_module._emit
+    monkeypatch.setattr(emit_module, "_emit", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(emit_module, "_EMITTED", emit_module._EmittedModels(2**24))
+    x = dyadic_input((1, 4, 4, 64))
+    layer = lower(dyadic_layer(8, 8), x, CPU)
+    first = emit_onnx(layer, x, CPU)
+    first.graph.node[0].name = "changed by its user"
+    again = emit_onnx(layer, x, CPU)
+    assert calls == [1] and again.graph.node[0].name != "changed by its user"
+    assert again.SerializeToString() == emit_onnx(copy.deepcopy(layer), x, CPU).SerializeToString()
+    assert calls == [1]
+    with torch.no_grad():
+        layer.bias[3] += 1  # one step of one value of one tensor (the cpu target keeps INT32 biases)
+    changed = emit_onnx(layer, x, CPU)
+    assert calls == [1, 1] and changed.SerializeToString() != again.SerializeToString()
+    torch.testing.assert_close(_run(changed, x), layer(x), rtol=0, atol=2.0**-6)
+    emit_onnx(layer, dyadic_input((1, 4, 8, 64)), CPU)  # another input shape
+    emit_onnx(layer, x, dataclasses.replace(CPU, fuse_attention=False))  # a target that differs in one field
+    assert calls == [1, 1, 1, 1]
+    hook = layer.register_forward_hook(lambda module, args, output: output * 2)
+    emit_onnx(layer, x, CPU)
+    emit_onnx(layer, x, CPU)
+    assert calls == [1, 1, 1, 1, 1, 1]
+    hook.remove()
+    emit_onnx(layer, x, CPU)
+    assert calls == [1, 1, 1, 1, 1, 1]  # the hook-free layer's emission was kept
+
+
 def test_lint_rejects_an_fp32_float_part_on_a_tensorrt_target():
     layer, x = dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64))
     problems = lint_tensorrt(emitted(layer, x, A100_FP32), TENSORRT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,55 @@ def test_a_supernet_holds_out_what_its_reference_held_out(tmp_path):
                                           r"run would hold out 0.1 \(seed 0\): search would score on images the reference "
                                           r"trained on; pass --holdout 0.2 --holdout-seed 0$"):
         check_reference_holdout(TrainConfig(checkpoint=str(reference)))
+
+
+# --- whole drives held out by name ----------------------------------------------------------------------
+
+CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="shared CamVid copy not present")
+def test_a_drive_of_camvid_is_held_out_whole_by_its_file_names():
+    train = build_dataset("camvid", CAMVID, "train")
+    kept, held = split_holdout(train, 0.1, 0, match="0006R0_*")
+    assert (len(kept), len(held)) == (266, 101)  # the drive's 101 frames, and the fraction is not used
+    assert all(held.image_name(i).startswith("0006R0_") for i in range(len(held)))
+    assert not any(kept.image_name(i).startswith("0006R0_") for i in range(len(kept)))
+    assert held.image_name(0) == held.read(0).name
+    with pytest.raises(DataError, match=r"^no training image of CamVid matches --holdout-match 'Seq05VD_\*' \(names "
+                                        r"look like 0001TP_006690\)$"):
+        split_holdout(train, 0.1, 0, match="Seq05VD_*")
+    with pytest.raises(DataError, match=r"^every training image of CamVid matches --holdout-match '0\*': none would "
+                                        r"be left to train on$"):
+        split_holdout(train, 0.1, 0, match="0*")
+
+
+def test_a_run_holding_out_by_name_is_searched_on_those_images_and_its_supernet_must_match(tiny_run, tmp_path):
+    import shutil
+
+    from qsamc.pipeline import search_images
+    from qsamc.training.config import check_reference_holdout
+
+    run = tmp_path / "by-name"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".lock"))
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "holdout_match": "synthetic-train-1*"}))
+    images, scored_on = search_images(run, "synthetic", None, "auto", "semantic")
+    names = {images.image_name(i) for i in range(len(images))}
+    assert names == {"synthetic-train-1", *(f"synthetic-train-1{i}" for i in range(10))}
+    assert scored_on == "holdout (11 training images the supernet never trained on)"
+
+    check_reference_holdout(TrainConfig(checkpoint=str(run), holdout_match="synthetic-train-1*"))
+    with pytest.raises(ConfigError, match=r"^the reference .* held out the training images matching 'synthetic-train-1\*' "
+                                          r"and this run would hold out those matching '\(a seeded fraction\)': search "
+                                          r"would score on images the reference trained on; pass --holdout-match "
+                                          r"'synthetic-train-1\*'$"):
+        check_reference_holdout(TrainConfig(checkpoint=str(run)))
+
+
+def test_a_version_2_config_holds_out_a_seeded_fraction(tmp_path):
+    written = {**TrainConfig(holdout=0.2).to_json(), "version": 2}
+    del written["holdout_match"]
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    loaded = load_train_config(tmp_path / "config.json")
+    assert (loaded.holdout, loaded.holdout_match) == (0.2, "")

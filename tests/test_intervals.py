@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qsamc.task.intervals import Interval, miou_of, paired_bootstrap
+from qsamc.task.intervals import Interval, mean_interval, miou_of, paired_bootstrap
 from qsamc.task.metric import SegmentationMetric
 
 CLASSES, IGNORE = 4, 255
@@ -104,3 +104,18 @@ def test_evaluate_keeps_each_images_confusion_when_asked():
     assert whole.image_confusions is None and kept.image_confusions.shape == (5, data.num_classes, data.num_classes)
     assert float(miou_of(kept.image_confusions.sum(0))) == pytest.approx(whole.miou, abs=1e-12)
     assert (kept.loss, kept.miou) == (whole.loss, whole.miou)
+
+
+def test_the_mean_over_folds_draws_each_folds_images_from_that_fold_alone():
+    a, b = confusions(*labels(1)), confusions(*labels(2))
+    c, d = confusions(*labels(3, images=9)), confusions(*labels(4, images=9))
+    single = paired_bootstrap(a, b, samples=500, seed=5)
+    both = mean_interval([(a, b), (c, d)], samples=500, seed=5)
+    assert both.difference == pytest.approx((single.difference + paired_bootstrap(c, d).difference) / 2, abs=1e-12)
+    # A second fold whose models agree on every image adds 0 to every resample: the mean is half of the first
+    # fold's own resamples, which are drawn first from the same seed.
+    halved = mean_interval([(a, b), (c, c)], samples=500, seed=5)
+    assert (halved.low, halved.high) == pytest.approx((single.low / 2, single.high / 2), abs=1e-12)
+    assert halved.difference == pytest.approx(single.difference / 2, abs=1e-12)
+    with pytest.raises(ValueError, match="at least one pair"):
+        mean_interval([])

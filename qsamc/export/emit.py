@@ -20,15 +20,25 @@ otherwise write IR 14). Scales are always graph constants: the TorchScript expor
 `Identity` of the first for each repeated constant (two layers whose scales are equal), which TensorRT
 reads as a computed tensor and refuses as a Q/DQ scale, so those are resolved to the constant.
 `dynamic_batch` names the input's and output's first axis `batch`.
+
+Emission is a pure function of the module (its classes, attributes and tensors), the example input's shape
+and type, the target and the names, and the TorchScript exporter takes 0.3-1 s per part: a process keeps
+what it emitted (`_EmittedModels`, bounded in bytes) and hands out a fresh copy when the same module is
+emitted again (the latency profiler cuts the same part from several subnets; an export emits each part
+once more to check it alone; one process exports a subnet again). A module with hooks, or an attribute
+whose value cannot be told apart by its text, is emitted afresh every time.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import warnings
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -116,6 +126,17 @@ def emit_onnx(module: nn.Module, example_input: torch.Tensor, target: Target, in
     if unlowered is not None:
         raise ValueError(f"emit_onnx takes a lowered module, but {unlowered} is not lowered: run the target's "
                          "lowering passes first (qsamc.export.emit.lower)")
+    key = _emission_key(module, example_input, target, input_name, output_name, dynamic_batch)
+    kept = _EMITTED.get(key)
+    if kept is not None:
+        return onnx.load_from_string(kept)
+    model = _emit(module, example_input, target, input_name, output_name, dynamic_batch)
+    _EMITTED.put(key, model.SerializeToString())
+    return model
+
+
+def _emit(module: nn.Module, example_input: torch.Tensor, target: Target, input_name: str, output_name: str,
+          dynamic_batch: bool) -> onnx.ModelProto:
     norms = [p for p, m in module.named_modules() if isinstance(m, LayerNorm2d)]
     if norms:
         module = copy.deepcopy(module)
@@ -134,6 +155,79 @@ def emit_onnx(module: nn.Module, example_input: torch.Tensor, target: Target, in
     _resolve_constant_identities(model)
     _narrow_int4(model)
     return finish_model(target.finish_onnx(model))
+
+
+class _EmittedModels:
+    """Serialised models by `_emission_key`, the least recently used dropped beyond `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size = limit, 0
+        self.models: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, key: str | None) -> bytes | None:
+        if key is None or key not in self.models:
+            return None
+        self.models.move_to_end(key)
+        return self.models[key]
+
+    def put(self, key: str | None, data: bytes) -> None:
+        if key is None or len(data) > self.limit // 4:
+            return
+        self.models[key] = data
+        self.size += len(data)
+        while self.size > self.limit:
+            self.size -= len(self.models.popitem(last=False)[1])
+
+
+_EMITTED = _EmittedModels(256 * 2**20)
+# nn.Module's own bookkeeping: tensors are hashed from _parameters and _buffers, submodules walked, hooks refused,
+# the training flag left out (emission runs the module in eval mode)
+_MODULE_STATE = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training"}
+
+
+def _emission_key(module: nn.Module, example: torch.Tensor, target: Target, *names) -> str | None:
+    """A hash of everything emission reads, or None where something cannot be hashed faithfully."""
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(repr((target, names, tuple(example.shape), example.dtype)).encode())
+    for path, m in module.named_modules():
+        digest.update(f"|{path}|{type(m).__module__}.{type(m).__qualname__}".encode())  # emitted in eval mode
+        for name, value in sorted(vars(m).items()):
+            if "hook" in name:
+                if value:
+                    return None  # a hook can change what is traced
+                continue
+            if name in _MODULE_STATE and name not in ("_parameters", "_buffers"):
+                continue
+            digest.update(name.encode())
+            if not _hash_value(digest, value):
+                return None
+    return digest.hexdigest()
+
+
+def _hash_value(digest, value) -> bool:
+    """Feed `value` into `digest` (tensors by their bytes); False for a value whose text hides its state."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        digest.update(f"T{data.dtype}{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return True
+    if isinstance(value, np.ndarray):
+        digest.update(f"A{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+        return True
+    if isinstance(value, dict):
+        digest.update(b"{")
+        return all(_hash_value(digest, k) and _hash_value(digest, v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        return all(_hash_value(digest, v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.Size)):
+        digest.update(repr(value).encode())
+        return True
+    text = repr(value)
+    if " at 0x" in text or "..." in text or isinstance(value, nn.Module):  # an address, or a summarised array
+        return False
+    digest.update(type(value).__qualname__.encode() + text.encode())
+    return True
 
 
 def finish_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -198,6 +198,11 @@ class SegmentationDataset(Dataset[Sample], abc.ABC):
     def __getitem__(self, index: int) -> Sample:
         return self.sample(index, self.epoch)
 
+    def image_name(self, index: int) -> str:
+        """The name of the image at `index`, its file name without the suffix (what `qsamc train
+        --holdout-match` matches)."""
+        return self.read(index).name
+
     def check_files(self) -> None:
         """Cheap checks of every file before a long run reads them (headers and sizes, not pixels):
         DataError naming the first bad one. Generated data has no files."""
@@ -280,6 +285,9 @@ class FolderDataset(SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def image_name(self, index: int) -> str:
+        return self.pairs[index][0].stem  # a sample's name, without reading its pixels
 
     def check_files(self) -> None:
         for image_path, mask_path in self.pairs:

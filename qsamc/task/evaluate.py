@@ -120,15 +120,15 @@ def evaluate_instances(encoder: Callable[[torch.Tensor], torch.Tensor], head: to
 
 
 @torch.no_grad()
-def evaluate_subnet(model: torch.nn.Module, subnet: Subnet, data: ValidationSet) -> Evaluation:
-    """`evaluate` (semantic) or `evaluate_instances` (instance task) of the supernet + head computing `subnet`,
-    on the device the model is on."""
+def evaluate_subnet(model: torch.nn.Module, subnet: Subnet, data: ValidationSet, per_image: bool = False) -> Evaluation:
+    """`evaluate` (semantic; `per_image`: with each image's confusion matrix) or `evaluate_instances` (instance
+    task) of the supernet + head computing `subnet`, on the device the model is on."""
     was_training = model.training
     model.eval()
     model.supernet.set_subnet(subnet)
     try:
         if data.task == "instance":
             return evaluate_instances(model.supernet, model.head, data, subnet.resolution)
-        return evaluate(model, data, subnet.resolution, module_device(model))
+        return evaluate(model, data, subnet.resolution, module_device(model), per_image=per_image)
     finally:
         model.train(was_training)

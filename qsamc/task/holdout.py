@@ -8,11 +8,14 @@ training (recorded in the run's config.json), and `qsamc search` scores on exact
 
 The chosen images are a pure function of (number of training images, fraction, seed): an FP32
 reference and the supernet trained from it with the same settings hold out the same images, so the
-weights search starts from never saw them either.
+weights search starts from never saw them either. `--holdout-match '0006R0_*'` holds out the images whose
+file names match a glob instead: a whole drive, camera or site, which measures generalisation where a
+random tenth of frames from the same drives does not (leave-one-drive-out, `benchmarks/real_data.py`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 
 import torch
@@ -53,6 +56,9 @@ class SplitView(SegmentationDataset):
     def read(self, index: int) -> Sample:
         return self.base.read(self.indices[index])
 
+    def image_name(self, index: int) -> str:
+        return self.base.image_name(self.indices[index])
+
     def sample(self, index: int, epoch: int) -> Sample:
         return self.base.sample(self.indices[index], epoch)
 
@@ -71,9 +77,25 @@ class SplitView(SegmentationDataset):
         return self.base.evaluate(predictions, image_ids)
 
 
-def split_holdout(train: SegmentationDataset, fraction: float, seed: int) -> tuple[SegmentationDataset, SegmentationDataset | None]:
-    """(the images to train on, the held-out images or None) of a training split."""
-    held = holdout_indices(len(train), fraction, seed)
+def matching_indices(train: SegmentationDataset, pattern: str) -> list[int]:
+    """The indices of the training images whose file names match the glob `pattern` (`0006R0_*`: one CamVid
+    drive), or one sentence saying why they cannot be held out: none match, or nothing would be left."""
+    held = [i for i in range(len(train)) if fnmatch.fnmatchcase(train.image_name(i), pattern)]
+    if not held:
+        example = train.image_name(0) if len(train) else "none"
+        raise DataError(f"no training image of {train.name} matches --holdout-match '{pattern}' (names look like "
+                        f"{example})")
+    if len(held) == len(train):
+        raise DataError(f"every training image of {train.name} matches --holdout-match '{pattern}': none would "
+                        "be left to train on")
+    return held
+
+
+def split_holdout(train: SegmentationDataset, fraction: float, seed: int,
+                  match: str = "") -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    """(the images to train on, the held-out images or None) of a training split: the images whose names
+    match `match` where it is given (a drive, a camera, a site held out whole), else a seeded `fraction`."""
+    held = matching_indices(train, match) if match else holdout_indices(len(train), fraction, seed)
     if not held:
         return train, None
     kept = sorted(set(range(len(train))) - set(held))

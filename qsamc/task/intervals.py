@@ -53,21 +53,36 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, samples: int = BOOTSTRAP_
                      level: float = 0.95) -> Interval:
     """The difference mIoU(a) - mIoU(b) and its paired bootstrap interval, from per-image confusion
     matrices `a` and `b` [N, C, C] of the same N images in the same order."""
+    return mean_interval([(a, b)], samples, seed, level)
+
+
+def mean_interval(pairs: list[tuple[torch.Tensor, torch.Tensor]], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                  level: float = 0.95) -> Interval:
+    """The mean over several image sets (the folds of a leave-one-out benchmark) of mIoU(a) - mIoU(b), each
+    set's difference on its own images, with a stratified paired bootstrap interval: each resample draws
+    every set's images from that set alone, and the mean of the sets' resampled differences is its value."""
+    if not pairs:
+        raise ValueError("a bootstrap interval needs at least one pair of image sets")
+    generator = torch.Generator().manual_seed(seed)
+    resampled = torch.stack([_resampled_differences(a, b, samples, generator) for a, b in pairs]).mean(0)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    full = sum(float(miou_of(a.sum(0)) - miou_of(b.sum(0))) for a, b in pairs) / len(pairs)
+    return Interval(full, low, high, samples)
+
+
+def _resampled_differences(a: torch.Tensor, b: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """mIoU(a) - mIoU(b) on `samples` resamples (with replacement) of the images, the same draws for both."""
     if a.shape != b.shape or a.dim() != 3 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"paired bootstrap needs two [N, C, C] stacks of the same images, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
     if a.shape[0] == 0:
         raise ValueError("paired bootstrap needs at least one image")
     count = a.shape[0]
-    generator = torch.Generator().manual_seed(seed)
     draws = torch.randint(0, count, (samples, count), generator=generator)
     # How often each image is drawn in each resample: the resample's confusion is the weighted sum.
     weights = torch.zeros(samples, count, dtype=torch.float64).scatter_add_(
         1, draws, torch.ones(samples, count, dtype=torch.float64))
     a64, b64 = a.reshape(count, -1).double(), b.reshape(count, -1).double()
     shape = (samples, *a.shape[1:])
-    differences = miou_of((weights @ a64).view(shape)) - miou_of((weights @ b64).view(shape))
-    tail = (1 - level) / 2
-    low, high = torch.quantile(differences, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    full = float(miou_of(a.sum(0)) - miou_of(b.sum(0)))
-    return Interval(full, low, high, samples)
+    return miou_of((weights @ a64).view(shape)) - miou_of((weights @ b64).view(shape))

@@ -41,9 +41,10 @@ LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")
 LORA_SWITCHES = ("weight", "act")
 CONFIG_FORMAT = "qsamc.train_config"
-CONFIG_VERSION = 2
-# Version 1 (before held-out splits) is still read: its runs trained on every training image.
-READABLE_VERSIONS = {1: {"holdout": 0.0}, 2: {}}
+CONFIG_VERSION = 3
+# Version 1 (before held-out splits) is still read: its runs trained on every training image. Version 2
+# held out a seeded fraction only.
+READABLE_VERSIONS = {1: {"holdout": 0.0}, 2: {"holdout_match": ""}, 3: {}}
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class TrainConfig:
     attention: str = "float"
     holdout: float = 0.1
     holdout_seed: int = 0
+    holdout_match: str = ""
 
     def __post_init__(self) -> None:
         get_config(self.model)
@@ -237,6 +239,8 @@ HELP: dict[str, str] = {
     "task": "semantic (mIoU) or instance (COCO-format data, mask AP; needs --head mask2former).",
     "holdout": "Fraction of the training images never trained on; qsamc search scores subnets on them (0: none).",
     "holdout_seed": "Seed of the held-out images (the same settings hold out the same images in every run).",
+    "holdout_match": "Hold out the training images whose file names match this glob instead of a seeded "
+                     "fraction, e.g. '0006R0_*' (one CamVid drive): search scores on a drive never trained on.",
     "attention": "float (the paper: attention matmuls stay float) or searched (q, k, v and softmax output "
                  "8-bit or float per block, or per stage / model with --granularity; beyond the paper).",
 }
@@ -347,6 +351,14 @@ def check_reference_holdout(config: TrainConfig) -> None:
         return  # a SAM checkpoint never saw this dataset's training split
     reference = load_train_config(Path(config.checkpoint) / "config.json")
     if (reference.dataset, reference.data_root) != (config.dataset, config.data_root):
+        return
+    if reference.holdout_match or config.holdout_match:
+        if reference.holdout_match != config.holdout_match:
+            raise ConfigError(
+                f"the reference {config.checkpoint} held out the training images matching "
+                f"'{reference.holdout_match or '(a seeded fraction)'}' and this run would hold out those matching "
+                f"'{config.holdout_match or '(a seeded fraction)'}': search would score on images the reference "
+                f"trained on; pass --holdout-match '{reference.holdout_match}'")
         return
     if (reference.holdout, reference.holdout_seed) != (config.holdout, config.holdout_seed):
         raise ConfigError(

@@ -306,7 +306,8 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     val_set = build_dataset(config.dataset, config.data_root, "val", seed=config.seed, task=config.task)
     for split in (train_set, val_set):  # a bad file is found now, not after every iteration has run
         split.check_files()
-    train_set, _ = split_holdout(train_set, config.holdout, config.holdout_seed)  # never trained on: search's
+    train_set, _ = split_holdout(train_set, config.holdout, config.holdout_seed,  # never trained on: search's
+                                 config.holdout_match)
     space = default_space(config.model, config.granularity, config.attention_bits)  # type: ignore[arg-type]
     spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel, config.head, config.mask2former,
                         config.task)
