@@ -30,7 +30,8 @@ real_data.png (mIoU against BitOPs per fold) under --out; each fold's stage time
     python benchmarks/real_data.py [--data ../shared/data/camvid] [--out runs/real_data] [--folds val,0001TP,...]
                                    [--scale 1.0] [--fresh]
 
-`--scale` multiplies every training's iterations (0.05 gives a smoke run of the whole pipeline).
+`--scale` multiplies every training's iterations; `--smoke --scale 0.01` runs every stage in minutes per fold
+(a check of the pipeline, not a measurement).
 """
 
 from __future__ import annotations
@@ -66,9 +67,11 @@ SUPERNET = {"schedule": "progressive", "lora_variant": "multiplex", "iterations"
             "batch_size": 4, "lr": 2e-4, "lora_lr": 1e-3, "per_channel": True, "weight_init": "mse",
             "distill": "reference", "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101}
 SEARCH = EvolutionConfig(population=16, top_k=4, mutations=8, crossovers=8, generations=4)
+SMOKE_SEARCH = EvolutionConfig(population=4, top_k=2, mutations=2, crossovers=2, generations=1)  # --smoke
 UNIFORM = ((8, 8), (4, 8), (4, 4))
 LADDER = (0.01, 0.02)  # extra BitOPs budgets, fractions of FP32
 SEARCH_IMAGES = 64
+SMOKE_IMAGES = 8
 
 
 def stage(fold: str, name: str, done: Path, fresh: bool) -> bool:
@@ -99,7 +102,7 @@ def fold_holdout(fold: str) -> dict:
     return {} if fold == "val" else {"holdout_match": f"{fold}_*"}
 
 
-def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool) -> dict:
+def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke: bool = False) -> dict:
     """Every stage of one fold; returns its rows (label, method, BitOPs, mIoU, ...) and stage times, and
     saves the rows' per-image confusion matrices to <fold>/confusions.pt."""
     reference, supernet, baselines = root / "reference", root / "supernet", root / "baselines"
@@ -135,8 +138,9 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool) -> di
     started = time.perf_counter()
     if stage(fold, "search", search_out / "pareto.json", fresh):
         run_search(supernet, "cpu", True, False, [f"{b:.6e}" for b in bitops_budgets], search_out,
-                   dataset=data["dataset"], data_root=Path(data["data_root"]), val_limit=SEARCH_IMAGES,
-                   config=SEARCH, float_macs="exclude", split="holdout" if fold == "val" else "val", overwrite=True)
+                   dataset=data["dataset"], data_root=Path(data["data_root"]),
+                   val_limit=SMOKE_IMAGES if smoke else SEARCH_IMAGES, config=SMOKE_SEARCH if smoke else SEARCH,
+                   float_macs="exclude", split="holdout" if fold == "val" else "val", overwrite=True)
     times["search"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -231,7 +235,7 @@ def report(folds: list[dict], out: Path) -> None:
     for fold in folds:
         fold["rows"] = comparisons(fold)
         print(f"\n### fold {fold['fold']}: scored on {fold['scored_on']}, {fold['images']} images; stages "
-              + ", ".join(f"{k} {v / 60:.0f} min" for k, v in fold["seconds"].items()))
+              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in fold["seconds"].items()))
         print("\n| model | % of FP32 BitOPs | mIoU | vs FP32 [95% CI] | peer at equal BitOPs | vs peer [95% CI] |")
         print("|---|---:|---:|---:|---|---:|")
         for r in sorted(fold["rows"], key=lambda r: -r["bitops"]):
@@ -294,6 +298,8 @@ def main() -> None:
     parser.add_argument("--folds", default=",".join(FOLDS), help=f"Some of {', '.join(FOLDS)}.")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiplies every training's iterations.")
     parser.add_argument("--fresh", action="store_true", help="Redo every stage.")
+    parser.add_argument("--smoke", action="store_true", help="A one-generation search on 8 images: checks the "
+                        "pipeline, measures nothing (with --scale 0.01, minutes per fold).")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         print(f"CamVid not found at {args.data}; skipping the real-data benchmark.")
@@ -306,7 +312,7 @@ def main() -> None:
         shutil.rmtree(args.out)
     data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
     started = time.perf_counter()
-    results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh) for fold in folds]
+    results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh, args.smoke) for fold in folds]
     report(results, args.out)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
 

@@ -327,12 +327,21 @@ def test_attention_the_rule_does_not_admit_is_deployed_in_the_float_type(quantiz
 
 # --- latency tables -------------------------------------------------------------------------------------
 
-def test_latency_tables_time_int8_attention_and_search_reads_them():
+# The small space the latency tests time: one resolution, MLP ratio and bit pair, attention precision searched.
+TIMED_SPACE = SPACE.restrict(resolutions=(128,), mlp_ratios=(4.0,), weight_bits=(8,), act_bits=(8,))
+
+
+@pytest.fixture(scope="module")
+def timed_table():
+    """The CPU latency table of `TIMED_SPACE` (int8 attention entries included), timed once for the module."""
     from qsamc.profiling.profile import build_table
     from qsamc.profiling.timers import ProfileSettings
 
-    space = SPACE.restrict(resolutions=(128,), mlp_ratios=(4.0,), weight_bits=(8,), act_bits=(8,))
-    table = build_table(space, CPU, ProfileSettings(warmup=2, repeats=5), calibration=1)
+    return build_table(TIMED_SPACE, CPU, ProfileSettings(warmup=2, repeats=7), calibration=1)
+
+
+def test_latency_tables_time_int8_attention_and_search_reads_them(timed_table):
+    space, table = TIMED_SPACE, timed_table
     kernels = "int8xint8|int8xint8"
     assert {k for k in table.entries if k.startswith("attention")} == {
         f"attention|8|{w}|{kernels}{suffix}" for w in (0, 4) for suffix in ("", "|int8")}
@@ -344,25 +353,23 @@ def test_latency_tables_time_int8_attention_and_search_reads_them():
     assert cost.cost(one) - cost.cost(subnet) == pytest.approx(difference)
 
 
-def test_latency_search_takes_int8_attention_exactly_where_the_table_says_it_pays(tmp_path):
+def test_latency_search_takes_int8_attention_exactly_where_the_table_says_it_pays(timed_table, tmp_path):
     """A small supernet with attention precision in its space (calibrated random weights), its CPU
     latency table, `qsamc search --latency` under a budget, then `qsamc export` of the subnet found. The
     cheapest subnet under the table takes INT8 attention exactly on the blocks whose INT8 entry is the
     faster one (on an AVX2 CPU without VNNI it rarely is); the export verifies against the subnet."""
     from qsamc.pipeline import export_subnet, run_search
-    from qsamc.profiling.profile import build_table
-    from qsamc.profiling.timers import ProfileSettings
     from qsamc.search.cost import cheapest
     from qsamc.search.evolution import EvolutionConfig
     from qsamc.training.runs import save_supernet
 
-    space = SPACE.restrict(resolutions=(128,), mlp_ratios=(4.0,), weight_bits=(8,), act_bits=(8,))
+    space = TIMED_SPACE
     torch.manual_seed(0)
     model, ir = build_model(SupernetSpec(space, num_classes=4, lora=None))
     CalibrateActivationsPass(model.supernet, [torch.randn(2, 3, 128, 128)])(ir)
     run = tmp_path / "run"
     save_supernet(run, SupernetSpec(space, num_classes=4, lora=None), model)
-    table = build_table(space, CPU, ProfileSettings(warmup=2, repeats=7), calibration=1)
+    table = timed_table
     table.save(tmp_path / "table.json")
     cost = TableLatency(table, space, CPU)
     floor = cheapest(space, cost)
