@@ -309,7 +309,7 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
         fmt, version = written.pop("format", None), written.pop("version", None)
         if fmt != CONFIG_FORMAT or version not in READABLE_VERSIONS:
             raise ConfigError(f"config file {path} is not a qsamc training config of version "
-                              f"{' or '.join(map(str, READABLE_VERSIONS))}")
+                              f"{', '.join(map(str, list(READABLE_VERSIONS)[:-1]))} or {list(READABLE_VERSIONS)[-1]}")
         written = {**READABLE_VERSIONS[version], **written}
     for source in (written, overrides or {}):
         for key, value in source.items():
