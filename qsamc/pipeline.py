@@ -222,9 +222,6 @@ def profile_target(target_name: str, model: str, out: Path | None, settings: Pro
     return table, path, checks
 
 
-# `qsamc search --split`: auto is the run's held-out images where it has them, else val.
-
-
 def training_dataset(run: Path) -> tuple[str | None, Path | None]:
     """(dataset, data root) that `run` was trained on, from its config.json; (None, None) when the run
     has no config or its data folder is gone (the task-level export check is then not run)."""

@@ -180,9 +180,9 @@ class _EmittedModels:
 
 
 _EMITTED = _EmittedModels(256 * 2**20)
-# nn.Module's own bookkeeping: tensors are hashed from _parameters and _buffers, submodules walked, hooks refused,
-# the training flag left out (emission runs the module in eval mode)
-_MODULE_STATE = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training"}
+# nn.Module's own bookkeeping the key leaves out: submodules are walked, and the training flag does not matter
+# (emission runs the module in eval mode); tensors are hashed from _parameters and _buffers, hooks refused
+_NOT_HASHED = {"_modules", "_non_persistent_buffers_set", "training"}
 
 
 def _emission_key(module: nn.Module, example: torch.Tensor, target: Target, *names) -> str | None:
@@ -196,7 +196,7 @@ def _emission_key(module: nn.Module, example: torch.Tensor, target: Target, *nam
                 if value:
                     return None  # a hook can change what is traced
                 continue
-            if name in _MODULE_STATE and name not in ("_parameters", "_buffers"):
+            if name in _NOT_HASHED:
                 continue
             digest.update(name.encode())
             if not _hash_value(digest, value):

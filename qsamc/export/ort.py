@@ -4,7 +4,6 @@ and its latency figure, the latency tables' timer, the baselines and the benchma
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -13,7 +12,6 @@ import onnxruntime as ort
 
 from qsamc.threads import current as current_threads
 from qsamc.units import CLOCKS
-
 
 
 def ort_session(model: onnx.ModelProto, threads: int | None = None, profile: bool = False,

@@ -308,8 +308,9 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
     if "format" in written or "version" in written:  # a config.json that qsamc wrote
         fmt, version = written.pop("format", None), written.pop("version", None)
         if fmt != CONFIG_FORMAT or version not in READABLE_VERSIONS:
+            *earlier, last = READABLE_VERSIONS
             raise ConfigError(f"config file {path} is not a qsamc training config of version "
-                              f"{', '.join(map(str, list(READABLE_VERSIONS)[:-1]))} or {list(READABLE_VERSIONS)[-1]}")
+                              f"{', '.join(map(str, earlier))} or {last}")
         written = {**READABLE_VERSIONS[version], **written}
     for source in (written, overrides or {}):
         for key, value in source.items():

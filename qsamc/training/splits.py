@@ -25,8 +25,7 @@ def search_images(run: Path, dataset: str, data_root: Path | None, split: str, t
     if split not in SEARCH_SPLITS:
         raise ConfigError(f"unknown split '{split}'; use one of {', '.join(SEARCH_SPLITS)}")
     config = run_config(run)
-    own = config is not None and (dataset, data_root) == (config.dataset, None if config.data_root is None
-                                                          else Path(config.data_root))
+    own = config is not None and _trained_on(config, dataset, data_root)
     holds_out = own and (config.holdout > 0 or config.holdout_match != "")
     if split == "auto":
         split = "holdout" if holds_out else "val"
@@ -37,8 +36,7 @@ def search_images(run: Path, dataset: str, data_root: Path | None, split: str, t
     if split == "holdout":
         if not holds_out:
             raise ConfigError(f"{run} holds out no training images of {dataset}; search it with --split val or train")
-        _, held = split_holdout(build_dataset(dataset, data_root, "train", task=task), config.holdout, config.holdout_seed,
-                                config.holdout_match)
+        _, held = holdout_split(config, build_dataset(dataset, data_root, "train", task=task))
         return held, f"holdout ({len(held)} training images the supernet never trained on)"
     return build_dataset(dataset, data_root, split, task=task), split
 
@@ -48,8 +46,15 @@ def trained_images(run: Path, dataset: str, data_root: Path | None, task: str = 
     (all of train for a run on another dataset, or one without held-out images)."""
     train = build_dataset(dataset, data_root, "train", task=task)
     config = run_config(run)
-    own = config is not None and (dataset, data_root) == (config.dataset, None if config.data_root is None
-                                                          else Path(config.data_root))
-    if not own:
+    if config is None or not _trained_on(config, dataset, data_root):
         return train
-    return split_holdout(train, config.holdout, config.holdout_seed, config.holdout_match)[0]
+    return holdout_split(config, train)[0]
+
+
+def holdout_split(config: TrainConfig, train: SegmentationDataset) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    """(the images a run with `config` trains on, the images it holds out or None) of its training split."""
+    return split_holdout(train, config.holdout, config.holdout_seed, config.holdout_match)
+
+
+def _trained_on(config: TrainConfig, dataset: str, data_root: Path | None) -> bool:
+    return (dataset, data_root) == (config.dataset, None if config.data_root is None else Path(config.data_root))

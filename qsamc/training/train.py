@@ -36,7 +36,6 @@ from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.training.runs import (SupernetSpec, build_model, checkpoint_path, load_checkpoint, prepare_run_folder,
                                  resume_optimizer, resume_weights, run_lock, save_supernet)
 from qsamc.task.data import build_dataset, make_batch
-from qsamc.task.holdout import split_holdout
 from qsamc.errors import ConfigError, QsamcError, WriteError
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.task.head import SegmentationModel
@@ -48,6 +47,7 @@ from qsamc.supernet.quant import LsqActQuantizer, LsqWeightQuantizer
 from qsamc.supernet.space import SearchSpace, Subnet, default_space
 from qsamc.threads import adapt as adapt_threads
 from qsamc.training.config import TrainConfig, check_reference_holdout, default_phase1_resolution
+from qsamc.training.splits import holdout_split
 
 
 class TrainingDiverged(QsamcError):
@@ -306,8 +306,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     val_set = build_dataset(config.dataset, config.data_root, "val", seed=config.seed, task=config.task)
     for split in (train_set, val_set):  # a bad file is found now, not after every iteration has run
         split.check_files()
-    train_set, _ = split_holdout(train_set, config.holdout, config.holdout_seed,  # never trained on: search's
-                                 config.holdout_match)
+    train_set, _ = holdout_split(config, train_set)  # the held-out images are never trained on: search's
     space = default_space(config.model, config.granularity, config.attention_bits)  # type: ignore[arg-type]
     spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel, config.head, config.mask2former,
                         config.task)
