@@ -28,9 +28,16 @@ TINY_1024 = sam.EncoderConfig(
 
 def pytest_configure(config):
     """One trace cache for the session (`qsamc.ir.trace_cache`), shared with the CLI processes the tests start,
-    and empty at its start: a test never reads a graph traced by other code than the code under test."""
+    and empty at its start: a test never reads a graph traced by other code than the code under test.
+
+    Under pytest-xdist (`-n 2`, the README's test command) each worker, and every qsamc process it starts,
+    runs one torch thread: two workers of two spinning threads each on 2 cores would slow each other down
+    many times over (`qsamc.threads`), where two of one thread each run the suite in about half the time."""
     config.trace_cache = tempfile.mkdtemp(prefix="qsamc-test-traces-")
     os.environ["QSAMC_CACHE_DIR"] = config.trace_cache
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["QSAMC_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config):
