@@ -16,7 +16,7 @@ from qsamc.training.runs import SupernetSpec, build_model, load_supernet
 from qsamc.errors import CheckpointError, ConfigError
 from qsamc.supernet.quant import MSE_CANDIDATES, LsqWeightQuantizer, _grid
 from qsamc.supernet.space import default_space
-from qsamc.task.losses import distillation_loss
+from qsamc.task.losses import distillation_loss, feature_distillation_loss, segmentation_loss
 from qsamc.training.train import fp32_subnet, train
 from conftest import parse_flags, tiny_train
 from qsamc.training.config import load_train_config
@@ -116,7 +116,67 @@ def test_distillation_runs_the_frozen_reference_at_each_subnets_resolution(refer
     assert json.loads((run / "config.json").read_text())["distill"] == "reference"
 
 
+def classes(run: Path) -> int:
+    return json.loads((run / "supernet.json").read_text())["num_classes"]
+
+
+def test_feature_distillation_is_the_mse_relative_to_the_references_mean_square():
+    reference = torch.tensor([[1.0, -2.0], [2.0, 1.0]])
+    assert float(feature_distillation_loss(reference, reference)) == 0
+    assert float(feature_distillation_loss(torch.zeros(2, 2), reference)) == 1
+    assert float(feature_distillation_loss(reference + 1, reference)) == pytest.approx(1 / 2.5, rel=1e-6)
+    assert float(feature_distillation_loss(10 * (reference + 1), 10 * reference)) == pytest.approx(1 / 2.5, rel=1e-6)
+
+
+def test_distilled_loss_weighs_labels_logits_and_features(reference_run):
+    """A student equal to its reference at the FP32 subnet: the KL and feature terms are exactly 0, so the
+    loss is label_weight x the cross-entropy; a quantized subnet moves both."""
+    model, _ = build_model(SupernetSpec(default_space("vit_t"), classes(reference_run), None, True), reference_run,
+                           weight_init="mse")
+    model.eval()
+    space = default_space("vit_t")
+    teacher = T.Teacher(model, space)
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    masks = torch.randint(0, classes(reference_run), (2, 128, 128), generator=torch.Generator().manual_seed(1))
+    model.supernet.set_subnet(fp32_subnet(space, 128))
+    model.head.set_bits(32)
+    with torch.no_grad():
+        cross_entropy = segmentation_loss(model(images, upsample=False).float(), masks, 255)
+        both = config("x", checkpoint=str(reference_run), distill="reference", feature_weight=2.0)
+        assert float(T.distilled_loss(both, model, teacher, images, masks, 255)) == pytest.approx(float(cross_entropy), rel=1e-6)
+        only_reference = replace(both, label_weight=0.0)
+        assert float(T.distilled_loss(only_reference, model, teacher, images, masks, 255)) == 0
+        model.supernet.set_subnet(space.uniform_bits(replace(space.max_subnet(), resolution=128), 2, 2))
+        features_only = replace(only_reference, distill_weight=0.0)
+        moved = float(T.distilled_loss(features_only, model, teacher, images, masks, 255))
+        logits, features = model(images, upsample=False, with_features=True)
+        assert moved == pytest.approx(2 * float(feature_distillation_loss(features, teacher(images)[1])), rel=1e-6)
+        assert moved > 0
+
+
+def test_l2sp_moves_each_anchored_weight_by_lr_times_strength_toward_the_checkpoint(reference_run):
+    model, _ = build_model(SupernetSpec(default_space("vit_t"), classes(reference_run), None, True), reference_run,
+                           weight_init="mse")
+    anchor = T.WeightAnchor(model, strength=0.5)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    optimizer = torch.optim.AdamW(T.param_groups(model, list(model.parameters()), 0.1, 0.0), lr=0.1)
+    anchor(optimizer)
+    for name, p in model.named_parameters():
+        if "_quantizer." in name:  # step sizes and offsets have no anchor
+            assert torch.equal(p, start[name] + 1), name
+        else:  # 0.1 x 0.5 of the way back: start + 0.95
+            torch.testing.assert_close(p, start[name] + 0.95, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("changes, match", [
+    ({"feature_weight": 1.0}, "feature_weight distils the reference's encoder features: it needs --distill reference"),
+    ({"label_weight": 0.0}, "label_weight weighs the labels against distillation: it needs --distill reference"),
+    ({"l2sp": 1.0}, "l2sp pulls the weights toward the checkpoint's: it needs --checkpoint"),
+    ({"l2sp": -1.0}, "l2sp must be a finite number >= 0"),
+    ({"feature_weight": float("inf")}, "feature_weight must be a finite number >= 0"),
     ({"distill": "reference"}, "distill=reference needs --checkpoint naming an FP32 reference run"),
     ({"distill": "teacher"}, "distill must be one of none, reference"),
     ({"distill_weight": float("nan")}, "distill_weight must be a finite number"),

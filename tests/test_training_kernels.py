@@ -114,8 +114,10 @@ def _quantized_model(lora: LoraConfig | None, bits: int):
 def test_a_training_step_with_the_kernels_equals_one_through_segment_anything_code(lora, bits, monkeypatch):
     """The whole supernet with its quantizers and LoRA: same loss, same gradients. In float every gradient
     matches to float rounding; at W8A8 a rounding difference of 1e-7 can move a value across a grid
-    boundary (one step), so there each weight's gradient matches in norm to 5% (the step sizes' gradients
-    are made of rounding residuals and are only checked in float)."""
+    boundary (one step), so there the whole weight gradient matches in norm to 3% and each weight's to 10%
+    (on a Xeon with AVX512, one thread: 1.6% and at most 5.1%, rel_pos_w of block 8, whose gradient is
+    small next to one step's; a wrong gradient term is off by its whole size). The step sizes' gradients
+    are made of rounding residuals and are only checked in float."""
     model, resolution = _quantized_model(lora, bits)
     images = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     masks = torch.randint(0, 5, (2, resolution, resolution), generator=torch.Generator().manual_seed(1))
@@ -135,11 +137,15 @@ def test_a_training_step_with_the_kernels_equals_one_through_segment_anything_co
     loss_new, grads_new = step(True)
     assert loss_new == pytest.approx(loss_ref, rel=1e-6 if bits == 32 else 1e-4)
     assert grads_new.keys() == grads_ref.keys() and len(grads_ref) > 50
+    weights = [name for name in grads_ref if "_quantizer." not in name]  # LSQ+ step sizes: rounding residuals
     for name, grad in grads_ref.items():
         if bits == 32:
             assert _relative(grads_new[name], grad) < 1e-4, name
-        elif "_quantizer." not in name:  # LSQ+ step-size gradients are made of the rounding residuals
-            assert float((grads_new[name] - grad).norm()) <= 5e-2 * float(grad.norm()), name
+        elif name in weights:
+            assert float((grads_new[name] - grad).norm()) <= 0.1 * float(grad.norm()), name
+    if bits != 32:
+        new, ref = (torch.cat([g[name].flatten() for name in weights]) for g in (grads_new, grads_ref))
+        assert float((new - ref).norm()) <= 0.03 * float(ref.norm())
 
 
 @pytest.mark.parametrize("batch, classes, grid, size", [(1, 150, 8, 128), (2, 5, 7, 112), (1, 3, 6, 6)])

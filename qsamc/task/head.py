@@ -102,10 +102,12 @@ class SegmentationModel(nn.Module):
         self.head = build_head(head, supernet.neck[0].out_channels, num_classes, mask2former, task)
 
     def forward(self, images: torch.Tensor, upsample: bool = True, masks: torch.Tensor | None = None,
-                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                ignore_index: int = IGNORE_INDEX, with_features: bool = False):
         """Logits; with `masks`, the head's training loss instead (computed in `forward`, so that
-        DistributedDataParallel sees every parameter the loss reaches)."""
+        DistributedDataParallel sees every parameter the loss reaches); `with_features`: (logits, the
+        encoder's output features), for feature distillation."""
         features = self.supernet(images)
         if masks is not None:
             return self.head.loss(features, masks, ignore_index)
-        return self.head(features, images.shape[-2:] if upsample else None)
+        logits = self.head(features, images.shape[-2:] if upsample else None)
+        return (logits, features) if with_features else logits

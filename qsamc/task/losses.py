@@ -84,3 +84,9 @@ def distillation_loss(logits: torch.Tensor, reference: torch.Tensor, masks: torc
         target = F.log_softmax(teacher, dim=1)
         return (target.exp() * (target - F.log_softmax(student, dim=1))).sum(dim=1) * (part != ignore_index)
     return mean_over_pixels(kl, (logits, reference), masks, ignore_index)
+
+
+def feature_distillation_loss(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The mean squared difference of the encoder's output features to the reference's, relative to the
+    reference features' mean square: 1 for a student that outputs zeros, whatever the features' scale."""
+    return (features - reference).square().mean() / reference.square().mean().clamp_min(1e-12)

@@ -59,8 +59,10 @@ class TrainConfig:
     `lora_variant` picks regular / selective / multiplex.
 
     `checkpoint` is a SAM checkpoint (encoder only) or an `fp32` run folder (encoder and head).
-    `distill="reference"` adds inplace distillation from that FP32 reference (frozen): the loss is
-    cross-entropy + `distill_weight` x KL(reference || subnet) of the per-pixel class distributions.
+    `distill="reference"` adds inplace distillation from that FP32 reference (frozen, at the subnet's
+    resolution): the loss is `label_weight` x cross-entropy + `distill_weight` x KL(reference || subnet) of
+    the per-pixel class distributions + `feature_weight` x the relative MSE of the encoder's output features.
+    `l2sp` pulls the weights toward the checkpoint's (L2-SP, decoupled).
     `weight_init` initialises weight step sizes by LSQ+ (the paper) or by MSE-optimal clipping (as PTQ).
     `device`: `auto` is the GPU where torch sees one (one per rank under torchrun), else the CPU.
     `precision`: `bf16` runs the forward under bf16 autocast with LSQ+ scales and all quantizer math in
@@ -99,6 +101,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     distill: str = "none"
     distill_weight: float = 1.0
+    feature_weight: float = 0.0
+    label_weight: float = 1.0
+    l2sp: float = 0.0
     weight_init: str = "lsq+"
     device: str = "auto"
     precision: str = "auto"
@@ -147,6 +152,17 @@ class TrainConfig:
             (self.distill == "none" or self.schedule != "fp32", "the fp32 schedule trains the reference; it has no reference to distill from"),
             (math.isfinite(self.distill_weight) and self.distill_weight >= 0,
              f"distill_weight must be a finite number >= 0, got {self.distill_weight}"),
+            (math.isfinite(self.feature_weight) and self.feature_weight >= 0,
+             f"feature_weight must be a finite number >= 0, got {self.feature_weight}"),
+            (self.feature_weight == 0 or self.distill == "reference",
+             "feature_weight distils the reference's encoder features: it needs --distill reference"),
+            (math.isfinite(self.label_weight) and self.label_weight >= 0,
+             f"label_weight must be a finite number >= 0, got {self.label_weight}"),
+            (self.label_weight == 1.0 or self.distill == "reference",
+             "label_weight weighs the labels against distillation: it needs --distill reference"),
+            (math.isfinite(self.l2sp) and self.l2sp >= 0, f"l2sp must be a finite number >= 0, got {self.l2sp}"),
+            (self.l2sp == 0 or self.checkpoint is not None,
+             "l2sp pulls the weights toward the checkpoint's: it needs --checkpoint"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
             (self.weight_init in WEIGHT_INITS, f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'"),
@@ -228,7 +244,13 @@ HELP: dict[str, str] = {
     "num_workers": "Data-loader worker processes.",
     "activation_checkpointing": "Recompute each block in backward (less memory, slower steps).",
     "distill": "reference: inplace distillation from the FP32 reference given as --checkpoint.",
-    "distill_weight": "Weight of the distillation KL term.",
+    "distill_weight": "Weight of the distillation KL term (the reference's per-pixel class distributions).",
+    "feature_weight": "Weight of feature distillation: the MSE of the encoder's output features to the reference's, "
+                      "relative to the reference features' mean square (needs --distill reference).",
+    "label_weight": "Weight of the cross-entropy on the labels (0 with --distill reference: learn from the "
+                    "reference only).",
+    "l2sp": "L2-SP: each step pulls every weight toward the checkpoint's by learning rate x l2sp of the difference "
+            "(decoupled, as AdamW's decay; the LoRA phase's frozen weights stay where they are).",
     "weight_init": "Weight step sizes start at LSQ+'s 3-sigma rule or at the MSE-optimal clipping.",
     "device": "auto (a GPU where torch sees one), cpu or cuda.",
     "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16 autocast.",

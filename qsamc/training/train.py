@@ -39,7 +39,7 @@ from qsamc.task.data import build_dataset, make_batch
 from qsamc.errors import ConfigError, QsamcError, WriteError
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.task.head import SegmentationModel
-from qsamc.task.losses import distillation_loss, segmentation_loss
+from qsamc.task.losses import distillation_loss, feature_distillation_loss, segmentation_loss
 from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import AttachLoraPass, CalibrateActivationsPass
 from qsamc.progress import progress_bar
@@ -100,8 +100,8 @@ def batch_indices(config: TrainConfig, size: int, iteration: int, rank: int, wor
 
 
 class Teacher:
-    """The frozen FP32 reference that `distill="reference"` distils from, at the student's resolution
-    (its logits at the token grid, as the student's)."""
+    """The frozen FP32 reference that `distill="reference"` distils from, at the student's resolution:
+    (its logits at the token grid, as the student's; its encoder's output features)."""
 
     def __init__(self, model: SegmentationModel, space: SearchSpace) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -109,9 +109,47 @@ class Teacher:
         self.space = space
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.supernet.configure(fp32_subnet(self.space, images.shape[-1]))
-        return self.model(images, upsample=False)
+        return self.model(images, upsample=False, with_features=True)
+
+
+def distilled_loss(config: TrainConfig, wrapped: nn.Module, teacher: Teacher, images: torch.Tensor,
+                   masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """`label_weight` x cross-entropy + `distill_weight` x per-pixel KL to the reference + `feature_weight` x
+    the relative MSE of the encoder's features to the reference's (terms of weight 0 are not computed)."""
+    logits, features = wrapped(images, upsample=False, with_features=True)
+    reference_logits, reference_features = teacher(images)
+    logits = logits.float()
+    loss = logits.new_zeros(())
+    if config.label_weight:
+        loss = loss + config.label_weight * segmentation_loss(logits, masks, ignore_index)
+    if config.distill_weight:
+        loss = loss + config.distill_weight * distillation_loss(logits, reference_logits.float(), masks, ignore_index)
+    if config.feature_weight:
+        loss = loss + config.feature_weight * feature_distillation_loss(features.float(), reference_features.float())
+    return loss
+
+
+class WeightAnchor:
+    """L2-SP, decoupled: after each optimizer step, every weight the checkpoint gave moves toward the
+    checkpoint's value by its group's learning rate x `strength` of the difference (as AdamW decays toward 0).
+    Quantizer step sizes and offsets and LoRA adapters have no anchor; frozen weights are left alone."""
+
+    def __init__(self, model: nn.Module, strength: float) -> None:
+        self.strength = strength
+        self.anchors = {name: p.detach().clone() for name, p in model.named_parameters()
+                        if not is_quantizer_state(name) and ".lora." not in name}
+        self.named = dict(model.named_parameters())
+
+    @torch.no_grad()
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
+        by_id = {id(p): name for name, p in self.named.items() if name in self.anchors}
+        for group in optimizer.param_groups:
+            names = [by_id[id(p)] for p in group["params"] if id(p) in by_id and p.requires_grad]
+            if names:
+                torch._foreach_lerp_([self.named[n] for n in names], [self.anchors[n] for n in names],
+                                     min(group["lr"] * self.strength, 1.0))
 
 
 def peak_memory_mb() -> float:
@@ -317,6 +355,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
         model.head.set_bits(32)
     model.to(device)
     teacher = Teacher(model, space) if config.distill == "reference" else None
+    anchor = WeightAnchor(model, config.l2sp) if config.l2sp else None
 
     lora_from = config.lora_from()
     state = load_checkpoint(run) if resume else None
@@ -359,10 +398,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
                         if teacher is None:  # the head's own loss (the light head's CE, Mask2Former's set loss)
                             loss = wrapped(images, masks=masks, ignore_index=train_set.ignore_index)
                         else:
-                            logits = wrapped(images, upsample=False)
-                            loss = segmentation_loss(logits.float(), masks, train_set.ignore_index)
-                            loss = loss + config.distill_weight * distillation_loss(
-                                logits.float(), teacher(images).float(), masks, train_set.ignore_index)
+                            loss = distilled_loss(config, wrapped, teacher, images, masks, train_set.ignore_index)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"the loss became {loss.item()} at iteration {iteration + 1}; training stopped and the last "
@@ -370,6 +406,8 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
                     (loss / len(subnets)).backward()
                     total += loss.item() / len(subnets)
                 optimizer.step()
+                if anchor is not None:
+                    anchor(optimizer)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = iteration + 1
