@@ -12,7 +12,8 @@ each stage written under --out/<fold> and reused when it is already there (--fre
               post-training quantizer starts from.
 2. baselines  `qsamc baseline` from the reference, calibrated on the images the reference trained on and
               scored on the fold's images: ModelOpt PTQ (W8A8, W4A8, W4A4), ModelOpt AutoQuantize (6 and 5
-              effective weight bits), ONNX Runtime quantize_static (W8A8).
+              effective weight bits), ONNX Runtime quantize_static (W8A8), and ModelOpt QAT (W8A8, W4A8,
+              W4A4: PTQ, then as many steps on the same images as the supernet, distilled from the reference).
 3. supernet   `qsamc train` (progressive, multiplex LoRA) from the reference's encoder and head, with
               inplace distillation from it, holding out what the reference held out.
 4. search     `qsamc search --target cpu --bitops` at each peer's BitOPs and at 1% / 2% of FP32 (attention
@@ -23,7 +24,7 @@ each stage written under --out/<fold> and reused when it is already there (--fre
               cpu` of each (Q/DQ ONNX, every check: mIoU through ONNX Runtime, CPU latency).
 
 The table gives every fold and the mean over the drive folds: mIoU, and each difference to the FP32
-reference and to the peer at equal BitOPs with its paired bootstrap 95% interval over images (stratified
+reference, to the post-training peer at equal BitOPs and (uniform subnets) to ModelOpt QAT at the same bits with its paired bootstrap 95% interval over images (stratified
 by fold for the mean; `qsamc.task.intervals`). An interval that holds 0 is a tie. Writes results.json and
 real_data.png (mIoU against BitOPs per fold) under --out; each fold's stage times are in results.json.
 
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from qsamc.baselines import run_baselines
+from qsamc.baselines import METHODS, QatSettings, run_baselines
 from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.ir.frontend import count_bitops
 from qsamc.pipeline import export_subnet, run_search
@@ -120,9 +121,12 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
 
     started = time.perf_counter()
     if stage(fold, "baselines", baselines / "confusions.pt", fresh):
+        supernet_settings = scaled(SUPERNET, scale)
+        qat = QatSettings(iterations=supernet_settings["iterations"], batch_size=supernet_settings["batch_size"],
+                          label_weight=supernet_settings.get("label_weight", 1.0))  # as many steps, as the supernet
         found = run_baselines(reference, data["dataset"], Path(data["data_root"]), baselines, effective_bits=(6.0, 5.0),
-                              progress=lambda line: print(f"  {line}", flush=True), overwrite=True,
-                              split=scoring_split, per_image=True)
+                              methods=(*METHODS, "modelopt-qat"), progress=lambda line: print(f"  {line}", flush=True),
+                              overwrite=True, split=scoring_split, per_image=True, qat=qat)
         atomic_torch_save({r.label: r.evaluation.image_confusions for r in found}, baselines / "confusions.pt")
     times["baselines"] = time.perf_counter() - started
 
@@ -210,17 +214,25 @@ def peer_of(row: dict, rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["method"] not in ("qsamc", "fp32") and r["bitops"] == row["budget"]), None)
 
 
+def qat_of(row: dict) -> str | None:
+    """The ModelOpt QAT row a uniform qsamc subnet is also judged against (same bits, trained as long)."""
+    uniform = row["method"] == "qsamc" and row.get("budget") is None and row["label"] != "qsamc FP32 grid"
+    return f"ModelOpt QAT {row['label'].split()[-1]}" if uniform else None
+
+
 def comparisons(fold: dict) -> list[dict]:
-    """Each row of a fold with its differences to the FP32 reference and to its peer, and their intervals."""
+    """Each row of a fold with its differences to the FP32 reference, to its post-training peer and (uniform
+    subnets) to ModelOpt QAT at the same bits, and their intervals."""
     confusions, rows = fold["confusions"], fold["rows"]
     reference = confusions["FP32 reference"]
     out = []
     for row in rows:
-        peer = peer_of(row, rows)
+        peer, qat = peer_of(row, rows), qat_of(row)
         mine = confusions[row["label"]]
         out.append({**row, "vs_fp32": paired_bootstrap(mine, reference).to_json() if row["method"] != "fp32" else None,
                     "peer": peer["label"] if peer else None,
-                    "vs_peer": paired_bootstrap(mine, confusions[peer["label"]]).to_json() if peer else None})
+                    "vs_peer": paired_bootstrap(mine, confusions[peer["label"]]).to_json() if peer else None,
+                    "vs_qat": paired_bootstrap(mine, confusions[qat]).to_json() if qat in confusions else None})
     return out
 
 
@@ -236,17 +248,18 @@ def report(folds: list[dict], out: Path) -> None:
         fold["rows"] = comparisons(fold)
         print(f"\n### fold {fold['fold']}: scored on {fold['scored_on']}, {fold['images']} images; stages "
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in fold["seconds"].items()))
-        print("\n| model | % of FP32 BitOPs | mIoU | vs FP32 [95% CI] | peer at equal BitOPs | vs peer [95% CI] |")
-        print("|---|---:|---:|---:|---|---:|")
+        print("\n| model | % of FP32 BitOPs | mIoU | vs FP32 [95% CI] | peer at equal BitOPs | vs peer [95% CI] | "
+              "vs ModelOpt QAT [95% CI] |")
+        print("|---|---:|---:|---:|---|---:|---:|")
         for r in sorted(fold["rows"], key=lambda r: -r["bitops"]):
             print(f"| {r['label']} | {100 * r['bitops'] / fold['fp32_bitops']:.2f}% | {100 * r['miou']:.2f} | "
-                  f"{describe(r['vs_fp32'])} | {r['peer'] or '-'} | {describe(r['vs_peer'])} |")
+                  f"{describe(r['vs_fp32'])} | {r['peer'] or '-'} | {describe(r['vs_peer'])} | {describe(r['vs_qat'])} |")
     drives = [f for f in folds if f["fold"] in DRIVES]
     if len(drives) > 1:
         labels = [r["label"] for r in drives[0]["rows"] if all(r["label"] in f["confusions"] for f in drives)]
         print(f"\n### mean over the held-out drives ({', '.join(f['fold'] for f in drives)})")
-        print("\n| model | mIoU | vs FP32 [95% CI] | worst drive vs FP32 | vs peer [95% CI] |")
-        print("|---|---:|---:|---:|---:|")
+        print("\n| model | mIoU | vs FP32 [95% CI] | worst drive vs FP32 | vs peer [95% CI] | vs ModelOpt QAT [95% CI] |")
+        print("|---|---:|---:|---:|---:|---:|")
         for label in labels:
             per_fold = [next(r for r in f["rows"] if r["label"] == label) for f in drives]
             vs_fp32 = None if per_fold[0]["method"] == "fp32" else mean_interval(
@@ -254,11 +267,15 @@ def report(folds: list[dict], out: Path) -> None:
             peers = [r["peer"] for r in per_fold]
             vs_peer = mean_interval([(f["confusions"][label], f["confusions"][p]) for f, p in zip(drives, peers)]
                                     ).to_json() if all(peers) else None
+            qat = qat_of(per_fold[0])
+            vs_qat = mean_interval([(f["confusions"][label], f["confusions"][qat]) for f in drives]).to_json() if (
+                qat and all(qat in f["confusions"] for f in drives)) else None
             worst = min((r["vs_fp32"]["difference"] for r in per_fold if r["vs_fp32"]), default=None)
             miou = sum(r["miou"] for r in per_fold) / len(per_fold)
-            summary[label] = {"miou": miou, "vs_fp32": vs_fp32, "worst_vs_fp32": worst, "vs_peer": vs_peer}
+            summary[label] = {"miou": miou, "vs_fp32": vs_fp32, "worst_vs_fp32": worst, "vs_peer": vs_peer,
+                              "vs_qat": vs_qat}
             print(f"| {label} | {100 * miou:.2f} | {describe(vs_fp32)} | "
-                  f"{'-' if worst is None else f'{100 * worst:+.2f}'} | {describe(vs_peer)} |")
+                  f"{'-' if worst is None else f'{100 * worst:+.2f}'} | {describe(vs_peer)} | {describe(vs_qat)} |")
     atomic_write_json(out / "results.json", {"folds": [{k: v for k, v in f.items() if k != "confusions"} for f in folds],
                                              "mean_over_drives": summary})
     plot(folds, out / "real_data.png")
@@ -273,6 +290,7 @@ def plot(folds: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(folds), figsize=(4.2 * len(folds), 4), squeeze=False)
     styles = {"qsamc": ("o", "#1b9e77"), "fp32": ("*", "black"), "modelopt-ptq": ("s", "#d95f02"),
+              "modelopt-qat": ("P", "#66a61e"),
               "modelopt-autoquantize": ("D", "#7570b3"), "ort-static": ("^", "#e7298a")}
     for ax, fold in zip(axes[0], folds):
         for method, (marker, colour) in styles.items():

@@ -216,6 +216,9 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            crossovers: int = typer.Option(25), mutation_prob: float = typer.Option(0.2),
            generations: int = typer.Option(5), objective: Objective = typer.Option(Objective.loss, help="Fitness: validation loss (the paper), mIoU (semantic runs) or mask AP (instance runs)."),
            seed: int = typer.Option(0),
+           sensitivity_seed: bool = typer.Option(True, help="Also start evolution from the subnet per-layer sensitivity "
+                                                 "(AutoQuantize's gradient scores on the search images) and a budgeted "
+                                                 "solve pick."),
            float_macs: FloatMacs = typer.Option(FloatMacs.fp32, help="Count attention matmuls in BitOPs at 32x32 bits, "
                                                 "or exclude them (the paper's convention)."),
            split: Split = typer.Option(Split.auto, help="The images that score subnets: auto is the run's held-out "
@@ -226,7 +229,8 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
     from qsamc import pipeline  # deferred: start-up time (the module's docstring says why)
     from rich.progress import BarColumn, Progress, TextColumn
 
-    config = EvolutionConfig(population, top_k, mutations, crossovers, mutation_prob, generations, objective.value, seed)
+    config = EvolutionConfig(population, top_k, mutations, crossovers, mutation_prob, generations, objective.value, seed,
+                             sensitivity_seed=sensitivity_seed)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} generations"),
                   TextColumn("best {task.fields[best]}"), console=console) as progress:
         tasks: dict[int, int] = {}
@@ -354,8 +358,9 @@ def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`q
              dataset: str = typer.Option("synthetic", help="Dataset format: synthetic, ade20k, camvid."),
              data_root: Optional[Path] = typer.Option(None, help="Dataset folder (not for synthetic)."),
              out: Path = typer.Option(Path("baselines"), help="Output folder for baselines.json and the ONNX models."),
-             method: Optional[list[str]] = typer.Option(None, help="modelopt-ptq, modelopt-autoquantize, ort-static; "
-                                                        "repeat for several (default: all)."),
+             method: Optional[list[str]] = typer.Option(None, help="modelopt-ptq, modelopt-autoquantize, ort-static, "
+                                                        "modelopt-qat (trains); repeat for several (default: all but "
+                                                        "modelopt-qat)."),
              bits: Optional[list[str]] = typer.Option(None, help="ModelOpt PTQ bits, e.g. W8A8; repeat (default W8A8, W4A8, W4A4)."),
              effective_bits: Optional[list[float]] = typer.Option(None, help="AutoQuantize budgets in effective weight bits; "
                                                                    "repeat (default 6)."),
@@ -364,15 +369,18 @@ def baseline(reference: Path = typer.Option(..., help="An FP32 reference run (`q
              overwrite: bool = typer.Option(False, help="Replace the earlier baselines in --out (whole, in one step)."),
              split: BaselineSplit = typer.Option(BaselineSplit.val, help="The images that score the peers: val, or "
                                                  "holdout (the reference's held-out training images)."),
+             qat_iterations: int = typer.Option(1200, help="ModelOpt QAT: training iterations (as many as the "
+                                                "supernet's, for a like-for-like peer)."),
+             qat_lr: float = typer.Option(1e-5, help="ModelOpt QAT: starting learning rate (half a cosine to 1% of it)."),
              device: Device = typer.Option(Device.auto, help="Where the PyTorch peers are scored: " + DEVICE_HELP)):
     """Post-training quantized peers of an FP32 reference (ModelOpt PTQ / AutoQuantize, ONNX Runtime
     quantize_static), scored like qsamc's subnets: val mIoU, BitOPs, ONNX Runtime CPU latency."""
-    from qsamc.baselines import METHODS, PTQ_BITS, parse_bits, run_baselines  # deferred: start-up time
+    from qsamc.baselines import METHODS, PTQ_BITS, QatSettings, parse_bits, run_baselines  # deferred: start-up time
     results = run_baselines(reference, dataset, data_root, out, tuple(method or METHODS),
                             tuple(parse_bits(b) for b in bits) if bits else PTQ_BITS,
                             tuple(effective_bits or (6.0,)), calibration, val_limit,
                             progress=lambda line: console.print(line), device=device.value, overwrite=overwrite,
-                            split=split.value)
+                            split=split.value, qat=QatSettings(iterations=qat_iterations, lr=qat_lr))
     fp32 = results[0]
     table = Table(title=f"baselines of {reference} (BitOPs: attention matmuls excluded)")
     for column in ("method", "BitOPs", "% of FP32", "CPU latency", "val mIoU"):

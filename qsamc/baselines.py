@@ -10,6 +10,10 @@ peers that qsamc's searched subnets are compared against:
   `INT8_DEFAULT_CFG` untouched, which also quantizes every LayerNorm's input.
 - `modelopt-autoquantize`: `mtq.auto_quantize` choosing W8A8, W4A8 or float per layer (gradient
   sensitivity) under an effective-bits budget: ModelOpt's nearest equivalent of a mixed-precision search.
+- `modelopt-qat` (asked for by name: it trains): ModelOpt QAT as its guide gives it for integer formats,
+  `modelopt-ptq` at each PTQ bit-width, then every weight fine-tuned through ModelOpt's fake quantizers
+  (straight-through rounding, the calibrated ranges frozen; ModelOpt 0.47's learnt-scale LSQ is for NVFP4
+  only) with distillation from the frozen reference: `QatSettings`.
 - `ort-static`: ONNX Runtime `quantize_static` (QDQ, per-channel, S8S8, min-max calibration) of the FP32
   encoder ONNX, as a `cpu`-target user would quantize it (every MatMul and Conv, attention included).
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 import tempfile
 from dataclasses import dataclass, field, fields, replace
@@ -42,6 +47,9 @@ from qsamc.export.ort import ort_latency, ort_session
 from qsamc.export.verify import onnx_encoder_forward
 from qsamc.fileio import atomic_write_json, check_results_folder, replace_folder
 from qsamc.targets import get_target
+from qsamc.task.losses import distillation_loss, segmentation_loss
+from qsamc.training.config import TrainConfig
+from qsamc.training.train import batch_indices
 from qsamc.training.runs import SupernetSpec, load_supernet, read_head_state, reference_weights
 from qsamc.training.splits import search_images, trained_images
 from qsamc.task.data import Sample, build_dataset, make_batch
@@ -51,8 +59,31 @@ from qsamc.task.head import HEAD_BITS, SegmentationHead
 from qsamc.sam import build_encoder
 from qsamc.supernet.space import LayerBits, Subnet
 
-METHODS = ("modelopt-ptq", "modelopt-autoquantize", "ort-static")
+METHODS = ("modelopt-ptq", "modelopt-autoquantize", "ort-static")  # what `qsamc baseline` runs unless told
+TRAINED = ("modelopt-qat",)  # run when asked for by name: they train
 PTQ_BITS = ((8, 8), (4, 8), (4, 4))
+
+
+@dataclass(frozen=True)
+class QatSettings:
+    """ModelOpt QAT's training: `iterations` AdamW steps of `batch_size` augmented images the reference
+    trained on, at the reference's resolution; the learning rate starts at `lr` (ModelOpt's guide: about
+    1e-5 for Adam, ~1% of the pre-training rate) and follows half a cosine to 1% of it. The loss is qsamc's
+    distillation: per-pixel KL(reference || model) over labelled pixels + `label_weight` x cross-entropy."""
+
+    iterations: int = 1200
+    batch_size: int = 4
+    lr: float = 1e-5
+    label_weight: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch_size < 1:
+            raise ConfigError(f"QAT needs at least 1 iteration and 1 image per batch, got {self.iterations} and "
+                              f"{self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.label_weight) and self.label_weight >= 0):
+            raise ConfigError(f"QAT's learning rate must be above 0 and its label weight 0 or more, got {self.lr} and "
+                              f"{self.label_weight}")
 
 
 @dataclass
@@ -233,6 +264,36 @@ def modelopt_autoquantize(reference: Reference, batches: list[tuple[torch.Tensor
     return model.eval()
 
 
+def modelopt_qat(reference: Reference, calibration: list[torch.Tensor], w_bits: int, a_bits: int,
+                 train_set, settings: QatSettings, ignore_index: int,
+                 progress: Callable[[str], None] = lambda _: None) -> nn.Module:
+    """ModelOpt QAT (see `QatSettings`): `modelopt_ptq`, then the weights trained through its fake quantizers
+    with the quantizers' ranges (buffers, not parameters) as calibrated."""
+    model = modelopt_ptq(reference, calibration, w_bits, a_bits).train()
+    teacher = reference.model.eval()
+    params = [p.requires_grad_(True) for p in model.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.iterations, eta_min=settings.lr / 100)
+    order = TrainConfig(batch_size=settings.batch_size, seed=settings.seed)  # the trainer's seeded epochs
+    resolution = reference.resolution
+    for iteration in range(settings.iterations):
+        epoch, indices = batch_indices(order, len(train_set), iteration, 0, 1)
+        images, masks = make_batch([train_set.sample(i, epoch) for i in indices], resolution)
+        logits = model.head(model.encoder(images), None)
+        with torch.no_grad():
+            target = teacher.head(teacher.encoder(images), None)
+        loss = distillation_loss(logits, target, masks, ignore_index)
+        if settings.label_weight:
+            loss = loss + settings.label_weight * segmentation_loss(logits, masks, ignore_index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if (iteration + 1) % max(settings.iterations // 4, 1) == 0:
+            progress(f"ModelOpt QAT W{w_bits}A{a_bits}: iteration {iteration + 1}/{settings.iterations}, loss {loss.item():.4f}")
+    return model.eval()
+
+
 # --- ONNX Runtime -----------------------------------------------------------------------------------
 
 
@@ -306,15 +367,16 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
                   methods: tuple[str, ...] = METHODS, ptq_bits: tuple[tuple[int, int], ...] = PTQ_BITS,
                   effective_bits: tuple[float, ...] = (6.0,), calibration: int = 32, val_limit: int | None = None,
                   latency_runs: int = 10, progress: Callable[[str], None] = lambda _: None, device: str = "cpu",
-                  overwrite: bool = False, split: str = "val", per_image: bool = False) -> list[BaselineResult]:
+                  overwrite: bool = False, split: str = "val", per_image: bool = False,
+                  qat: QatSettings = QatSettings()) -> list[BaselineResult]:
     """What `qsamc baseline` does: load the FP32 reference -> each method -> score on `split` (val, or the
     reference's held-out training images: `holdout`) -> results.json. Calibration runs on the CPU; the PyTorch
     models are scored on `device` (ONNX Runtime's on the CPU). `per_image`: each result's evaluation keeps
     its images' confusion matrices (paired bootstrap intervals, `qsamc.task.intervals`). A folder holding
     earlier baselines is replaced (whole, in one step) only with `overwrite`."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in (*METHODS, *TRAINED)]
     if unknown:
-        raise ConfigError(f"unknown baseline '{unknown[0]}'; known baselines are {', '.join(METHODS)}")
+        raise ConfigError(f"unknown baseline '{unknown[0]}'; known baselines are {', '.join((*METHODS, *TRAINED))}")
     check_results_folder(out, overwrite, "a baseline run",
                          lambda name: name in ("baselines.json", "encoder-fp32.onnx", "encoder-ort-static.onnx"))
     scoring = resolve_device(device)
@@ -351,6 +413,13 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
             model = modelopt_ptq(reference, images, 8, 8, layer_norms=True)
             add("modelopt-ptq", "ModelOpt PTQ W8A8 (INT8_DEFAULT_CFG as is)", _modelopt_bits(model, reference),
                 scored(model), notes={"layer_norm_inputs": "int8"})
+    if "modelopt-qat" in methods:
+        train_set = trained_images(reference_run, dataset, data_root, augment=True, seed=qat.seed)
+        for w, a in ptq_bits:
+            model = modelopt_qat(reference, images, w, a, train_set, qat, val.ignore_index, progress)
+            add("modelopt-qat", f"ModelOpt QAT W{w}A{a}", _modelopt_bits(model, reference), scored(model),
+                notes={"iterations": qat.iterations, "batch_size": qat.batch_size, "lr": qat.lr,
+                       "label_weight": qat.label_weight})
     if "modelopt-autoquantize" in methods:
         for bits in effective_bits:
             model = modelopt_autoquantize(reference, batches, bits, val.ignore_index)

@@ -33,6 +33,7 @@ from qsamc.search.cost import BitopsCost, Budget, CostModel, RooflineLatency, pa
 from qsamc.search.evolution import (TASK_OBJECTIVES, EvolutionConfig, SearchResult, SubnetFitness, default_ladder,
                                     search)
 from qsamc.search.latency_table import LatencyTable, TableLatency, default_table_path
+from qsamc.search.sensitivity import measure_sensitivity
 from qsamc.search.pareto import is_search_file, write_search
 from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.targets import Target, get_target
@@ -193,8 +194,10 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
         raise ConfigError(f"the supernet in {run} predicts {spec.num_classes} classes but the {dataset} data has "
                           f"{images.num_classes}: pass the dataset it was trained on (--dataset, --data-root)")
     data = ValidationSet(images, val_limit, batch_size)
+    # Per-layer sensitivity seeds evolution where the light head's per-pixel loss gives its gradients.
+    sensitivity = measure_sensitivity(model, space, data) if config.sensitivity_seed and spec.head == "light" else None
     result = search(space, costs, SubnetFitness(model, data), parsed, config,
-                    on_generation=on_generation if rank == 0 else None)
+                    on_generation=on_generation if rank == 0 else None, sensitivity=sensitivity)
     result.scored_on = scored_on
     written = []
     if rank == 0:

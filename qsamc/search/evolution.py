@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from qsamc.search.cost import Budget, CostModel, cheapest, format_cost, set_group_bits
 from qsamc.errors import BudgetError, ConfigError
+from qsamc.search.sensitivity import Sensitivity, sensitivity_seed
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
 from qsamc.supernet.space import SearchSpace, Subnet
 from qsamc.threads import adapt as adapt_threads
@@ -59,6 +60,9 @@ class EvolutionConfig:
     # deploy, and the largest-that-fits starting points OFA and BigNAS use), costliest first. A random
     # subnet of a mixed space is mostly low-bit, and a few generations rarely climb back from there.
     uniform_seeds: bool = True
+    # Also start from the subnet that per-layer sensitivity (AutoQuantize's gradient scores, measured on the
+    # search images) and a budgeted solve pick (`qsamc.search.sensitivity`), where the caller measured them.
+    sensitivity_seed: bool = True
 
     def __post_init__(self) -> None:
         if min(self.population, self.top_k, self.generations) < 1 or min(self.mutations, self.crossovers) < 0:
@@ -162,8 +166,8 @@ class Searcher:
     """The shared state of one search run: space, cost models, fitness, evaluation cache, rng."""
 
     def __init__(self, space: SearchSpace, costs: Sequence[CostModel], fitness: Fitness,
-                 config: EvolutionConfig = EvolutionConfig()) -> None:
-        self.space, self.fitness, self.config = space, fitness, config
+                 config: EvolutionConfig = EvolutionConfig(), sensitivity: Sensitivity | None = None) -> None:
+        self.space, self.fitness, self.config, self.sensitivity = space, fitness, config, sensitivity
         self.costs = {c.name: c for c in costs}
         self.rng = random.Random(config.seed)
         self.cache: dict[Subnet, Candidate] = {}
@@ -323,6 +327,10 @@ class Searcher:
         fallback = self.check_budgets(budgets)
         seen: set[Subnet] = set()
         seeds = self.uniform_seeds(budgets)[: cfg.population // 2] if cfg.uniform_seeds else []
+        if self.sensitivity is not None and cfg.sensitivity_seed:
+            seeded = sensitivity_seed(self.space, self.sensitivity, budgets, self.cost_of)
+            if seeded is not None:
+                seeds = list(dict.fromkeys([self.space.canonical(seeded), *seeds]))[: max(cfg.population // 2, 1)]
         seen.update(seeds)
         population = seeds + self._children(lambda: self.space.sample(rng), cfg.population - len(seeds), budgets,
                                             fallback, seen)
@@ -367,14 +375,16 @@ def budget_sets(budgets: Sequence[Budget]) -> list[tuple[Budget, ...]]:
 def search(space: SearchSpace, costs: Sequence[CostModel], fitness: Fitness, budgets: Sequence[Budget],
            config: EvolutionConfig = EvolutionConfig(), method: Literal["evolution", "random"] = "evolution",
            evaluations: int | None = None,
-           on_generation: Callable[[int, int, float], None] | None = None) -> SearchResult:
+           on_generation: Callable[[int, int, float], None] | None = None,
+           sensitivity: Sensitivity | None = None) -> SearchResult:
     """Search under every budget set (a Pareto front when there are several), sharing one cache.
     `on_generation(budget set, generation, best objective value)` follows the progress (the value is
-    the validation loss or the mIoU, as the objective reads).
+    the validation loss or the mIoU, as the objective reads). `sensitivity`: per-layer scores that seed
+    each budget set's first population (`EvolutionConfig.sensitivity_seed`).
 
     `method="random"` draws `evaluations` random legal subnets per budget set instead.
     """
-    searcher = Searcher(space, costs, fitness, config)
+    searcher = Searcher(space, costs, fitness, config, sensitivity)
     sets = budget_sets(budgets)
     for s in sets:  # fail on an impossible budget before any evaluation
         searcher.check_budgets(s)

@@ -41,10 +41,12 @@ def search_images(run: Path, dataset: str, data_root: Path | None, split: str, t
     return build_dataset(dataset, data_root, split, task=task), split
 
 
-def trained_images(run: Path, dataset: str, data_root: Path | None, task: str = "semantic") -> SegmentationDataset:
+def trained_images(run: Path, dataset: str, data_root: Path | None, task: str = "semantic", augment: bool = False,
+                   seed: int = 0) -> SegmentationDataset:
     """The training images of `dataset` that `run` trained on: its train split less the images it held out
-    (all of train for a run on another dataset, or one without held-out images)."""
-    train = build_dataset(dataset, data_root, "train", task=task)
+    (all of train for a run on another dataset, or one without held-out images); `augment`: with the
+    trainer's augmentation, seeded by `seed`."""
+    train = build_dataset(dataset, data_root, "train", task=task, augment=augment, seed=seed)
     config = run_config(run)
     if config is None or not _trained_on(config, dataset, data_root):
         return train

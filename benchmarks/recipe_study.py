@@ -1,0 +1,186 @@
+"""What keeps a supernet as general as its FP32 reference: training recipes side by side, leave one drive out.
+
+On a CamVid drive nobody trained on, a supernet trained with cross-entropy on the labels plus per-pixel KL
+from the reference lost 3-5 mIoU points that post-training quantization keeps (docs/benchmarks.md). This
+study trains one supernet per recipe from the same reference, in each fold, and scores each at the FP32 grid
+and uniform W8A8 / W4A8 / W4A4 on the held-out drive, beside the reference and ModelOpt PTQ at the same
+bits. Per fold (`<drive>`: trained without that drive, scored on it), under --out/<fold>:
+
+1. reference   `qsamc train --schedule fp32` (benchmarks/real_data.py's settings and holdout).
+2. peers       `qsamc baseline --split holdout`: the reference and ModelOpt PTQ, scored on the drive.
+3. <recipe>    `qsamc train` from the reference with real_data's supernet settings and the recipe's changes.
+
+Recipes (RECIPES): `calibrated` (2 iterations: quantizers calibrated, MSE weight scales, nothing learned;
+what post-training quantization does), `ce+kl` (the recipe before this study), `kl+feat` (no labels:
+logits KL and feature distillation from the reference), `kl+feat+l2sp` (and a pull toward the reference's
+weights), `lora kl+feat` (LoRA from the start, no full-parameter phase). Each difference to the reference
+and to ModelOpt PTQ has a paired bootstrap 95% interval over images; the mean over folds a stratified one.
+Writes results.json and recipe_study.png under --out.
+
+    python benchmarks/recipe_study.py [--data ../shared/data/camvid] [--out runs/recipe_study]
+                                      [--folds 0001TP,0006R0,0016E5] [--recipes ce+kl,kl+feat] [--scale 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qsamc.baselines import run_baselines
+from qsamc.fileio import atomic_torch_save, atomic_write_json
+from qsamc.task.evaluate import ValidationSet, evaluate_subnet
+from qsamc.task.intervals import mean_interval, miou_of, paired_bootstrap
+from qsamc.training.config import load_train_config
+from qsamc.training.runs import load_supernet
+from qsamc.training.splits import search_images
+from qsamc.training.train import train
+from real_data import DRIVES, MODEL, REFERENCE, SUPERNET, UNIFORM, describe, fold_holdout, scaled, stage
+
+DISTILLED = {"label_weight": 0.0, "distill_weight": 1.0, "feature_weight": 1.0}
+RECIPES = {
+    "calibrated": {"iterations": 2, "phase1_iterations": 1},  # not scaled
+    "ce+kl": {"label_weight": 1.0, "distill_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0},
+    "kl+feat": {**DISTILLED, "l2sp": 0.0},
+    "kl+feat+l2sp": {**DISTILLED, "l2sp": 100.0},
+    "lora kl+feat": {**DISTILLED, "schedule": "lora", "l2sp": 0.0},
+}
+SUBNETS = (("FP32 grid", 32, 32), *((f"W{w}A{a}", w, a) for w, a in UNIFORM))
+
+
+def recipe_settings(recipe: str, scale: float) -> dict:
+    settings = scaled(SUPERNET, scale)
+    changes = RECIPES[recipe]
+    if "iterations" in changes:
+        settings["checkpoint_every"] = changes["iterations"]
+    return {**settings, **changes}
+
+
+def run_fold(fold: str, root: Path, data: dict, recipes: list[str], scale: float) -> dict:
+    """Every stage of one fold; returns {label: per-image confusions} on the held-out drive and stage times."""
+    reference, peers = root / "reference", root / "peers"
+    holdout = fold_holdout(fold)
+    times = {}
+    started = time.perf_counter()
+    if stage(fold, "reference", reference / "supernet.pt", False):
+        train(load_train_config(None, {"model": MODEL, "out": str(reference), **data, **holdout,
+                                       **scaled(REFERENCE, scale)}), overwrite=True)
+    times["reference"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if stage(fold, "peers", peers / "confusions.pt", False):
+        found = run_baselines(reference, data["dataset"], Path(data["data_root"]), peers, methods=("modelopt-ptq",),
+                              overwrite=True, split="holdout", per_image=True)
+        atomic_torch_save({r.label: r.evaluation.image_confusions for r in found}, peers / "confusions.pt")
+    times["peers"] = time.perf_counter() - started
+    confusions = torch.load(peers / "confusions.pt", weights_only=True)
+    for recipe in recipes:
+        run = root / recipe.replace(" ", "_").replace("+", "-")
+        started = time.perf_counter()
+        if stage(fold, recipe, run / "confusions.pt", False):
+            train(load_train_config(None, {"model": MODEL, "out": str(run), "checkpoint": str(reference), **data,
+                                           **holdout, **recipe_settings(recipe, scale)}), overwrite=True)
+            model, _, spec = load_supernet(run)
+            images, _ = search_images(run, data["dataset"], Path(data["data_root"]), "holdout", "semantic")
+            scored = ValidationSet(images)
+            largest = spec.space.max_subnet()
+            found = {f"{recipe} {name}": evaluate_subnet(model, spec.space.uniform_bits(largest, w, a), scored,
+                                                         per_image=True).image_confusions for name, w, a in SUBNETS}
+            atomic_torch_save(found, run / "confusions.pt")
+        confusions.update(torch.load(run / "confusions.pt", weights_only=True))
+        times[recipe] = time.perf_counter() - started
+    print(f"[{fold}] stages took " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()), flush=True)
+    return {"fold": fold, "confusions": confusions, "seconds": times}
+
+
+def peer_label(label: str) -> str | None:
+    bits = label.split()[-1]
+    return None if bits == "grid" else f"ModelOpt PTQ {bits}"
+
+
+def report(folds: list[dict], recipes: list[str], out: Path) -> None:
+    reference = "FP32 reference"
+    labels = [f"ModelOpt PTQ {name}" for name, _, _ in SUBNETS[1:]]
+    labels += [f"{recipe} {name}" for recipe in recipes for name, _, _ in SUBNETS]
+    rows = []
+    print(f"\n### {len(folds)} held-out drive(s): {', '.join(f['fold'] for f in folds)} "
+          f"({', '.join(str(int(f['confusions'][reference].shape[0])) for f in folds)} images)")
+    print("\n| model | mIoU | vs FP32, mean [95% CI] | per drive vs FP32 | worst | vs ModelOpt PTQ [95% CI] |")
+    print("|---|---:|---:|---|---:|---:|")
+    for label in [reference, *labels]:
+        per_fold = [paired_bootstrap(f["confusions"][label], f["confusions"][reference]) for f in folds]
+        miou = sum(float(miou_of(f['confusions'][label].sum(0))) for f in folds) / len(folds)
+        row = {"label": label, "miou": miou, "per_fold": {f["fold"]: i.to_json() for f, i in zip(folds, per_fold)}}
+        if label != reference:
+            row["vs_fp32"] = mean_interval([(f["confusions"][label], f["confusions"][reference]) for f in folds]).to_json()
+            peer = peer_label(label) if not label.startswith("ModelOpt") else None
+            row["vs_peer"] = mean_interval([(f["confusions"][label], f["confusions"][peer]) for f in folds]
+                                           ).to_json() if peer else None
+        rows.append(row)
+        drives = " / ".join(f"{100 * i.difference:+.1f}" for i in per_fold)
+        worst = min(i.difference for i in per_fold)
+        print(f"| {label} | {100 * miou:.2f} | {describe(row.get('vs_fp32'))} | {drives if label != reference else '-'} | "
+              f"{f'{100 * worst:+.2f}' if label != reference else '-'} | {describe(row.get('vs_peer'))} |")
+    atomic_write_json(out / "results.json", {"folds": [{"fold": f["fold"], "seconds": f["seconds"]} for f in folds],
+                                             "rows": rows})
+    plot(rows, recipes, out / "recipe_study.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'recipe_study.png'}")
+
+
+def plot(rows: list[dict], recipes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_label = {r["label"]: r for r in rows}
+    methods = ["ModelOpt PTQ", *recipes]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        for j, (name, _, _) in enumerate(SUBNETS):
+            row = by_label.get(f"{method} {name}")
+            if row is None:
+                continue
+            interval = row["vs_fp32"]
+            x = j + (k - len(methods) / 2 + 0.5) * width
+            ax.bar(x, 100 * interval["difference"], width, color=f"C{k}", label=method if j == 1 else None)
+            ax.errorbar(x, 100 * interval["difference"], color="black", capsize=2, linewidth=0.8,
+                        yerr=[[100 * (interval["difference"] - interval["low"])],
+                              [100 * (interval["high"] - interval["difference"])]])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(SUBNETS)), [name for name, _, _ in SUBNETS])
+    ax.set_ylabel("mIoU vs FP32 reference (points)")
+    ax.set_title("held-out CamVid drives, mean over folds, 95% CI (vit_t stand-in)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid")
+    parser.add_argument("--out", type=Path, default=Path("runs/recipe_study"))
+    parser.add_argument("--folds", default=",".join(DRIVES), help=f"Some of {', '.join(DRIVES)}.")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"Some of {', '.join(RECIPES)}.")
+    parser.add_argument("--scale", type=float, default=1.0, help="Multiplies every training's iterations.")
+    args = parser.parse_args()
+    if not (args.data / "train").is_dir():
+        print(f"CamVid not found at {args.data}; skipping the recipe study.")
+        return
+    folds, recipes = args.folds.split(","), args.recipes.split(",")
+    if [f for f in folds if f not in DRIVES] or [r for r in recipes if r not in RECIPES] or not 0 < args.scale <= 10:
+        sys.exit(f"error: folds must be some of {', '.join(DRIVES)}, recipes some of {', '.join(RECIPES)}, "
+                 f"and 0 < --scale <= 10")
+    data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
+    started = time.perf_counter()
+    results = [run_fold(fold, args.out / fold, data, recipes, args.scale) for fold in folds]
+    report(results, recipes, args.out)
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
