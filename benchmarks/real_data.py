@@ -14,8 +14,9 @@ each stage written under --out/<fold> and reused when it is already there (--fre
               scored on the fold's images: ModelOpt PTQ (W8A8, W4A8, W4A4), ModelOpt AutoQuantize (6 and 5
               effective weight bits), ONNX Runtime quantize_static (W8A8), and ModelOpt QAT (W8A8, W4A8,
               W4A4: PTQ, then as many steps on the same images as the supernet, distilled from the reference).
-3. supernet   `qsamc train` (progressive, multiplex LoRA) from the reference's encoder and head, with
-              inplace distillation from it, holding out what the reference held out.
+3. supernet   `qsamc train` (progressive, multiplex LoRA) from the reference's encoder and head with the default
+              recipe (distillation from the reference alone, logits and features; L2-SP toward its weights),
+              holding out what the reference held out.
 4. search     `qsamc search --target cpu --bitops` at each peer's BitOPs and at 1% / 2% of FP32 (attention
               matmuls excluded), scored on images neither trained on nor reported: the held-out 10% in fold
               val, val in the drive folds (for fold 0016E5, val is other frames of the reported drive).
@@ -64,14 +65,18 @@ DRIVES = ("0001TP", "0006R0", "0016E5")
 FOLDS = ("val", *DRIVES)
 REFERENCE = {"schedule": "fp32", "iterations": 1500, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 250,
              "val_limit": 101}
+# The default recipe does the rest: from a reference run, distillation from it alone (logits and features) and
+# L2-SP toward its weights (benchmarks/recipe_study.py).
 SUPERNET = {"schedule": "progressive", "lora_variant": "multiplex", "iterations": 1200, "phase1_iterations": 600,
             "batch_size": 4, "lr": 2e-4, "lora_lr": 1e-3, "per_channel": True, "weight_init": "mse",
-            "distill": "reference", "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101}
-SEARCH = EvolutionConfig(population=16, top_k=4, mutations=8, crossovers=8, generations=4)
+            "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101}
+# Seeded with the uniform and sensitivity subnets, three generations of 12 on 16 images: the proxy study
+# (benchmarks/proxy_study.py) ranked subnets no better with 64 images than with 16.
+SEARCH = EvolutionConfig(population=12, top_k=4, mutations=6, crossovers=6, generations=3)
 SMOKE_SEARCH = EvolutionConfig(population=4, top_k=2, mutations=2, crossovers=2, generations=1)  # --smoke
 UNIFORM = ((8, 8), (4, 8), (4, 4))
 LADDER = (0.01, 0.02)  # extra BitOPs budgets, fractions of FP32
-SEARCH_IMAGES = 64
+SEARCH_IMAGES = 16
 SMOKE_IMAGES = 8
 
 
@@ -103,6 +108,14 @@ def fold_holdout(fold: str) -> dict:
     return {} if fold == "val" else {"holdout_match": f"{fold}_*"}
 
 
+def train_reference(fold: str, reference: Path, data: dict, scale: float, fresh: bool) -> None:
+    """Stage 1: the fold's FP32 reference, unless it is already there. A stage that runs replaces what an
+    earlier (killed or --fresh) run left in its folder."""
+    if stage(fold, "reference", reference / "supernet.pt", fresh):
+        train(load_train_config(None, {"model": MODEL, "out": str(reference), **data, **fold_holdout(fold),
+                                       **scaled(REFERENCE, scale)}), overwrite=True)
+
+
 def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke: bool = False) -> dict:
     """Every stage of one fold; returns its rows (label, method, BitOPs, mIoU, ...) and stage times, and
     saves the rows' per-image confusion matrices to <fold>/confusions.pt."""
@@ -113,17 +126,14 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
     holdout = fold_holdout(fold)
 
     started = time.perf_counter()
-    if stage(fold, "reference", reference / "supernet.pt", fresh):
-        # A stage that runs replaces what an earlier (killed or --fresh) run left in its folder.
-        train(load_train_config(None, {"model": MODEL, "out": str(reference), **data, **holdout,
-                                       **scaled(REFERENCE, scale)}), overwrite=True)
+    train_reference(fold, reference, data, scale, fresh)
     times["reference"] = time.perf_counter() - started
 
     started = time.perf_counter()
     if stage(fold, "baselines", baselines / "confusions.pt", fresh):
         supernet_settings = scaled(SUPERNET, scale)
-        qat = QatSettings(iterations=supernet_settings["iterations"], batch_size=supernet_settings["batch_size"],
-                          label_weight=supernet_settings.get("label_weight", 1.0))  # as many steps, as the supernet
+        # As many steps on as many images as the supernet, and its loss (the reference's KL alone).
+        qat = QatSettings(iterations=supernet_settings["iterations"], batch_size=supernet_settings["batch_size"])
         found = run_baselines(reference, data["dataset"], Path(data["data_root"]), baselines, effective_bits=(6.0, 5.0),
                               methods=(*METHODS, "modelopt-qat"), progress=lambda line: print(f"  {line}", flush=True),
                               overwrite=True, split=scoring_split, per_image=True, qat=qat)
@@ -309,12 +319,18 @@ def plot(folds: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def camvid_arguments(doc: str, out: str, folds: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The options every CamVid benchmark takes: --data, --out, --folds and --scale."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid")
-    parser.add_argument("--out", type=Path, default=Path("runs/real_data"))
-    parser.add_argument("--folds", default=",".join(FOLDS), help=f"Some of {', '.join(FOLDS)}.")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--folds", default=",".join(folds), help=f"Some of {', '.join(folds)}.")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiplies every training's iterations.")
+    return parser
+
+
+def main() -> None:
+    parser = camvid_arguments(__doc__, "runs/real_data", FOLDS)
     parser.add_argument("--fresh", action="store_true", help="Redo every stage.")
     parser.add_argument("--smoke", action="store_true", help="A one-generation search on 8 images: checks the "
                         "pipeline, measures nothing (with --scale 0.01, minutes per fold).")

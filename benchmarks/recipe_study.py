@@ -8,7 +8,8 @@ bits. Per fold (`<drive>`: trained without that drive, scored on it), under --ou
 
 1. reference   `qsamc train --schedule fp32` (benchmarks/real_data.py's settings and holdout).
 2. peers       `qsamc baseline --split holdout`: the reference and ModelOpt PTQ, scored on the drive.
-3. <recipe>    `qsamc train` from the reference with real_data's supernet settings and the recipe's changes.
+3. <recipe>    `qsamc train` from the reference with BASE (real_data's supernet settings before this study) and the
+               recipe's changes.
 
 Recipes (RECIPES): `calibrated` (2 iterations: quantizers calibrated, MSE weight scales, nothing learned;
 what post-training quantization does), `ce+kl` (the recipe before this study), `kl+feat` (no labels:
@@ -23,7 +24,6 @@ Writes results.json and recipe_study.png under --out.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -38,11 +38,18 @@ from qsamc.training.config import load_train_config
 from qsamc.training.runs import load_supernet
 from qsamc.training.splits import search_images
 from qsamc.training.train import train
-from real_data import DRIVES, MODEL, REFERENCE, SUPERNET, UNIFORM, describe, fold_holdout, scaled, stage
+from real_data import (DRIVES, MODEL, UNIFORM, camvid_arguments, describe, fold_holdout, scaled, stage,
+                       train_reference)
 
+# The supernet settings every recipe starts from: real_data.py's before this study (progressive multiplex LoRA,
+# 1200 iterations, cross-entropy + logits KL from the reference), kept here so that the study reruns as it ran.
+BASE = {"schedule": "progressive", "lora_variant": "multiplex", "iterations": 1200, "phase1_iterations": 600,
+        "batch_size": 4, "lr": 2e-4, "lora_lr": 1e-3, "per_channel": True, "weight_init": "mse",
+        "distill": "reference", "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101}
 DISTILLED = {"label_weight": 0.0, "distill_weight": 1.0, "feature_weight": 1.0}
 RECIPES = {
-    "calibrated": {"iterations": 2, "phase1_iterations": 1},  # not scaled
+    "calibrated": {"iterations": 2, "phase1_iterations": 1, "label_weight": 1.0, "distill_weight": 1.0,
+                   "feature_weight": 0.0, "l2sp": 0.0},  # not scaled
     "ce+kl": {"label_weight": 1.0, "distill_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0},
     "kl+feat": {**DISTILLED, "l2sp": 0.0},
     "kl+feat+l2sp": {**DISTILLED, "l2sp": 100.0},
@@ -52,7 +59,7 @@ SUBNETS = (("FP32 grid", 32, 32), *((f"W{w}A{a}", w, a) for w, a in UNIFORM))
 
 
 def recipe_settings(recipe: str, scale: float) -> dict:
-    settings = scaled(SUPERNET, scale)
+    settings = scaled(BASE, scale)
     changes = RECIPES[recipe]
     if "iterations" in changes:
         settings["checkpoint_every"] = changes["iterations"]
@@ -65,9 +72,7 @@ def run_fold(fold: str, root: Path, data: dict, recipes: list[str], scale: float
     holdout = fold_holdout(fold)
     times = {}
     started = time.perf_counter()
-    if stage(fold, "reference", reference / "supernet.pt", False):
-        train(load_train_config(None, {"model": MODEL, "out": str(reference), **data, **holdout,
-                                       **scaled(REFERENCE, scale)}), overwrite=True)
+    train_reference(fold, reference, data, scale, False)
     times["reference"] = time.perf_counter() - started
     started = time.perf_counter()
     if stage(fold, "peers", peers / "confusions.pt", False):
@@ -161,12 +166,8 @@ def plot(rows: list[dict], recipes: list[str], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid")
-    parser.add_argument("--out", type=Path, default=Path("runs/recipe_study"))
-    parser.add_argument("--folds", default=",".join(DRIVES), help=f"Some of {', '.join(DRIVES)}.")
+    parser = camvid_arguments(__doc__, "runs/recipe_study", DRIVES)
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"Some of {', '.join(RECIPES)}.")
-    parser.add_argument("--scale", type=float, default=1.0, help="Multiplies every training's iterations.")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         print(f"CamVid not found at {args.data}; skipping the recipe study.")

@@ -266,11 +266,12 @@ def modelopt_autoquantize(reference: Reference, batches: list[tuple[torch.Tensor
 
 def modelopt_qat(reference: Reference, calibration: list[torch.Tensor], w_bits: int, a_bits: int,
                  train_set, settings: QatSettings, ignore_index: int,
-                 progress: Callable[[str], None] = lambda _: None) -> nn.Module:
-    """ModelOpt QAT (see `QatSettings`): `modelopt_ptq`, then the weights trained through its fake quantizers
-    with the quantizers' ranges (buffers, not parameters) as calibrated."""
-    model = modelopt_ptq(reference, calibration, w_bits, a_bits).train()
-    teacher = reference.model.eval()
+                 progress: Callable[[str], None] = lambda _: None, device: torch.device | str = "cpu") -> nn.Module:
+    """ModelOpt QAT (see `QatSettings`): `modelopt_ptq` (on the CPU), then the weights trained on `device`
+    through its fake quantizers with the quantizers' ranges (buffers, not parameters) as calibrated. The
+    model comes back on the CPU; the reference is left there."""
+    model = modelopt_ptq(reference, calibration, w_bits, a_bits).train().to(device)
+    teacher = copy.deepcopy(reference.model).eval().requires_grad_(False).to(device)
     params = [p.requires_grad_(True) for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.iterations, eta_min=settings.lr / 100)
@@ -278,7 +279,7 @@ def modelopt_qat(reference: Reference, calibration: list[torch.Tensor], w_bits: 
     resolution = reference.resolution
     for iteration in range(settings.iterations):
         epoch, indices = batch_indices(order, len(train_set), iteration, 0, 1)
-        images, masks = make_batch([train_set.sample(i, epoch) for i in indices], resolution)
+        images, masks = (t.to(device) for t in make_batch([train_set.sample(i, epoch) for i in indices], resolution))
         logits = model.head(model.encoder(images), None)
         with torch.no_grad():
             target = teacher.head(teacher.encoder(images), None)
@@ -291,7 +292,7 @@ def modelopt_qat(reference: Reference, calibration: list[torch.Tensor], w_bits: 
         scheduler.step()
         if (iteration + 1) % max(settings.iterations // 4, 1) == 0:
             progress(f"ModelOpt QAT W{w_bits}A{a_bits}: iteration {iteration + 1}/{settings.iterations}, loss {loss.item():.4f}")
-    return model.eval()
+    return model.eval().to("cpu")
 
 
 # --- ONNX Runtime -----------------------------------------------------------------------------------
@@ -416,7 +417,7 @@ def run_baselines(reference_run: Path, dataset: str, data_root: Path | None, out
     if "modelopt-qat" in methods:
         train_set = trained_images(reference_run, dataset, data_root, augment=True, seed=qat.seed)
         for w, a in ptq_bits:
-            model = modelopt_qat(reference, images, w, a, train_set, qat, val.ignore_index, progress)
+            model = modelopt_qat(reference, images, w, a, train_set, qat, val.ignore_index, progress, scoring)
             add("modelopt-qat", f"ModelOpt QAT W{w}A{a}", _modelopt_bits(model, reference), scored(model),
                 notes={"iterations": qat.iterations, "batch_size": qat.batch_size, "lr": qat.lr,
                        "label_weight": qat.label_weight})

@@ -105,3 +105,29 @@ def test_training_kernel_equals_segment_anything_on_cuda(monkeypatch, model, dty
     kernel_params = dict(kernel.named_parameters())
     for name, param in reference.named_parameters():
         assert _relative(kernel_params[name].grad, param.grad) < tolerance, name
+
+
+def test_distilled_l2sp_training_modelopt_qat_and_sensitivity_run_on_cuda(fp32_reference_run, tmp_path):
+    """The recipe's distillation terms and weight anchor, ModelOpt QAT and the sensitivity scores on the GPU."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from qsamc.baselines import QatSettings, run_baselines
+    from qsamc.search.sensitivity import FLOAT, measure_sensitivity
+    from qsamc.task.data import build_dataset
+    from qsamc.task.evaluate import ValidationSet
+    from qsamc.training.config import load_train_config
+    from qsamc.training.runs import load_supernet
+    from qsamc.training.train import train
+
+    run = tmp_path / "distilled"
+    config = replace(load_train_config(None, parse_flags(TINY_TRAIN)), out=str(run), device="cuda",
+                     checkpoint=str(fp32_reference_run), distill="reference", label_weight=0.0, feature_weight=1.0,
+                     l2sp=10.0)
+    train(config, show_progress=False)
+    model, _, spec = load_supernet(run)
+    model.to("cuda")
+    sensitivity = measure_sensitivity(model, spec.space, ValidationSet(build_dataset("synthetic", None, "val"), 2))
+    assert all(scores[FLOAT] == 0 and scores[(2, 2)] > 0 for scores in sensitivity.scores.values())
+    found = run_baselines(fp32_reference_run, "synthetic", None, tmp_path / "peers", methods=("modelopt-qat",),
+                          ptq_bits=((4, 4),), calibration=2, val_limit=2, device="cuda",
+                          qat=QatSettings(iterations=2, batch_size=1))
+    assert [r.label for r in found] == ["FP32 reference", "ModelOpt QAT W4A4"]

@@ -142,7 +142,7 @@ def test_distilled_loss_weighs_labels_logits_and_features(reference_run):
     model.head.set_bits(32)
     with torch.no_grad():
         cross_entropy = segmentation_loss(model(images, upsample=False).float(), masks, 255)
-        both = config("x", checkpoint=str(reference_run), distill="reference", feature_weight=2.0)
+        both = config("x", checkpoint=str(reference_run), distill="reference", label_weight=1.0, feature_weight=2.0)
         assert float(T.distilled_loss(both, model, teacher, images, masks, 255)) == pytest.approx(float(cross_entropy), rel=1e-6)
         only_reference = replace(both, label_weight=0.0)
         assert float(T.distilled_loss(only_reference, model, teacher, images, masks, 255)) == 0
@@ -171,14 +171,58 @@ def test_l2sp_moves_each_anchored_weight_by_lr_times_strength_toward_the_checkpo
             torch.testing.assert_close(p, start[name] + 0.95, rtol=0, atol=1e-6)
 
 
+def test_the_default_recipe_distils_from_a_reference_run_only_and_anchors_any_checkpoint(reference_run, tmp_path):
+    sam = tmp_path / "sam_vit_t.pth"
+    sam.write_bytes(b"")  # only its kind matters to the recipe: a file, not a reference run folder
+    cases = [({"checkpoint": str(reference_run)}, ("reference", 100.0)),
+             ({"checkpoint": str(sam)}, ("none", 100.0)),
+             ({}, ("none", 0.0)),
+             ({"checkpoint": str(reference_run), "schedule": "fp32"}, ("none", 0.0)),
+             ({"checkpoint": str(reference_run), "head": "mask2former"}, ("none", 100.0)),
+             ({"checkpoint": str(reference_run), "distill": "none", "l2sp": 0.0}, ("none", 0.0)),
+             ({"checkpoint": str(tiny_run_like(tmp_path))}, ("none", 100.0))]
+    for changes, expected in cases:
+        resolved = load_train_config(None, changes).resolved()
+        assert (resolved.distill, resolved.l2sp) == expected, changes
+        assert resolved.resolved() == resolved
+    defaults = load_train_config(None, {})
+    assert (defaults.label_weight, defaults.distill_weight, defaults.feature_weight) == (0.0, 1.0, 1.0)
+
+
+def tiny_run_like(tmp_path: Path) -> Path:
+    """A run folder whose config.json is a supernet run's, not a reference's."""
+    run = tmp_path / "supernet-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**load_train_config(None, {}).to_json()}))
+    return run
+
+
+def test_a_run_written_before_the_recipe_resumes_with_the_loss_it_had(tmp_path):
+    saved = tmp_path / "config.json"
+    written = load_train_config(None, {"checkpoint": "ref", "distill": "reference"}).to_json()
+    for field in ("label_weight", "feature_weight", "l2sp"):
+        del written[field]
+    saved.write_text(json.dumps({**written, "version": 3}))
+    old = load_train_config(saved)
+    assert (old.label_weight, old.distill_weight, old.feature_weight, old.l2sp) == (1.0, 1.0, 0.0, 0.0)
+
+
+def test_l2sp_leaves_a_sam_checkpoints_random_head_free(reference_run):
+    model, _ = build_model(SupernetSpec(default_space("vit_t"), classes(reference_run), None, True), reference_run,
+                           weight_init="mse")
+    anchors = T.WeightAnchor(model, 1.0, with_head=False).anchors
+    assert anchors and all(name.startswith("supernet.") for name in anchors)
+    assert any(name.startswith("head.") for name in T.WeightAnchor(model, 1.0).anchors)
+
+
 @pytest.mark.parametrize("changes, match", [
-    ({"feature_weight": 1.0}, "feature_weight distils the reference's encoder features: it needs --distill reference"),
-    ({"label_weight": 0.0}, "label_weight weighs the labels against distillation: it needs --distill reference"),
+    ({"label_weight": 0.0, "distill_weight": 0.0, "feature_weight": 0.0}, "label_weight, distill_weight and "
+     "feature_weight are all 0: distillation would have no loss"),
     ({"l2sp": 1.0}, "l2sp pulls the weights toward the checkpoint's: it needs --checkpoint"),
     ({"l2sp": -1.0}, "l2sp must be a finite number >= 0"),
     ({"feature_weight": float("inf")}, "feature_weight must be a finite number >= 0"),
     ({"distill": "reference"}, "distill=reference needs --checkpoint naming an FP32 reference run"),
-    ({"distill": "teacher"}, "distill must be one of none, reference"),
+    ({"distill": "teacher"}, "distill must be one of auto, none, reference"),
     ({"distill_weight": float("nan")}, "distill_weight must be a finite number"),
     ({"weight_init": "max"}, "weight_init must be one of lsq\\+, mse"),
     ({"schedule": "fp32", "distill": "reference", "checkpoint": "x"}, "the fp32 schedule trains the reference"),

@@ -188,7 +188,9 @@ def test_run_folder_contents(progressive_run):
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [int(r["phase"]) for r in rows] == [1, 1, 1, 2, 2, 2]
     assert all(int(r["resolution"]) <= 192 for r in rows[:3])
-    assert json.loads((run / "config.json").read_text()) == tiny_config(run).to_json()
+    saved = json.loads((run / "config.json").read_text())
+    assert saved == tiny_config(run).resolved().to_json()  # as it ran: the recipe's automatic choices made
+    assert (saved["distill"], saved["l2sp"]) == ("none", 0.0)  # no checkpoint: nothing to distil from or anchor to
     spec = json.loads((run / "supernet.json").read_text())
     assert spec["lora"]["variant"] == "multiplex" and spec["num_classes"] > 1
     validation = json.loads((run / "validation.json").read_text())
@@ -488,7 +490,7 @@ def test_bad_configs_are_one_sentence(tmp_path, text, match):
 
 def test_missing_files_and_foreign_configs_are_one_sentence(tmp_path):
     (tmp_path / "other.json").write_text('{"format": "qsamc.train_config", "version": 9, "iterations": 3}')
-    with pytest.raises(ConfigError, match=r"^config file .*other.json is not a qsamc training config of version 1, 2 or 3$"):
+    with pytest.raises(ConfigError, match=r"^config file .*other.json is not a qsamc training config of version 1, 2, 3 or 4$"):
         load_train_config(tmp_path / "other.json")
     saved = tmp_path / "config.json"  # what a run writes is read back whole
     saved.write_text(json.dumps(TrainConfig(iterations=7, phase1_iterations=3, lora_modules=("attn.qkv",)).to_json()))

@@ -35,16 +35,21 @@ ATTENTION_MODES = {"float": (32,), "searched": (8, 32)}
 
 SCHEDULES = ("progressive", "lora", "full", "fp32")
 SAMPLINGS = ("uniform", "sandwich")
-DISTILLATIONS = ("none", "reference")
+DISTILLATIONS = ("auto", "none", "reference")
 # The encoder's linear layers LoRA can adapt (every block has them).
 LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")
 LORA_SWITCHES = ("weight", "act")
 CONFIG_FORMAT = "qsamc.train_config"
-CONFIG_VERSION = 3
-# Version 1 (before held-out splits) is still read: its runs trained on every training image. Version 2
-# held out a seeded fraction only.
-READABLE_VERSIONS = {1: {"holdout": 0.0}, 2: {"holdout_match": ""}, 3: {}}
+CONFIG_VERSION = 4
+# Earlier versions are still read, with the settings their runs had: version 1 (before held-out splits)
+# trained on every training image, version 2 held out a seeded fraction only, versions 1-3 trained with
+# cross-entropy and logits KL only when distilling and without L2-SP (version 3 runs of one development
+# commit wrote these fields themselves).
+_BEFORE_RECIPE = {"label_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0}
+READABLE_VERSIONS = {1: {"holdout": 0.0, **_BEFORE_RECIPE}, 2: {"holdout_match": "", **_BEFORE_RECIPE},
+                     3: _BEFORE_RECIPE, 4: {}}
+L2SP_DEFAULT = 100.0
 
 
 @dataclass(frozen=True)
@@ -59,10 +64,14 @@ class TrainConfig:
     `lora_variant` picks regular / selective / multiplex.
 
     `checkpoint` is a SAM checkpoint (encoder only) or an `fp32` run folder (encoder and head).
-    `distill="reference"` adds inplace distillation from that FP32 reference (frozen, at the subnet's
+    `distill="reference"` trains by inplace distillation from that FP32 reference (frozen, at the subnet's
     resolution): the loss is `label_weight` x cross-entropy + `distill_weight` x KL(reference || subnet) of
-    the per-pixel class distributions + `feature_weight` x the relative MSE of the encoder's output features.
-    `l2sp` pulls the weights toward the checkpoint's (L2-SP, decoupled).
+    the per-pixel class distributions + `feature_weight` x the relative MSE of the encoder's output features
+    (without distillation the loss is the head's own). `l2sp` pulls the weights the checkpoint gave toward
+    their values there (L2-SP, decoupled). The defaults are the recipe that kept the reference's accuracy
+    on held-out drives (benchmarks/recipe_study.py): `distill="auto"` distils where `checkpoint` is an FP32
+    reference run, from the reference only (no labels), logits and features; `l2sp=None` is 100 for a
+    supernet trained from a checkpoint and 0 otherwise (`resolved`).
     `weight_init` initialises weight step sizes by LSQ+ (the paper) or by MSE-optimal clipping (as PTQ).
     `device`: `auto` is the GPU where torch sees one (one per rank under torchrun), else the CPU.
     `precision`: `bf16` runs the forward under bf16 autocast with LSQ+ scales and all quantizer math in
@@ -99,11 +108,11 @@ class TrainConfig:
     val_limit: int = 32
     num_workers: int = 0
     activation_checkpointing: bool = False
-    distill: str = "none"
+    distill: str = "auto"
     distill_weight: float = 1.0
-    feature_weight: float = 0.0
-    label_weight: float = 1.0
-    l2sp: float = 0.0
+    feature_weight: float = 1.0
+    label_weight: float = 0.0
+    l2sp: float | None = None
     weight_init: str = "lsq+"
     device: str = "auto"
     precision: str = "auto"
@@ -147,27 +156,27 @@ class TrainConfig:
             (self.lora_switch in LORA_SWITCHES, f"lora_switch must be 'weight' or 'act', got '{self.lora_switch}'"),
             (self.lora_rank >= 1, f"lora_rank must be at least 1, got {self.lora_rank}"),
             (self.distill in DISTILLATIONS, f"distill must be one of {', '.join(DISTILLATIONS)}, got '{self.distill}'"),
-            (self.distill == "none" or self.checkpoint is not None,
+            (self.distill != "reference" or self.checkpoint is not None,
              "distill=reference needs --checkpoint naming an FP32 reference run (`qsamc train --schedule fp32`)"),
-            (self.distill == "none" or self.schedule != "fp32", "the fp32 schedule trains the reference; it has no reference to distill from"),
+            (self.distill != "reference" or self.schedule != "fp32",
+             "the fp32 schedule trains the reference; it has no reference to distill from"),
             (math.isfinite(self.distill_weight) and self.distill_weight >= 0,
              f"distill_weight must be a finite number >= 0, got {self.distill_weight}"),
             (math.isfinite(self.feature_weight) and self.feature_weight >= 0,
              f"feature_weight must be a finite number >= 0, got {self.feature_weight}"),
-            (self.feature_weight == 0 or self.distill == "reference",
-             "feature_weight distils the reference's encoder features: it needs --distill reference"),
             (math.isfinite(self.label_weight) and self.label_weight >= 0,
              f"label_weight must be a finite number >= 0, got {self.label_weight}"),
-            (self.label_weight == 1.0 or self.distill == "reference",
-             "label_weight weighs the labels against distillation: it needs --distill reference"),
-            (math.isfinite(self.l2sp) and self.l2sp >= 0, f"l2sp must be a finite number >= 0, got {self.l2sp}"),
-            (self.l2sp == 0 or self.checkpoint is not None,
+            (self.label_weight + self.distill_weight + self.feature_weight > 0,
+             "label_weight, distill_weight and feature_weight are all 0: distillation would have no loss"),
+            (self.l2sp is None or (math.isfinite(self.l2sp) and self.l2sp >= 0),
+             f"l2sp must be a finite number >= 0, got {self.l2sp}"),
+            (not self.l2sp or self.checkpoint is not None,
              "l2sp pulls the weights toward the checkpoint's: it needs --checkpoint"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
             (self.weight_init in WEIGHT_INITS, f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'"),
             (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'"),
-            (self.distill == "none" or self.head == "light",
+            (self.distill != "reference" or self.head == "light",
              "distill=reference distils the light head's per-pixel logits; the mask2former head trains without it"),
             (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got '{self.task}'"),
             (self.attention in ATTENTION_MODES, f"attention must be one of {', '.join(ATTENTION_MODES)}, got '{self.attention}'"),
@@ -177,6 +186,19 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def resolved(self) -> TrainConfig:
+        """`distill="auto"` and `l2sp=None` made concrete (what a run records): distillation where the checkpoint
+        is a qsamc FP32 reference run (encoder and light head) and this run trains a light-head supernet from
+        it; L2-SP at `L2SP_DEFAULT` for a supernet trained from any checkpoint."""
+        supernet_from_checkpoint = self.checkpoint is not None and self.schedule != "fp32"
+        distill = self.distill
+        if distill == "auto":
+            saved = Path(self.checkpoint) / "config.json" if self.checkpoint else None
+            reference = saved is not None and saved.is_file() and _reads_as_reference(saved)
+            distill = "reference" if supernet_from_checkpoint and reference and self.head == "light" else "none"
+        l2sp = self.l2sp if self.l2sp is not None else (L2SP_DEFAULT if supernet_from_checkpoint else 0.0)
+        return dataclasses.replace(self, distill=distill, l2sp=l2sp)
 
     @property
     def lora(self) -> LoraConfig | None:
@@ -243,14 +265,16 @@ HELP: dict[str, str] = {
     "val_limit": "Validation images for the final max/min subnet scores.",
     "num_workers": "Data-loader worker processes.",
     "activation_checkpointing": "Recompute each block in backward (less memory, slower steps).",
-    "distill": "reference: inplace distillation from the FP32 reference given as --checkpoint.",
-    "distill_weight": "Weight of the distillation KL term (the reference's per-pixel class distributions).",
-    "feature_weight": "Weight of feature distillation: the MSE of the encoder's output features to the reference's, "
-                      "relative to the reference features' mean square (needs --distill reference).",
-    "label_weight": "Weight of the cross-entropy on the labels (0 with --distill reference: learn from the "
-                    "reference only).",
-    "l2sp": "L2-SP: each step pulls every weight toward the checkpoint's by learning rate x l2sp of the difference "
-            "(decoupled, as AdamW's decay; the LoRA phase's frozen weights stay where they are).",
+    "distill": "reference: inplace distillation from the FP32 reference given as --checkpoint; auto (the default): "
+               "reference where --checkpoint is an FP32 reference run, else none.",
+    "distill_weight": "Distillation: weight of the KL to the reference's per-pixel class distributions.",
+    "feature_weight": "Distillation: weight of the MSE of the encoder's output features to the reference's, relative "
+                      "to the reference features' mean square.",
+    "label_weight": "Distillation: weight of the cross-entropy on the labels (default 0: learn from the reference "
+                    "only; without distillation the labels are the loss).",
+    "l2sp": "L2-SP: each step pulls every weight the checkpoint gave toward its value there by learning rate x l2sp of "
+            "the difference (decoupled, as AdamW's decay). Default: 100 for a supernet trained from a checkpoint, 0 "
+            "otherwise.",
     "weight_init": "Weight step sizes start at LSQ+'s 3-sigma rule or at the MSE-optimal clipping.",
     "device": "auto (a GPU where torch sees one), cpu or cuda.",
     "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16 autocast.",
@@ -341,6 +365,15 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
                 raise ConfigError(f"unknown config field '{key}'; known fields are {', '.join(known)}")
             values[name] = _coerce(name, known[name].type, value)
     return TrainConfig(**values)
+
+
+def _reads_as_reference(saved: Path) -> bool:
+    """Whether the run config at `saved` is an FP32 reference's with the light head (unreadable: no)."""
+    try:
+        written = load_train_config(saved)
+    except ConfigError:
+        return False
+    return written.schedule == "fp32" and written.head == "light"
 
 
 def default_phase1_resolution(config: TrainConfig) -> int:

@@ -134,12 +134,15 @@ def distilled_loss(config: TrainConfig, wrapped: nn.Module, teacher: Teacher, im
 class WeightAnchor:
     """L2-SP, decoupled: after each optimizer step, every weight the checkpoint gave moves toward the
     checkpoint's value by its group's learning rate x `strength` of the difference (as AdamW decays toward 0).
-    Quantizer step sizes and offsets and LoRA adapters have no anchor; frozen weights are left alone."""
+    The checkpoint gave the encoder's weights, and the head's where it is a reference run (`with_head`; a SAM
+    checkpoint's head starts at random and is free). Quantizer step sizes and offsets and LoRA adapters have
+    no anchor; frozen weights are left alone."""
 
-    def __init__(self, model: nn.Module, strength: float) -> None:
+    def __init__(self, model: nn.Module, strength: float, with_head: bool = True) -> None:
         self.strength = strength
         self.anchors = {name: p.detach().clone() for name, p in model.named_parameters()
-                        if not is_quantizer_state(name) and ".lora." not in name}
+                        if not is_quantizer_state(name) and ".lora." not in name
+                        and (with_head or name.startswith("supernet."))}
         self.named = dict(model.named_parameters())
 
     @torch.no_grad()
@@ -325,6 +328,7 @@ class _StopRequest:
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True, overwrite: bool = False) -> TrainResult:
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; choose one")
+    config = config.resolved()  # the recipe's automatic choices, recorded in the run's config.json
     check_reference_holdout(config)
     run = Path(config.out)
     rank, world = init_distributed(config.device)
@@ -355,7 +359,9 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
         model.head.set_bits(32)
     model.to(device)
     teacher = Teacher(model, space) if config.distill == "reference" else None
-    anchor = WeightAnchor(model, config.l2sp) if config.l2sp else None
+    # A reference run folder gave the head too (build_model loads it); a SAM checkpoint's head is random.
+    anchor = (WeightAnchor(model, config.l2sp, with_head=(Path(config.checkpoint) / "supernet.json").is_file())
+              if config.l2sp else None)
 
     lora_from = config.lora_from()
     state = load_checkpoint(run) if resume else None
