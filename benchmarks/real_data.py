@@ -70,13 +70,12 @@ REFERENCE = {"schedule": "fp32", "iterations": 1500, "batch_size": 4, "lr": 1e-3
 SUPERNET = {"schedule": "progressive", "lora_variant": "multiplex", "iterations": 1200, "phase1_iterations": 600,
             "batch_size": 4, "lr": 2e-4, "lora_lr": 1e-3, "per_channel": True, "weight_init": "mse",
             "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101}
-# Seeded with the uniform and sensitivity subnets, three generations of 12 on 16 images: the proxy study
-# (benchmarks/proxy_study.py) ranked subnets no better with 64 images than with 16.
+# Seeded with the uniform and sensitivity subnets, three generations of 12.
 SEARCH = EvolutionConfig(population=12, top_k=4, mutations=6, crossovers=6, generations=3)
 SMOKE_SEARCH = EvolutionConfig(population=4, top_k=2, mutations=2, crossovers=2, generations=1)  # --smoke
 UNIFORM = ((8, 8), (4, 8), (4, 4))
 LADDER = (0.01, 0.02)  # extra BitOPs budgets, fractions of FP32
-SEARCH_IMAGES = 16
+SEARCH_IMAGES = 64  # --search-images: qsamc search's default
 SMOKE_IMAGES = 8
 
 
@@ -116,7 +115,8 @@ def train_reference(fold: str, reference: Path, data: dict, scale: float, fresh:
                                        **scaled(REFERENCE, scale)}), overwrite=True)
 
 
-def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke: bool = False) -> dict:
+def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke: bool = False,
+             search_count: int = SEARCH_IMAGES) -> dict:
     """Every stage of one fold; returns its rows (label, method, BitOPs, mIoU, ...) and stage times, and
     saves the rows' per-image confusion matrices to <fold>/confusions.pt."""
     reference, supernet, baselines = root / "reference", root / "supernet", root / "baselines"
@@ -153,7 +153,7 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
     if stage(fold, "search", search_out / "pareto.json", fresh):
         run_search(supernet, "cpu", True, False, [f"{b:.6e}" for b in bitops_budgets], search_out,
                    dataset=data["dataset"], data_root=Path(data["data_root"]),
-                   val_limit=SMOKE_IMAGES if smoke else SEARCH_IMAGES, config=SMOKE_SEARCH if smoke else SEARCH,
+                   val_limit=SMOKE_IMAGES if smoke else search_count, config=SMOKE_SEARCH if smoke else SEARCH,
                    float_macs="exclude", split="holdout" if fold == "val" else "val", overwrite=True)
     times["search"] = time.perf_counter() - started
 
@@ -331,6 +331,8 @@ def camvid_arguments(doc: str, out: str, folds: tuple[str, ...]) -> argparse.Arg
 
 def main() -> None:
     parser = camvid_arguments(__doc__, "runs/real_data", FOLDS)
+    parser.add_argument("--search-images", type=int, default=SEARCH_IMAGES, help="Images that score search's "
+                        "candidates (a stage already there is reused whatever it was searched with).")
     parser.add_argument("--fresh", action="store_true", help="Redo every stage.")
     parser.add_argument("--smoke", action="store_true", help="A one-generation search on 8 images: checks the "
                         "pipeline, measures nothing (with --scale 0.01, minutes per fold).")
@@ -346,7 +348,8 @@ def main() -> None:
         shutil.rmtree(args.out)
     data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
     started = time.perf_counter()
-    results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh, args.smoke) for fold in folds]
+    results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh, args.smoke, args.search_images)
+               for fold in folds]
     report(results, args.out)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
 
