@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from qsamc.distributed import module_device
 from qsamc.search.cost import Budget, set_group_bits
 from qsamc.supernet.space import SearchSpace, Subnet
 from qsamc.task.evaluate import ValidationSet
@@ -58,7 +59,7 @@ def measure_sensitivity(model: torch.nn.Module, space: SearchSpace, data: Valida
     layers = supernet.quant_layers()
     pairs = [p for p in Sensitivity.pairs(space) if p != FLOAT]
     scores = {name: dict.fromkeys(Sensitivity.pairs(space), 0.0) for name in space.quant_layers}
-    device = next(model.parameters()).device
+    device = module_device(model)
     was_training = model.training
     model.eval()
     try:

@@ -143,15 +143,15 @@ class WeightAnchor:
         self.anchors = {name: p.detach().clone() for name, p in model.named_parameters()
                         if not is_quantizer_state(name) and ".lora." not in name
                         and (with_head or name.startswith("supernet."))}
-        self.named = dict(model.named_parameters())
+        # Each anchored parameter and its anchor, by the parameter's identity (as optimizer groups hold them).
+        self._pairs = {id(p): (p, self.anchors[name]) for name, p in model.named_parameters() if name in self.anchors}
 
     @torch.no_grad()
     def __call__(self, optimizer: torch.optim.Optimizer) -> None:
-        by_id = {id(p): name for name, p in self.named.items() if name in self.anchors}
         for group in optimizer.param_groups:
-            names = [by_id[id(p)] for p in group["params"] if id(p) in by_id and p.requires_grad]
-            if names:
-                torch._foreach_lerp_([self.named[n] for n in names], [self.anchors[n] for n in names],
+            pairs = [self._pairs[id(p)] for p in group["params"] if id(p) in self._pairs and p.requires_grad]
+            if pairs:
+                torch._foreach_lerp_([p for p, _ in pairs], [anchor for _, anchor in pairs],
                                      min(group["lr"] * self.strength, 1.0))
 
 
