@@ -13,10 +13,13 @@ forward, backward and optimizer: the same on any machine, so it is the figure ev
 (a GPU step that launches fewer kernels is bound by the GPU, not by Python). Step time is the best of
 `--steps` after a warm-up; peak memory is `torch.cuda.max_memory_allocated` on CUDA and the process's
 peak RSS on the CPU (run one configuration per process for a clean CPU peak: `--only`). On CUDA the
-forward runs under bf16 autocast, as `qsamc train` does there.
+forward runs under bf16 autocast, as `qsamc train` does there. `--fuse` is `qsamc --fuse`: the training
+kernels' math compiled by torch.compile (`qsamc.supernet.fused`; auto compiles on CUDA only), each
+configuration's compilation done in its warm-up steps.
 
     python benchmarks/train_speed.py [--model vit_b] [--resolution 512] [--batch 1] [--device cpu|cuda]
                                      [--steps 3] [--precisions fp32,w8a8,w4a4,w2a2] [--methods plain,qfa,multiplex]
+                                     [--fuse auto|on|off]
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ def one(model_name: str, method: str, precision: str, resolution: int, batch: in
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up: lazy initialisation, allocator, kernels picked
+    step()  # warm-up: lazy initialisation, allocator, kernels picked, fused functions compiled
+    step()
     synchronize()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
@@ -107,9 +111,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--fuse", default="auto", choices=("auto", "on", "off"),
+                        help="qsamc --fuse: the training kernels compiled by torch.compile")
     parser.add_argument("--json", type=str, default=None, help="also write the rows here")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # method:precision, in this process
     args = parser.parse_args()
+    from qsamc.supernet.fused import set_mode
+
+    set_mode(args.fuse)
     if args.only:
         method, precision = args.only.split(":")
         print(json.dumps(one(args.model, method, precision, args.resolution, args.batch, args.device, args.steps)))
@@ -119,7 +128,7 @@ def main() -> None:
     rows = []
     for done, (method, precision) in enumerate(runs, 1):
         command = [sys.executable, __file__, "--model", args.model, "--resolution", str(args.resolution),
-                   "--batch", str(args.batch), "--device", args.device, "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--device", args.device, "--steps", str(args.steps), "--fuse", args.fuse,
                    "--only", f"{method}:{precision}"]
         started = time.perf_counter()
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ).stdout
@@ -127,7 +136,8 @@ def main() -> None:
         print(f"[{done}/{len(runs)}] {METHODS[method]} {precision}: {rows[-1]['ops']} ops, "
               f"{rows[-1]['step_s']:.3f} s ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     print(f"\n{args.model} at {args.resolution}px, batch {args.batch}, max-depth subnet, {args.device}"
-          f"{' (bf16 autocast)' if args.device == 'cuda' else ''}; the trainer's AdamW and head loss\n")
+          f"{' (bf16 autocast)' if args.device == 'cuda' else ''}; the trainer's AdamW and head loss; "
+          f"--fuse {args.fuse}\n")
     print("| method | precision | aten ops / step | step time (s) | peak memory (MB) | trainable params |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:

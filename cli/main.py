@@ -28,6 +28,7 @@ from qsamc.search.cost import format_cost
 from qsamc.search.evolution import OBJECTIVES, EvolutionConfig
 from qsamc.supernet.space import GRANULARITIES
 from qsamc.task.holdout import SEARCH_SPLITS
+from qsamc.supernet.fused import ENV as fuse_env, MODES as FUSE_MODES, set_mode as set_fusion
 from qsamc.threads import ENV as threads_env, apply_threads
 from qsamc.training.config import ATTENTION_MODES, CHOICES, HELP, TrainConfig, resolve_train_config
 from qsamc.training.train import train as run_training
@@ -53,6 +54,7 @@ Clock = choice("Clock", CLOCKS)
 Device = choice("Device", DEVICES)
 DEVICE_HELP = "auto (a GPU where torch sees one), cpu or cuda."
 ExportFormat = choice("ExportFormat", EXPORT_FORMATS)
+Fuse = choice("Fuse", FUSE_MODES)
 
 
 MODEL_HELP = f"Encoder config: {', '.join(MODEL_ZOO)}."
@@ -65,8 +67,12 @@ def options(ctx: typer.Context,
             threads: Optional[int] = typer.Option(
                 None, "--threads",
                 help=f"Threads for torch and ONNX Runtime (or {threads_env}=N; default: the cores no other "
-                     "process is busy on when the command starts).")):
+                     "process is busy on when the command starts)."),
+            fuse: Optional[Fuse] = typer.Option(
+                None, "--fuse",
+                help=f"Training kernels compiled by torch.compile (or {fuse_env}=...): auto (on CUDA only), on, off.")):
     """qsamc: compile SAM image encoders into mixed-precision quantized subnets."""
+    set_fusion(fuse.value if fuse else None)
     choice = apply_threads(threads)
     if ctx.invoked_subcommand in _WORKING_COMMANDS:
         console.print(choice.describe(), highlight=False)

@@ -561,22 +561,25 @@ def test_training_device_resolves_the_device_and_the_autocast_type(tmp_path):
         tiny_config(tmp_path, precision="fp16")
 
 
-def test_quantizers_stay_fp32_under_bf16_autocast_and_the_recomputing_backward_runs_in_it():
+def test_quantizers_stay_fp32_under_bf16_autocast_and_the_recomputing_backward_runs_in_it(monkeypatch):
     """Under autocast the layer's GEMM runs in bf16, but its input and weight are quantized in FP32 (an
     8-bit grid needs more than bf16's 8-bit mantissa), and backward recomputes under the same autocast."""
     from lowering_helpers import dyadic_input, dyadic_layer
+    from qsamc.supernet import fused
 
     layer = dyadic_layer(8, 8).train()
     x = dyadic_input((2, 5, 64)).requires_grad_(True)
     seen = []
+    quantize = fused._lsq
+    monkeypatch.setattr(fused.Fusion, "mode", "off")  # the eager functions, whose calls can be watched
+    monkeypatch.setattr(fused, "_lsq", lambda v, *args: seen.append((v.dtype, quantize(v, *args).dtype)) or quantize(v, *args))
     quantizer = layer.act_quantizer[8]
-    hook = quantizer.register_forward_hook(lambda _m, args, out: seen.append((args[0].dtype, out.dtype)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
+    assert len(seen) == 2  # the input and the weight
     y.float().sum().backward()
-    hook.remove()
-    assert seen and set(seen) == {(torch.float32, torch.float32)}  # forward and the recompute in backward
+    assert len(seen) == 4 and set(seen) == {(torch.float32, torch.float32)}  # and their recompute in backward
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
     assert quantizer.scale.grad.dtype == torch.float32 and quantizer.scale.dtype == torch.float32
     # the same gradients as an FP32 step, to bf16 precision of the GEMMs

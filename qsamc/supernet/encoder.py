@@ -90,6 +90,10 @@ class Supernet(nn.Module):
                 f"{self.subnet.resolution}x{self.subnet.resolution}"
             )
         x = self.patch_embed(x)
+        if self.training and torch.is_grad_enabled():
+            # The patch embedding's output is a permuted (NHWC) view; the residual stream would keep that
+            # layout through every add, and each LayerNorm would copy it first, forward and backward.
+            x = x.contiguous()
         x = x + self.position_embedding((x.shape[1], x.shape[2]))
         for index in self.active_blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():

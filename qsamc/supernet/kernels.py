@@ -34,13 +34,16 @@ kernel, which stores the map. v is zero-padded to q's width: the flash kernel ne
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qsamc.supernet.fused import fusable
 from qsamc.sam import Attention, MLPBlock, add_decomposed_rel_pos, get_rel_pos
 
 # Flash kernels want head widths in multiples of 8.
@@ -100,6 +103,100 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_
     v_fold = F.pad(v, (0, q_fold.shape[-1] - dim))
     out = F.scaled_dot_product_attention(q_fold[:, None], k_fold[:, None], v_fold[:, None], scale=1.0)
     return out[:, 0, :, :dim]
+
+
+@functools.lru_cache(maxsize=32)
+def _relative_index(size: int, device: torch.device) -> torch.Tensor:
+    """(size, size) rows of the rel-pos table each query-key pair reads: q - k + size - 1."""
+    coords = torch.arange(size, device=device)
+    return coords[:, None] - coords[None, :] + (size - 1)
+
+
+def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """segment-anything's `get_rel_pos(size, size, rel_pos)` (its linear resize where the table is for
+    another size), the index a cached constant: the same values and gradients, fewer ops per block."""
+    span = 2 * size - 1
+    if rel_pos.shape[0] != span:  # as segment-anything resizes it
+        rel_pos = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=span, mode="linear")
+        rel_pos = rel_pos.reshape(-1, span).permute(1, 0)
+    return rel_pos[_relative_index(size, rel_pos.device)]
+
+
+@functools.lru_cache(maxsize=32)
+def _selectors(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[onehot(row), onehot(col)] per token, (1, h*w, h + w): the fold's key columns (a constant per grid)."""
+    index = torch.arange(h * w, device=device)
+    return torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=-1).to(dtype)[None]
+
+
+@fusable
+def _fold(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor,
+          selectors: torch.Tensor, scale: float, h: int, w: int):
+    """(q', k', v') of the fold for (sequences, h*w, dim) operands and the rel-pos tables (`get_rel_pos`)."""
+    n, tokens, dim = q.shape
+    grid = q.reshape(n, h, w, dim)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", grid, table_h).reshape(n, tokens, h).to(q.dtype)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", grid, table_w).reshape(n, tokens, w).to(q.dtype)
+    zeros = q.new_zeros(n, tokens, -(dim + h + w) % _WIDTH_MULTIPLE)
+    q_fold = torch.cat([q * scale, rel_h, rel_w, zeros], dim=-1)
+    k_fold = torch.cat([k, selectors.expand(n, tokens, h + w), zeros], dim=-1)
+    return q_fold, k_fold, F.pad(v, (0, q_fold.shape[-1] - dim))
+
+
+@fusable
+def _fold_backward(grad_qf: torch.Tensor, grad_kf: torch.Tensor, grad_vf: torch.Tensor, q: torch.Tensor,
+                   table_h: torch.Tensor, table_w: torch.Tensor, scale: float, h: int, w: int):
+    """(dL/dq, dL/dk, dL/dv, dL/dtable_h, dL/dtable_w) from the folded operands' gradients:
+
+        rel_h[n, (y, x), i] = q[n, (y, x)] . table_h[y, i]   =>   dq += g_relh table_h[y],  dtable_h[y] = sum g_relh^T q
+    """
+    n, tokens, dim = q.shape
+    grid = q.reshape(n, h, w, dim)
+    grad_h = grad_qf[..., dim : dim + h].reshape(n, h, w, h).to(table_h.dtype)
+    grad_w = grad_qf[..., dim + h : dim + h + w].reshape(n, h, w, w).to(table_w.dtype)
+    grad_q = (grad_qf[..., :dim] * scale
+              + torch.einsum("bhwk,hkc->bhwc", grad_h, table_h).reshape(n, tokens, dim)
+              + torch.einsum("bhwk,wkc->bhwc", grad_w, table_w).reshape(n, tokens, dim))
+    grad_table_h = torch.einsum("bhwk,bhwc->hkc", grad_h, grid.to(table_h.dtype)).to(table_h.dtype)
+    grad_table_w = torch.einsum("bhwk,bhwc->wkc", grad_w, grid.to(table_w.dtype)).to(table_w.dtype)
+    return (grad_q.to(q.dtype), grad_kf[..., :dim].to(q.dtype), grad_vf[..., :dim].to(q.dtype), grad_table_h,
+            grad_table_w)
+
+
+class FoldedAttention(torch.autograd.Function):
+    """`relpos_attention` for training, with an explicit backward: saves q, k, v and the rel-pos tables,
+    recomputes the fold and the flash attention in backward (its gradient from autograd: one kernel), and
+    takes the fold's own gradient by hand (`_fold_backward`), so a block's attention core is a few dozen
+    ops each way, and the fold's work one kernel each way where `qsamc.supernet.fused` compiles it."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor,
+                table_w: torch.Tensor, size: tuple[int, int], scale: float) -> torch.Tensor:
+        ctx.size, ctx.scale = size, scale
+        device = q.device.type
+        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.save_for_backward(q, k, v, table_h, table_w)
+        selectors = _selectors(*size, k.dtype, k.device)
+        q_fold, k_fold, v_fold = _fold(q, k, v, table_h, table_w, selectors, scale, *size)
+        out = F.scaled_dot_product_attention(q_fold[:, None], k_fold[:, None], v_fold[:, None], scale=1.0)
+        return out[:, 0, :, : q.shape[-1]]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, table_h, table_w = ctx.saved_tensors
+        device = q.device.type
+        autocast = (torch.autocast(device, dtype=ctx.autocast) if ctx.autocast is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            folded = _fold(q, k, v, table_h, table_w, _selectors(*ctx.size, k.dtype, k.device), ctx.scale, *ctx.size)
+            with torch.enable_grad():
+                leaves = [t.requires_grad_() for t in folded]  # made without grad: leaves already
+                out = F.scaled_dot_product_attention(*(t[:, None] for t in leaves), scale=1.0)[:, 0]
+        grad = F.pad(grad.to(out.dtype), (0, out.shape[-1] - grad.shape[-1]))
+        grad_qf, grad_kf, grad_vf = torch.autograd.grad(out, leaves, grad)
+        with autocast:
+            grads = _fold_backward(grad_qf, grad_kf, grad_vf, q, table_h, table_w, ctx.scale, *ctx.size)
+        return (*grads, None, None)
 
 
 class FusedAttention(torch.autograd.Function):
@@ -166,8 +263,11 @@ class SupernetAttention(TrainingKernel, Attention):
             return super().forward(x)
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
-        tables = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
-        out = checkpoint(relpos_attention, q, k, v, *tables, (h, w), self.scale, use_reentrant=False)
+        if self.use_rel_pos:
+            tables = rel_pos_table(h, self.rel_pos_h), rel_pos_table(w, self.rel_pos_w)
+            out = FoldedAttention.apply(q, k, v, *tables, (h, w), self.scale)
+        else:
+            out = checkpoint(relpos_attention, q, k, v, None, None, (h, w), self.scale, use_reentrant=False)
         return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
 
 

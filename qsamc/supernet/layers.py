@@ -9,11 +9,14 @@ columns of the weight.
 
 from __future__ import annotations
 
-import contextlib
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qsamc.supernet import fused
 
 
 class QuantMixin:
@@ -67,54 +70,61 @@ def _activate(activation: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if activation is None else activation(x)
 
 
-class _RecomputingQuantLinear(torch.autograd.Function):
-    """y = x_q @ W_q^T + b that saves only the layer input and leaf parameters for backward.
+def _is_exact_gelu(activation: nn.Module | None) -> bool:
+    return isinstance(activation, nn.GELU) and activation.approximate == "none"
 
-    The quantized input x_q, the merged weight W0 + delta and its quantized copy W_q are recomputed
-    in backward (elementwise work and one rank-r matmul) instead of being stored: per layer that is
-    two weight-sized tensors and one activation-sized tensor less at the training peak. With an
-    `activation`, the input is that activation's input, and the activation is recomputed as well. Gradients of
-    the recomputed parts come from autograd itself, so LSQ+, LoRA routing and STE stay in one place.
+
+@dataclass(frozen=True)
+class _LinearSpec:
+    """What one training call of a quantized linear computes, beside its tensors (`fused.quant_linear_*`)."""
+
+    scalings: tuple[float, ...]  # c_k of each selected adapter (`Lora.terms`), A_k and B_k among the inputs
+    trains: tuple[bool, ...]  # whether each adapter trains (Alg. 2's detach)
+    out_rows: int
+    in_cols: int
+    wq: tuple[int, int, float]  # (n, p, g) of the weight quantizer, unused at 32 bits
+    aq: tuple[int, int, float]  # (n, p, g) of the input quantizer
+    gelu: bool  # act = lin2's GELU, recomputed
+
+
+class _RecomputingQuantLinear(torch.autograd.Function):
+    """y = Q(act(x)) @ Q(W0 + delta)^T + b with an explicit backward that saves only the layer input and
+    the leaf parameters.
+
+    The quantized input, the merged weight W0 + delta (LoRA) and its quantized copy are recomputed in
+    backward instead of being stored: per layer two weight-sized tensors and one activation-sized tensor
+    less at the training peak. act is lin2's GELU (recomputed too) or nothing. Backward is written out
+    (`qsamc.supernet.fused.quant_linear_backward`: the two GEMMs, LSQ+'s straight-through gradients, the
+    GELU's derivative, each trained adapter's rank-r products), not a replayed autograd graph, and where
+    it is compiled the elementwise work is one kernel each way.
+
+    Inputs: the spec, x, the active bias slice, the weight, the active weight and input quantizers' scales
+    (and offset; None at 32 bits), then each selected adapter's A and B.
     """
 
     @staticmethod
-    def forward(ctx, layer: QuantLinear, activation: nn.Module | None, x: torch.Tensor, bias: torch.Tensor | None,
-                *params: torch.Tensor):
-        with torch.no_grad():
-            y = F.linear(layer.quantize_input(_activate(activation, x)), layer.quantize_weight(layer.active_weight()),
-                         bias)
-        # Backward recomputes under the forward's autocast state (autograd does not restore it).
+    def forward(ctx, spec: _LinearSpec, x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
+                w_scale: torch.Tensor | None, a_scale: torch.Tensor | None, a_offset: torch.Tensor | None,
+                *lora: torch.Tensor):
+        ctx.spec = spec
         device = x.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device)) if _autocast_on(device) else None
-        ctx.layer, ctx.activation, ctx.has_bias = layer, activation, bias is not None
-        ctx.save_for_backward(x, *params)
-        return y
+        # Backward recomputes under the forward's autocast state (autograd does not restore it).
+        ctx.autocast = torch.get_autocast_dtype(device) if _autocast_on(device) else None
+        ctx.save_for_backward(x, weight, w_scale, a_scale, a_offset, *lora)
+        return fused.quant_linear_forward(x, bias, weight, w_scale, a_scale, a_offset, lora, spec.scalings,
+                                          spec.out_rows, spec.in_cols, spec.wq[:2], spec.aq[:2], spec.gelu)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, *params = ctx.saved_tensors
-        layer = ctx.layer
-        needs_x = ctx.needs_input_grad[2]
-        autocast = (torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]) if ctx.autocast
-                    else contextlib.nullcontext())
-        with torch.enable_grad(), autocast:
-            x_leaf = x.detach().requires_grad_(needs_x)
-            x_q = layer.quantize_input(_activate(ctx.activation, x_leaf))
-            w_q = layer.quantize_weight(layer.active_weight())
-        with autocast:  # the two GEMMs in the forward's precision, their results in the operands' types
-            flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
-            grad_xq = (grad_y @ w_q.detach()).to(x_q.dtype)
-            grad_w = (flat_grad.t() @ x_q.detach().reshape(-1, x_q.shape[-1])).to(w_q.dtype)
-        # Back-propagate through whichever recomputed parts depend on something that wants a gradient.
-        pairs = [(o, g) for o, g in ((w_q, grad_w), (x_q, grad_xq)) if o.requires_grad]
-        wants = [need for need in ctx.needs_input_grad[4:]]
-        inputs = ([x_leaf] if needs_x else []) + [p for p, need in zip(params, wants) if need]
-        found = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
-                     if pairs and inputs else [None] * len(inputs))
-        grad_x = next(found) if needs_x else None
-        param_grads = [next(found) if need else None for need in wants]
-        grad_bias = flat_grad.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return (None, None, grad_x, grad_bias, *param_grads)
+        x, weight, w_scale, a_scale, a_offset, *lora = ctx.saved_tensors
+        spec, needs = ctx.spec, list(ctx.needs_input_grad[1:])
+        for index, trains in enumerate(spec.trains):
+            needs[6 + 2 * index] &= trains
+            needs[7 + 2 * index] &= trains
+        grads = fused.quant_linear_backward(grad_y, x, weight, w_scale, a_scale, a_offset, tuple(lora),
+                                            spec.scalings, spec.out_rows, spec.in_cols, spec.wq, spec.aq, spec.gelu,
+                                            ctx.autocast, tuple(needs))
+        return (None, *grads)
 
 
 class QuantLinear(QuantMixin, nn.Linear):
@@ -145,11 +155,38 @@ class QuantLinear(QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor, activation: nn.Module | None = None) -> torch.Tensor:
         """y = Q(activation(x)) @ Q(W)^T + b. Passing the preceding activation (the MLP's GELU) instead of
         applying it first lets training keep only its input for backward, not its output too."""
-        bias = self.bias[: self.active_out] if self.bias is not None else None
-        if self.training and torch.is_grad_enabled():
-            params = [p for p in self.parameters() if p.requires_grad and p is not self.bias]
-            return _RecomputingQuantLinear.apply(self, activation, x, bias, *params)
-        return F.linear(self.quantize_input(_activate(activation, x)), self.quantize_weight(self.active_weight()), bias)
+        bias = self.bias
+        if bias is not None and self.active_out != self.out_features:
+            bias = bias[: self.active_out]
+        if not (self.training and torch.is_grad_enabled()):
+            return F.linear(self.quantize_input(_activate(activation, x)), self.quantize_weight(self.active_weight()),
+                            bias)
+        gelu = _is_exact_gelu(activation)
+        if activation is not None and not gelu:
+            x = activation(x)
+        w_scale = a_scale = a_offset = None
+        wq = aq = (0, 0, 0.0)
+        if self.w_bits != 32:
+            quantizer = self.weight_quantizer[self.w_bits]
+            merged = self.merged_weight(self.active_weight()) if not quantizer.ready else None
+            if merged is not None:  # first use: initialise the scale on the weight, as the quantizer would
+                with torch.no_grad():
+                    quantizer.step_for(merged)
+            w_scale = quantizer.scale
+            wq = (quantizer.n, quantizer.p, quantizer.gradient_scale((self.active_out, self.active_in)))
+        if self.a_bits != 32:
+            quantizer = self.act_quantizer[self.a_bits]
+            if not quantizer.ready:  # first use: calibrate on this batch, as the quantizer's own forward would
+                with torch.no_grad():
+                    quantizer.observe(F.gelu(x) if gelu else x)
+                    quantizer.initialize()
+            a_scale, a_offset = quantizer.scale, quantizer.offset
+            aq = (quantizer.n, quantizer.p, 1.0 / math.sqrt(x.numel() // x.shape[0] * max(quantizer.p, 1)))
+        terms = [] if self.lora is None else self.lora.terms(self.w_bits, self.a_bits)
+        spec = _LinearSpec(tuple(adapter.scaling for adapter, _ in terms), tuple(trains for _, trains in terms),
+                           self.active_out, self.active_in, wq, aq, gelu)
+        lora = [t for adapter, _ in terms for t in (adapter.A, adapter.B)]
+        return _RecomputingQuantLinear.apply(spec, x, bias, self.weight, w_scale, a_scale, a_offset, *lora)
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):

@@ -95,14 +95,21 @@ class Lora(nn.Module):
                 return self.key(g)
         raise KeyError(f"no LoRA module for {bits} bits (modules cover {self.groups})")
 
-    def delta(self, shape: torch.Size, w_bits: int, a_bits: int) -> torch.Tensor:
+    def terms(self, w_bits: int, a_bits: int) -> list[tuple[LowRank, bool]]:
+        """The adapters the layer's bits select, each with whether it trains: the base adapter (multiplex)
+        then the selected one; under `detach` (Alg. 2) the base does not train beside a low bit-width's."""
         bits = w_bits if self.config.switch == "weight" else a_bits
-        selected = self.group_of(bits)
+        selected = self.adapters[self.group_of(bits)]
         if self.base is None:
-            return self.adapters[selected].delta(shape)
-        base = self.adapters[self.base].delta(shape)
-        if selected == self.base:
-            return base
-        if self.config.detach:
-            base = base.detach()  # Alg. 2: the low bit-width trains only its own module
-        return base + self.adapters[selected].delta(shape)
+            return [(selected, True)]
+        base = self.adapters[self.base]
+        if selected is base:
+            return [(base, True)]
+        return [(base, not self.config.detach), (selected, True)]
+
+    def delta(self, shape: torch.Size, w_bits: int, a_bits: int) -> torch.Tensor:
+        total = None
+        for adapter, trains in self.terms(w_bits, a_bits):
+            delta = adapter.delta(shape) if trains else adapter.delta(shape).detach()
+            total = delta if total is None else total + delta
+        return total

@@ -33,10 +33,12 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from qsamc.supernet import fused
+
 # Scales are divided by, and deployment formats require them positive. The forward pass uses
 # max(s, _MIN_SCALE) but hands the gradient to the raw parameter unchanged, so an optimizer step that
 # overshoots below zero is pulled back instead of being stuck where a clamp would block the gradient.
-_MIN_SCALE = 1e-8
+_MIN_SCALE = fused.MIN_SCALE
 
 # The integer grids must fit int8 (weights) / uint8 (activations) containers at export.
 _MAX_BITS = 8
@@ -79,41 +81,26 @@ class _LsqFunction(torch.autograd.Function):
     """x_hat = round(clamp(v, n, p)) * s + beta with the LSQ/LSQ+ gradients of the module docstring.
 
     Saves only the inputs (x, s, beta) and recomputes v and the clip mask in backward, so no full-size
-    mask or intermediate stays alive between forward and backward. Each step works in place on its own
-    temporaries: a quantizer call is a handful of kernels, not a chain of allocations (training launches
-    hundreds of them per step).
+    mask or intermediate stays alive between forward and backward. The math is `qsamc.supernet.fused`'s
+    (one kernel each way where it is compiled), the same functions the quantized linear's explicit
+    backward calls.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, s: Tensor, beta: Tensor | None, n: int, p: int, g: float) -> Tensor:
         ctx.save_for_backward(x, s, beta)
         ctx.n, ctx.p, ctx.g = n, p, g
-        step = s.clamp_min(_MIN_SCALE)
-        out = (x if beta is None else x - beta) / step
-        out = out.clamp_(n, p).round_().mul_(step)
-        if beta is not None:
-            out = out.add_(beta)
+        out = fused.lsq_forward(x, s, beta, n, p)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, s, beta = ctx.saved_tensors
-        n, p, g = ctx.n, ctx.p, ctx.g
-        v = _grid_coords(x, s, beta)
-        clipped = v.clamp(n, p)
-        inside = clipped == v  # n <= v <= p
-        grad_x = grad_s = grad_beta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * inside
-            grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            # round(v) - v inside; n below and p above, which is where clamp put v.
-            ds = torch.where(inside, v.round_().sub_(clipped), clipped)
-            # sum_to_size reduces over the elements that share one step size (all, or one row).
-            grad_s = ((grad * ds).float().sum_to_size(s.shape) * g).to(s.dtype)
-        if beta is not None and ctx.needs_input_grad[2]:
-            grad_beta = (grad.masked_fill(inside, 0).float().sum() * g).to(beta.dtype)
-        return grad_x, grad_s, grad_beta, None, None, None
+        grad_x, grad_s, grad_beta = fused.lsq_backward(grad, x, s, beta, ctx.n, ctx.p, ctx.g)
+        return (grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None,
+                grad_s.to(s.dtype) if ctx.needs_input_grad[1] else None,
+                grad_beta.to(beta.dtype) if beta is not None and ctx.needs_input_grad[2] else None,
+                None, None, None)
 
 
 class _InitFlag(nn.Module):
@@ -202,20 +189,25 @@ class LsqWeightQuantizer(_InitFlag):
         if w.shape[0] > self.channels:
             raise ValueError(f"weight has {w.shape[0]} output rows but the quantizer has {self.channels} scales")
 
-    def _step(self, w: Tensor) -> Tensor:
-        """The scale broadcast against w: () layer-wise, (k, 1, ..., 1) per-channel."""
+    def step_for(self, w: Tensor, scale: Tensor | None = None) -> Tensor:
+        """`scale` (default: this quantizer's) broadcast against w: () layer-wise, (k, 1, ..., 1) per-channel;
+        initialises the scale on w at first use."""
         if not self.ready:
             self.initialize(w)
+        scale = self.scale if scale is None else scale
         if self.channels is None:
-            return self.scale
+            return scale
         self._check_rows(w)
-        return self.scale[: w.shape[0]].reshape(-1, *[1] * (w.dim() - 1))
+        return scale[: w.shape[0]].reshape(-1, *[1] * (w.dim() - 1))
+
+    def gradient_scale(self, shape: Sequence[int]) -> float:
+        """LSQ's g = 1 / sqrt(N p) for a weight of `shape`: N the elements that share one step size (the
+        weight, or one row)."""
+        per_scale = math.prod(shape) // (shape[0] if self.channels is not None else 1)
+        return 1.0 / math.sqrt(per_scale * max(self.p, 1))
 
     def forward(self, w: Tensor) -> Tensor:
-        s = self._step(w)
-        per_scale = w.numel() // (w.shape[0] if self.channels is not None else 1)
-        g = 1.0 / math.sqrt(per_scale * max(self.p, 1))
-        return _LsqFunction.apply(w, s, None, self.n, self.p, g)
+        return _LsqFunction.apply(w, self.step_for(w), None, self.n, self.p, self.gradient_scale(w.shape))
 
     @torch.no_grad()
     def integer(self, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,7 +216,7 @@ class LsqWeightQuantizer(_InitFlag):
         The scale is () layer-wise and (k, 1, ..., 1) per-channel, so `q * scale` broadcasts; exporters
         wanting ONNX's 1-D per-channel scale flatten it.
         """
-        s = self._step(w).detach()
+        s = self.step_for(w).detach()
         return _grid(w, s, None, self.n, self.p).to(torch.int8), s.clamp_min(_MIN_SCALE)
 
 

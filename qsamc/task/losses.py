@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# Floats of upsampled logits per chunk (8 MB in FP32): small next to the encoder's activations on a CPU.
-CHUNK_ELEMENTS = 2**21
+# Floats of upsampled logits per chunk (32 MB in FP32; with the log-softmax and their gradients about
+# 130 MB at the peak): small next to the encoder's activations on a CPU, and few chunks (5 for 150 classes at
+# 512 px), each of which costs some hundred ops.
+CHUNK_ELEMENTS = 2**23
 # On a GPU, memory is plentiful and every chunk costs launches and a device sync (its band of input
 # rows): 512 MB per chunk scores a vit_l batch of two at 1024 px with 150 classes in 3 chunks, not 150.
 CUDA_CHUNK_ELEMENTS = 2**27
@@ -51,6 +53,9 @@ def mean_over_pixels(pixel_loss: PixelLoss, logits: tuple[torch.Tensor, ...], ma
                      ignore_index: int) -> torch.Tensor:
     """Mean of `pixel_loss` over the labelled pixels of `masks`, on `logits` (each [B, C, h, w])
     bilinearly upsampled to the masks' size, one chunk of rows at a time."""
+    # One copy of the small logits where they are channels-last (the neck of a training supernet): a
+    # band of them would otherwise reach the CPU's batched matmul as one small GEMM per image and class.
+    logits = tuple(x.contiguous() for x in logits)
     batch, classes, height, width = logits[0].shape
     out_h, out_w = masks.shape[-2:]
     rows = interpolation_matrix(height, out_h, masks.device).to(logits[0].dtype)
