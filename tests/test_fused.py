@@ -114,6 +114,29 @@ def test_quantized_linear_kernel_equals_autograd_through_the_plain_layer(w_bits,
     assert any("_quantizer" in name for name in grads_new) == (w_bits < 32 or a_bits < 32)
 
 
+def assert_compiled_equals_eager_under_autocast(case: int, device: str, monkeypatch) -> None:
+    """The fused functions compiled (mode on) against the same functions run eagerly, under bf16 autocast
+    as training runs on a GPU: outputs and every gradient to bf16 rounding of the GEMMs."""
+    w_bits, a_bits, lora, channels, sliced, gelu = CASES[case]
+    x = torch.randn(3, 5, 16 if sliced else 24, generator=torch.Generator().manual_seed(2)).to(device)
+    results = {}
+    for mode in ("off", "on"):
+        monkeypatch.setattr(fused.Fusion, "mode", mode)
+        layer = _layer(w_bits, a_bits, lora, channels, sliced).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            results[mode] = _grads(layer, x, gelu, kernel=True)
+    (y_off, gx_off, grads_off), (y_on, gx_on, grads_on) = results["off"], results["on"]
+    assert y_on.dtype == y_off.dtype == torch.bfloat16
+    assert _relative(y_on.float(), y_off.float()) < 2e-2 and _relative(gx_on, gx_off) < 2e-2
+    assert grads_on.keys() == grads_off.keys()
+    for name, grad in grads_off.items():
+        assert _relative(grads_on[name], grad) < 5e-2, name
+
+
+def test_compiled_kernels_equal_the_eager_ones_under_bf16_autocast(monkeypatch):
+    assert_compiled_equals_eager_under_autocast(4, "cpu", monkeypatch)
+
+
 @pytest.mark.parametrize("mode", ["off", "on"])
 @pytest.mark.parametrize("side, table", [(14, 27), (12, 31)])  # a table for this size, and one resized to it
 def test_folded_attention_equals_the_reference_fold_forward_and_backward(side, table, mode, fusion):

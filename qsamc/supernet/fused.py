@@ -30,6 +30,7 @@ from qsamc.errors import ConfigError
 
 ENV = "QSAMC_FUSE"
 MODES = ("auto", "on", "off")
+_RECOMPILE_LIMIT = 64
 # Scales are divided by and must stay positive (`qsamc.supernet.quant._MIN_SCALE`).
 MIN_SCALE = 1e-8
 
@@ -69,6 +70,11 @@ class fusable:
         if self.broken or not compiles_on(args[0].device):
             return self.fn(*args)
         if self.compiled is None:
+            # One graph per structure a layer meets (GELU or not, which operands are quantized, how many
+            # adapters, sliced or whole, autocast or not): more than torch's default of 8 per function.
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+            setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
             self.compiled = torch.compile(self.fn, dynamic=True)
         try:
             return self.compiled(*args)
