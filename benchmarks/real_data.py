@@ -43,6 +43,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -116,7 +117,7 @@ def train_reference(fold: str, reference: Path, data: dict, scale: float, fresh:
 
 
 def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke: bool = False,
-             search_count: int = SEARCH_IMAGES) -> dict:
+             search_count: int = SEARCH_IMAGES, uniform_guard: bool = False) -> dict:
     """Every stage of one fold; returns its rows (label, method, BitOPs, mIoU, ...) and stage times, and
     saves the rows' per-image confusion matrices to <fold>/confusions.pt."""
     reference, supernet, baselines = root / "reference", root / "supernet", root / "baselines"
@@ -153,7 +154,8 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
     if stage(fold, "search", search_out / "pareto.json", fresh):
         run_search(supernet, "cpu", True, False, [f"{b:.6e}" for b in bitops_budgets], search_out,
                    dataset=data["dataset"], data_root=Path(data["data_root"]),
-                   val_limit=SMOKE_IMAGES if smoke else search_count, config=SMOKE_SEARCH if smoke else SEARCH,
+                   val_limit=SMOKE_IMAGES if smoke else search_count,
+                   config=replace(SMOKE_SEARCH if smoke else SEARCH, uniform_guard=uniform_guard),
                    float_macs="exclude", split="holdout" if fold == "val" else "val", overwrite=True)
     times["search"] = time.perf_counter() - started
 
@@ -333,6 +335,8 @@ def main() -> None:
     parser = camvid_arguments(__doc__, "runs/real_data", FOLDS)
     parser.add_argument("--search-images", type=int, default=SEARCH_IMAGES, help="Images that score search's "
                         "candidates (a stage already there is reused whatever it was searched with).")
+    parser.add_argument("--uniform-guard", action="store_true", help="qsamc search --uniform-guard (a stage already "
+                        "there is reused whatever it was searched with).")
     parser.add_argument("--fresh", action="store_true", help="Redo every stage.")
     parser.add_argument("--smoke", action="store_true", help="A one-generation search on 8 images: checks the "
                         "pipeline, measures nothing (with --scale 0.01, minutes per fold).")
@@ -348,7 +352,8 @@ def main() -> None:
         shutil.rmtree(args.out)
     data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
     started = time.perf_counter()
-    results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh, args.smoke, args.search_images)
+    results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh, args.smoke, args.search_images,
+                        args.uniform_guard)
                for fold in folds]
     report(results, args.out)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)

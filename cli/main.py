@@ -225,6 +225,9 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            sensitivity_seed: bool = typer.Option(True, help="Also start evolution from the subnet per-layer sensitivity "
                                                  "(AutoQuantize's gradient scores on the search images) and a budgeted "
                                                  "solve pick."),
+           uniform_guard: bool = typer.Option(False, help="Keep the best uniform-precision subnet under a budget unless "
+                                              "the best mix beats it on the search images' mIoU beyond a paired "
+                                              "bootstrap 95% interval (semantic runs)."),
            float_macs: FloatMacs = typer.Option(FloatMacs.fp32, help="Count attention matmuls in BitOPs at 32x32 bits, "
                                                 "or exclude them (the paper's convention)."),
            split: Split = typer.Option(Split.auto, help="The images that score subnets: auto is the run's held-out "
@@ -236,7 +239,7 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
     from rich.progress import BarColumn, Progress, TextColumn
 
     config = EvolutionConfig(population, top_k, mutations, crossovers, mutation_prob, generations, objective.value, seed,
-                             sensitivity_seed=sensitivity_seed)
+                             sensitivity_seed=sensitivity_seed, uniform_guard=uniform_guard)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} generations"),
                   TextColumn("best {task.fields[best]}"), console=console) as progress:
         tasks: dict[int, int] = {}

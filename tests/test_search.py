@@ -200,3 +200,40 @@ def test_evolution_config_round_trips_through_json():
         EvolutionConfig.from_json({**config.to_json(), "populaton": 3})
     with pytest.raises(ConfigError, match=r"^objective must be one of loss, miou, ap, got 'speed'$"):
         EvolutionConfig.from_json({**config.to_json(), "objective": "speed"})
+
+
+class _MixFavouringFitness:
+    """proxy_fitness with every mixed-precision subnet a whole unit of loss better, so evolution ends on a mix,
+    and a `compare` whose interval's lower bound the test sets (what SubnetFitness computes on real images)."""
+
+    def __init__(self, low: float) -> None:
+        self.low, self.compared = low, []
+
+    def __call__(self, subnet):
+        base = proxy_fitness(subnet)
+        mixed = len({(b.w, b.a) for b in subnet.bits}) > 1
+        return replace(base, loss=base.loss - (1.0 if mixed else 0.0))
+
+    def compare(self, a, b):
+        from qsamc.task.intervals import Interval
+
+        self.compared.append((a, b))
+        return Interval(0.01, self.low, 0.02, 100)
+
+
+@pytest.mark.parametrize("low, kept", [(-0.001, True), (0.0, True), (0.001, False)])
+def test_the_uniform_guard_keeps_the_best_uniform_subnet_unless_a_mix_wins_beyond_noise(vit_t, low, kept):
+    space, bitops = vit_t
+    budget = Budget("bitops", 30e9)
+    fitness = _MixFavouringFitness(low)
+    searcher = Searcher(space, [bitops], fitness, replace(SMALL, uniform_guard=True))
+    result = searcher.evolve([budget])
+    uniform = [searcher.cache[s] for s in searcher.uniform_seeds([budget]) if s in searcher.cache]
+    incumbent = min(uniform, key=lambda c: c.evaluation.loss).subnet  # the best-scoring uniform seed
+    (mixed, compared_with), = fitness.compared
+    assert compared_with == incumbent and len({(b.w, b.a) for b in mixed.bits}) > 1
+    assert result.guard == {"miou_difference_to_uniform": 0.01, "low": low, "high": 0.02, "kept_uniform": kept}
+    assert result.best.subnet == (incumbent if kept else mixed)
+    # Off (the default), no comparison runs and the mix stands.
+    plain = Searcher(space, [bitops], _MixFavouringFitness(low), SMALL).evolve([budget])
+    assert plain.guard is None and plain.best.subnet == mixed

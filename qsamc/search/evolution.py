@@ -29,6 +29,7 @@ from qsamc.search.cost import Budget, CostModel, cheapest, format_cost, set_grou
 from qsamc.errors import BudgetError, ConfigError
 from qsamc.search.sensitivity import Sensitivity, sensitivity_seed
 from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
+from qsamc.task.intervals import Interval, paired_bootstrap
 from qsamc.supernet.space import SearchSpace, Subnet
 from qsamc.threads import adapt as adapt_threads
 
@@ -63,6 +64,11 @@ class EvolutionConfig:
     # Also start from the subnet that per-layer sensitivity (AutoQuantize's gradient scores, measured on the
     # search images) and a budgeted solve pick (`qsamc.search.sensitivity`), where the caller measured them.
     sensitivity_seed: bool = True
+    # Keep the best uniform-precision subnet under a budget (the best-scoring uniform seed) unless search's
+    # best, a mix, beats it on the search images' mIoU with a paired bootstrap 95% interval above zero: a mix
+    # is deployed only where the search split shows it better beyond its noise (semantic task;
+    # `SubnetFitness.compare`). Off by default: measured on one fold only (docs/benchmarks.md).
+    uniform_guard: bool = False
 
     def __post_init__(self) -> None:
         if min(self.population, self.top_k, self.generations) < 1 or min(self.mutations, self.crossovers) < 0:
@@ -106,6 +112,9 @@ class BudgetResult:
     budgets: tuple[Budget, ...]
     best: Candidate
     history: list[float]  # best score after each generation
+    # `EvolutionConfig.uniform_guard`: the best mixed and uniform candidates' mIoU difference on the search
+    # images with its interval, and whether the uniform one was kept; None where no guard ran.
+    guard: dict[str, Any] | None = None
 
 
 @dataclass
@@ -142,6 +151,14 @@ class SubnetFitness:
     def __call__(self, subnet: Subnet) -> Evaluation:
         adapt_threads()
         return evaluate_subnet(self.model, subnet, self.data)
+
+    def compare(self, a: Subnet, b: Subnet) -> Interval | None:
+        """mIoU(a) - mIoU(b) on the search images with its paired bootstrap interval (None: no mIoU here)."""
+        if self.data.task != "semantic":
+            return None
+        adapt_threads()
+        a_eval, b_eval = (evaluate_subnet(self.model, s, self.data, per_image=True) for s in (a, b))
+        return paired_bootstrap(a_eval.image_confusions, b_eval.image_confusions)
 
 
 def evaluate_population(fitness: Fitness, subnets: Sequence[Subnet]) -> list[Evaluation]:
@@ -353,7 +370,26 @@ class Searcher:
                 + self._children(lambda: self.crossover(rng.choice(parents), rng.choice(parents)),
                                  cfg.crossovers, budgets, fallback, seen)
             )
-        return BudgetResult(tuple(budgets), top[0], history)
+        best, guard = top[0], None
+        if cfg.uniform_guard:
+            best, guard = self.guarded(best, budgets)
+        return BudgetResult(tuple(budgets), best, history, guard)
+
+    def guarded(self, best: Candidate, budgets: Sequence[Budget]) -> tuple[Candidate, dict[str, Any] | None]:
+        """`EvolutionConfig.uniform_guard`: `best`, or the best-scoring evaluated uniform seed under `budgets`
+        where `best` is a mix that does not beat it beyond the search images' paired bootstrap noise."""
+        uniform = [self.cache[s] for s in self.uniform_seeds(budgets) if s in self.cache]
+        compare = getattr(self.fitness, "compare", None)
+        if not uniform or compare is None or best.subnet in {c.subnet for c in uniform}:
+            return best, None
+        incumbent = min(uniform, key=lambda c: (c.score(self.config.objective), -c.costs[budgets[0].metric]))
+        interval = compare(best.subnet, incumbent.subnet)
+        if interval is None:
+            return best, None
+        kept = interval.low <= 0
+        return (incumbent if kept else best), {
+            "miou_difference_to_uniform": interval.difference, "low": interval.low, "high": interval.high,
+            "kept_uniform": kept}
 
     def random_search(self, budgets: Sequence[Budget], evaluations: int) -> BudgetResult:
         """The best of `evaluations` random subnets, made legal as evolution's children are."""

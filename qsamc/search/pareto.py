@@ -65,7 +65,8 @@ def write_search(result: SearchResult, space: SearchSpace, target: Target, costs
         r.best.subnet.save(path)
         written.append(path)
         best.append({"budgets": [str(b) for b in r.budgets], "subnet_file": path.name,
-                     "candidate": index[id(r.best)], "history": r.history})
+                     "candidate": index[id(r.best)], "history": r.history,
+                     **({"uniform_guard": r.guard} if r.guard is not None else {})})
     metrics = [c.name for c in costs]
     data = {
         "format": PARETO_FORMAT, "version": PARETO_VERSION, "model": space.model, "target": target.name,
