@@ -188,3 +188,15 @@ def test_a_fused_function_runs_eagerly_where_compiling_fails(fusion, monkeypatch
     with pytest.warns(RuntimeWarning, match="torch.compile of double failed"):
         assert torch.equal(function(torch.ones(3)), torch.full((3,), 2.0))
     assert function.broken and torch.equal(function(torch.ones(2)), torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("length, size", [(27, 14), (127, 32), (63, 32), (27, 7)])
+def test_rel_pos_table_equals_segment_anything_get_rel_pos_values_and_gradients(length, size):
+    """The cached-index table: bit-exact against `get_rel_pos`, for a table of its size and one it resizes."""
+    from qsamc.sam import get_rel_pos
+
+    rel_pos = torch.randn(length, 16, generator=torch.Generator().manual_seed(length), requires_grad=True)
+    ours, theirs = rel_pos_table(size, rel_pos), get_rel_pos(size, size, rel_pos)
+    grad = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours, theirs)
+    assert torch.equal(*(torch.autograd.grad(t, rel_pos, grad)[0] for t in (ours, theirs)))
