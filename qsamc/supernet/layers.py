@@ -9,7 +9,6 @@ columns of the weight.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -168,20 +167,18 @@ class QuantLinear(QuantMixin, nn.Linear):
         wq = aq = (0, 0, 0.0)
         if self.w_bits != 32:
             quantizer = self.weight_quantizer[self.w_bits]
-            merged = self.merged_weight(self.active_weight()) if not quantizer.ready else None
-            if merged is not None:  # first use: initialise the scale on the weight, as the quantizer would
+            if not quantizer.ready:  # first use: initialise the scale on the weight, as the quantizer would
                 with torch.no_grad():
-                    quantizer.step_for(merged)
+                    quantizer.step_for(self.merged_weight(self.active_weight()))
             w_scale = quantizer.scale
             wq = (quantizer.n, quantizer.p, quantizer.gradient_scale((self.active_out, self.active_in)))
         if self.a_bits != 32:
             quantizer = self.act_quantizer[self.a_bits]
             if not quantizer.ready:  # first use: calibrate on this batch, as the quantizer's own forward would
                 with torch.no_grad():
-                    quantizer.observe(F.gelu(x) if gelu else x)
-                    quantizer.initialize()
+                    quantizer._ensure_initialized(F.gelu(x) if gelu else x)
             a_scale, a_offset = quantizer.scale, quantizer.offset
-            aq = (quantizer.n, quantizer.p, 1.0 / math.sqrt(x.numel() // x.shape[0] * max(quantizer.p, 1)))
+            aq = (quantizer.n, quantizer.p, quantizer.gradient_scale(x.shape))
         terms = [] if self.lora is None else self.lora.terms(self.w_bits, self.a_bits)
         spec = _LinearSpec(tuple(adapter.scaling for adapter, _ in terms), tuple(trains for _, trains in terms),
                            self.active_out, self.active_in, wq, aq, gelu)

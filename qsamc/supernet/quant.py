@@ -189,16 +189,15 @@ class LsqWeightQuantizer(_InitFlag):
         if w.shape[0] > self.channels:
             raise ValueError(f"weight has {w.shape[0]} output rows but the quantizer has {self.channels} scales")
 
-    def step_for(self, w: Tensor, scale: Tensor | None = None) -> Tensor:
-        """`scale` (default: this quantizer's) broadcast against w: () layer-wise, (k, 1, ..., 1) per-channel;
-        initialises the scale on w at first use."""
+    def step_for(self, w: Tensor) -> Tensor:
+        """The scale broadcast against w: () layer-wise, (k, 1, ..., 1) per-channel; initialises it on w at
+        first use."""
         if not self.ready:
             self.initialize(w)
-        scale = self.scale if scale is None else scale
         if self.channels is None:
-            return scale
+            return self.scale
         self._check_rows(w)
-        return scale[: w.shape[0]].reshape(-1, *[1] * (w.dim() - 1))
+        return self.scale[: w.shape[0]].reshape(-1, *[1] * (w.dim() - 1))
 
     def gradient_scale(self, shape: Sequence[int]) -> float:
         """LSQ's g = 1 / sqrt(N p) for a weight of `shape`: N the elements that share one step size (the
@@ -277,11 +276,14 @@ class LsqActQuantizer(_InitFlag):
             self.observe(x)
             self.initialize()
 
+    def gradient_scale(self, shape: Sequence[int]) -> float:
+        """LSQ's g = 1 / sqrt(N p) for an input of `shape`: N the elements of one sample."""
+        per_sample = math.prod(shape[1:]) if len(shape) > 0 else 1
+        return 1.0 / math.sqrt(per_sample * max(self.p, 1))
+
     def forward(self, x: Tensor) -> Tensor:
         self._ensure_initialized(x)
-        per_sample = x.numel() // x.shape[0] if x.dim() > 0 else 1
-        g = 1.0 / math.sqrt(per_sample * max(self.p, 1))
-        return _LsqFunction.apply(x, self.scale, self.offset, self.n, self.p, g)
+        return _LsqFunction.apply(x, self.scale, self.offset, self.n, self.p, self.gradient_scale(x.shape))
 
     @torch.no_grad()
     def integer(self, x: Tensor) -> Tensor:
