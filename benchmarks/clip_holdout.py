@@ -51,7 +51,7 @@ def main() -> None:
     fp32 = peers[0]["bitops"]
     budgets = sorted({r["bitops"] for r in peers[1:]} | {int(f * fp32) for f in R.LADDER})
     if not (search / "pareto.json").exists():
-        run_search(supernet, "cpu", True, False, [f"{b:.6e}" for b in budgets], search, dataset="camvid",
+        run_search(supernet, "cpu", True, False, [f"{b:.0f}" for b in budgets], search, dataset="camvid",
                    data_root=args.data.resolve(), val_limit=R.SEARCH_IMAGES, config=replace(R.SEARCH, objective=args.objective), float_macs="exclude",
                    split="holdout", overwrite=True)
     model, _, spec = load_supernet(supernet)

@@ -71,8 +71,9 @@ REFERENCE = {"schedule": "fp32", "iterations": 1500, "batch_size": 4, "lr": 1e-3
 SUPERNET = {"schedule": "progressive", "lora_variant": "multiplex", "iterations": 1200, "phase1_iterations": 600,
             "batch_size": 4, "lr": 2e-4, "lora_lr": 1e-3, "per_channel": True, "weight_init": "mse",
             "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101}
-# Seeded with the uniform and sensitivity subnets, three generations of 12.
-SEARCH = EvolutionConfig(population=12, top_k=4, mutations=6, crossovers=6, generations=3)
+# Seeded with the uniform and sensitivity subnets, three generations of 12; qsamc search's default objective
+# (fidelity: every supernet here distils from its fold's reference).
+SEARCH = EvolutionConfig(population=12, top_k=4, mutations=6, crossovers=6, generations=3, objective="auto")
 SMOKE_SEARCH = EvolutionConfig(population=4, top_k=2, mutations=2, crossovers=2, generations=1)  # --smoke
 UNIFORM = ((8, 8), (4, 8), (4, 4))
 LADDER = (0.01, 0.02)  # extra BitOPs budgets, fractions of FP32
@@ -152,7 +153,7 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
     bitops_budgets = sorted({r["bitops"] for r in peers[1:]} | {int(f * fp32_bitops) for f in LADDER})
     started = time.perf_counter()
     if stage(fold, "search", search_out / "pareto.json", fresh):
-        run_search(supernet, "cpu", True, False, [f"{b:.6e}" for b in bitops_budgets], search_out,
+        run_search(supernet, "cpu", True, False, [f"{b:.0f}" for b in bitops_budgets], search_out,
                    dataset=data["dataset"], data_root=Path(data["data_root"]),
                    val_limit=SMOKE_IMAGES if smoke else search_count,
                    config=replace(SMOKE_SEARCH if smoke else SEARCH, uniform_guard=uniform_guard),

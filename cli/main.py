@@ -220,7 +220,7 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
            batch_size: int = typer.Option(8, help="Validation batch size."),
            population: int = typer.Option(50), top_k: int = typer.Option(10), mutations: int = typer.Option(25),
            crossovers: int = typer.Option(25), mutation_prob: float = typer.Option(0.2),
-           generations: int = typer.Option(5), objective: Objective = typer.Option(Objective.loss, help="Fitness: validation loss (the paper), mIoU (semantic runs) or mask AP (instance runs)."),
+           generations: int = typer.Option(5), objective: Objective = typer.Option(Objective.auto, help="Fitness: validation loss (the paper), mIoU (semantic runs), mask AP (instance runs), or fidelity (semantic runs): the per-pixel KL from the FP32 reference's predictions over the labelled pixels. auto: fidelity for a semantic run distilled from an FP32 reference, else loss."),
            seed: int = typer.Option(0),
            sensitivity_seed: bool = typer.Option(True, help="Also start evolution from the subnet per-layer sensitivity "
                                                  "(AutoQuantize's gradient scores on the search images) and a budgeted "
@@ -247,7 +247,7 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
         def on_generation(index: int, generation: int, best: float) -> None:
             if index not in tasks:
                 tasks[index] = progress.add_task(f"budget set {index + 1}", total=generations, best="-")
-            progress.update(tasks[index], completed=generation + 1, best=f"{objective.value} {best:.4f}")
+            progress.update(tasks[index], completed=generation + 1, best=f"{best:.4f}")
 
         result, written = pipeline.run_search(supernet, target, bitops, latency, budget or [], out, restrict=restrict,
                                               estimate=estimate, table=latency_table, dataset=dataset,
@@ -257,9 +257,11 @@ def search(supernet: Path = typer.Option(..., help="A training run folder (super
                                               device=device.value)
     if not written:
         return
+    against = f" against {result.scored_against}" if result.scored_against else ""
+    console.print(f"objective {result.objective}{against}, scored on {result.scored_on}")
     table = Table(title=f"best subnets on {target} ({result.evaluations} subnets evaluated)")
     names = {"loss": "loss", "miou": "mIoU", "pixel_accuracy": "pixel accuracy", "ap": "mask AP", "ap50": "AP50",
-             "ap75": "AP75"}
+             "ap75": "AP75", "fidelity": "KL from reference"}
     metrics = [names[m] for m in result.results[0].best.evaluation.metrics()]
     for column in ("budget", *result.results[0].best.costs, *metrics):
         table.add_column(column)

@@ -8,14 +8,14 @@ search (`qsamc search`) and latency tables (`qsamc profile`): at the end of this
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import onnx
 import torch
 
-from qsamc.distributed import init_distributed, resolve_device
+from qsamc.distributed import init_distributed, module_device, resolve_device
 from qsamc.errors import BudgetError, ConfigError, TargetError
 from qsamc.export import report as export_report
 from qsamc.export.emit import export_static
@@ -38,12 +38,12 @@ from qsamc.search.pareto import is_search_file, write_search
 from qsamc.supernet.space import SearchSpace, Subnet, default_space, load_subnet
 from qsamc.targets import Target, get_target
 from qsamc.task.data import build_dataset
-from qsamc.task.evaluate import ValidationSet, evaluate, evaluate_subnet
+from qsamc.task.evaluate import ReferencePredictions, ValidationSet, evaluate, evaluate_subnet
 from qsamc.task.head import SegmentationModel
 from qsamc.training.config import ATTENTION_MODES, load_train_config
-from qsamc.training.runs import load_supernet
+from qsamc.training.runs import build_model, load_supernet
 from qsamc.training.splits import run_config, search_images
-from qsamc.training.train import TrainResult, train
+from qsamc.training.train import Teacher, TrainResult, train
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -186,24 +186,56 @@ def run_search(run: Path, target_name: str, use_bitops: bool, use_latency: bool,
     if dataset is None:
         dataset, data_root = training_dataset(run)
         dataset = dataset or "synthetic"
+    config = replace(config, objective=search_objective(run, spec.task, config.objective))
     if config.objective not in TASK_OBJECTIVES[spec.task]:
+        *others, last = TASK_OBJECTIVES[spec.task]
         raise ConfigError(f"{run} is {'an' if spec.task == 'instance' else 'a'} {spec.task}-segmentation run; its objectives are "
-                          f"{' and '.join(TASK_OBJECTIVES[spec.task])}, not {config.objective}")
+                          f"{', '.join(others)} or {last}, not {config.objective}")
     images, scored_on = search_images(run, dataset, data_root, split, spec.task)
     if images.num_classes != spec.num_classes:
         raise ConfigError(f"the supernet in {run} predicts {spec.num_classes} classes but the {dataset} data has "
                           f"{images.num_classes}: pass the dataset it was trained on (--dataset, --data-root)")
     data = ValidationSet(images, val_limit, batch_size)
+    reference, against = fidelity_reference(run, model, spec, data) if config.objective == "fidelity" else (None, "")
     # Per-layer sensitivity seeds evolution where the light head's per-pixel loss gives its gradients.
     sensitivity = measure_sensitivity(model, space, data) if config.sensitivity_seed and spec.head == "light" else None
-    result = search(space, costs, SubnetFitness(model, data), parsed, config,
+    result = search(space, costs, SubnetFitness(model, data, reference), parsed, config,
                     on_generation=on_generation if rank == 0 else None, sensitivity=sensitivity)
-    result.scored_on = scored_on
+    result.scored_on, result.scored_against = scored_on, against
     written = []
     if rank == 0:
         with replace_folder(out) as staging:
             written = [out / p.name for p in write_search(result, space, target, costs, staging)]
     return result, written
+
+
+def search_objective(run: Path, task: str, objective: str) -> str:
+    """`objective`, with `auto` made concrete: fidelity for a semantic run distilled from an FP32 reference
+    (where it picked the subnets that kept the most on held-out drives, docs/benchmarks.md), else the
+    validation loss (the paper's proxy)."""
+    if objective != "auto":
+        return objective
+    config = run_config(run)
+    distilled = config is not None and config.distill == "reference"
+    return "fidelity" if task == "semantic" and distilled else "loss"
+
+
+def fidelity_reference(run: Path, model: SegmentationModel, spec, data: ValidationSet) -> tuple[ReferencePredictions, str]:
+    """What `--objective fidelity` scores subnets against, predicted once on the search images at the space's
+    largest resolution, and a line that says which: the FP32 reference the run distilled from (its
+    `--checkpoint` run, read again), or, for a run without one or whose reference folder is gone, the
+    supernet's own largest FP32 subnet."""
+    config = run_config(run)
+    checkpoint = Path(config.checkpoint) if config is not None and config.distill == "reference" else None
+    device = module_device(model)
+    if checkpoint is not None and (checkpoint / "supernet.pt").is_file():
+        source, against = build_model(spec, checkpoint)[0].to(device), f"the FP32 reference {checkpoint}"
+    else:
+        gone = f" (its reference {checkpoint} is gone)" if checkpoint is not None else ""
+        source, against = model, f"the supernet's largest FP32 subnet{gone}"
+    teacher = Teacher(source, spec.space)
+    resolution = spec.space.max_subnet().resolution
+    return ReferencePredictions.predict(lambda images: teacher(images)[0], data, resolution, device), against
 
 
 def profile_target(target_name: str, model: str, out: Path | None, settings: ProfileSettings,

@@ -54,6 +54,21 @@ def test_several_budgets_each_hold_and_share_the_cache(vit_t):
     assert len({c.subnet for c in result.candidates}) == len(result.candidates) == result.evaluations
 
 
+def test_each_budgets_answer_is_the_best_evaluated_subnet_that_meets_it_whatever_the_order(vit_t):
+    space, bitops = vit_t
+    floor = space.canonical(cheapest(space, bitops))
+
+    def fitness(subnet):  # the cheapest subnet is the best of all: only the tightest budget's search meets it
+        return replace(proxy_fitness(subnet), loss=-1.0) if space.canonical(subnet) == floor else proxy_fitness(subnet)
+
+    budgets = [Budget("bitops", 150e9), Budget("bitops", 40e9), Budget("bitops", bitops.cost(floor))]  # loosest first
+    result = search(space, [bitops], fitness, budgets, SMALL)
+    for r in result.results:
+        fitting = [c.evaluation.loss for c in result.candidates if c.costs["bitops"] <= r.budgets[0].limit]
+        assert r.best.evaluation.loss == min(fitting) and r.best.costs["bitops"] <= r.budgets[0].limit
+    assert [r.best.subnet for r in result.results] == [floor] * 3  # found last, the answer of every budget
+
+
 def test_pareto_front_is_non_dominated(vit_t):
     space, bitops = vit_t
     result = search(space, [bitops], proxy_fitness, [Budget("bitops", 30e9), Budget("bitops", 100e9)], SMALL)
@@ -198,7 +213,7 @@ def test_evolution_config_round_trips_through_json():
     assert EvolutionConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     with pytest.raises(ConfigError, match=r"^unknown evolution setting 'populaton'; known settings are crossovers, "):
         EvolutionConfig.from_json({**config.to_json(), "populaton": 3})
-    with pytest.raises(ConfigError, match=r"^objective must be one of loss, miou, ap, got 'speed'$"):
+    with pytest.raises(ConfigError, match=r"^objective must be one of loss, miou, ap, fidelity, auto, got 'speed'$"):
         EvolutionConfig.from_json({**config.to_json(), "objective": "speed"})
 
 

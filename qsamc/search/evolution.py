@@ -6,9 +6,10 @@ Runs after training, before export. Each generation keeps the top-k subnets seen
 next population from them by mutation (each choice resampled with probability p) and uniform crossover
 (each choice from either parent). A child that breaks a budget is repaired by shrinking one random
 choice at a time; if that fails it is resampled; it is never kept over budget. Evaluations are cached
-per canonical subnet, so a subnet met twice (or under several budgets) is evaluated once, and each
-budget's search starts from the best subnets already evaluated that meet it; the whole search is a
-function of its seed. `random_search` is the baseline at the same number of evaluations.
+per canonical subnet, so a subnet met twice (or under several budgets) is evaluated once; each
+budget's search starts from the best subnets already evaluated that meet it, and each budget's answer is
+the best subnet evaluated under any budget that meets it (in whatever order the budgets came); the whole
+search is a function of its seed. `random_search` is the baseline at the same number of evaluations.
 
 Fitness is any callable subnet -> `Evaluation` (`SubnetFitness` evaluates a supernet on a validation
 set); under torchrun the population's evaluations are split across ranks (`evaluate_population`).
@@ -28,16 +29,20 @@ import torch.distributed as dist
 from qsamc.search.cost import Budget, CostModel, cheapest, format_cost, set_group_bits
 from qsamc.errors import BudgetError, ConfigError
 from qsamc.search.sensitivity import Sensitivity, sensitivity_seed
-from qsamc.task.evaluate import Evaluation, ValidationSet, evaluate_subnet
+from qsamc.task.evaluate import Evaluation, ReferencePredictions, ValidationSet, evaluate_subnet
 from qsamc.task.intervals import Interval, paired_bootstrap
 from qsamc.supernet.space import SearchSpace, Subnet
 from qsamc.threads import adapt as adapt_threads
 
 Fitness = Callable[[Subnet], Evaluation]
-Objective = Literal["loss", "miou", "ap"]
-OBJECTIVES = ("loss", "miou", "ap")
-# The objectives each task has: validation loss (the paper's proxy) or its own metric.
-TASK_OBJECTIVES = {"semantic": ("loss", "miou"), "instance": ("loss", "ap")}
+Objective = Literal["loss", "miou", "ap", "fidelity", "auto"]
+# `auto` (qsamc search's default) is resolved per run before a search starts (`qsamc.pipeline.search_objective`).
+OBJECTIVES = ("loss", "miou", "ap", "fidelity", "auto")
+# The objectives each task has: validation loss (the paper's proxy) or its own metric; for a semantic run
+# also fidelity, the per-pixel KL from the FP32 reference's predictions (over the labelled pixels, their
+# classes unused).
+TASK_OBJECTIVES = {"semantic": ("loss", "miou", "fidelity"), "instance": ("loss", "ap")}
+LOWER_IS_BETTER = ("loss", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -100,10 +105,10 @@ class Candidate:
 
     def score(self, objective: Objective) -> float:
         """Lower is better."""
-        return self.value(objective) if objective == "loss" else -self.value(objective)
+        return self.value(objective) if objective in LOWER_IS_BETTER else -self.value(objective)
 
     def value(self, objective: Objective) -> float:
-        """The objective's own value (validation loss, mIoU or mask AP), as it is reported."""
+        """The objective's own value (validation loss, mIoU, mask AP or fidelity), as it is reported."""
         return getattr(self.evaluation, objective)
 
 
@@ -124,6 +129,7 @@ class SearchResult:
     config: EvolutionConfig
     evaluations: int = field(init=False)
     scored_on: str = ""  # which images scored the candidates (set by `qsamc.pipeline.run_search`)
+    scored_against: str = ""  # objective fidelity: the model whose predictions it measures against
 
     def __post_init__(self) -> None:
         self.evaluations = len(self.candidates)
@@ -143,14 +149,15 @@ class SearchResult:
 
 
 class SubnetFitness:
-    """Validation loss, mIoU and pixel accuracy of a subnet of a trained supernet (no gradients)."""
+    """Validation loss, mIoU and pixel accuracy of a subnet of a trained supernet (no gradients); with
+    `reference`, the reference's predictions on the same images, also fidelity."""
 
-    def __init__(self, model: torch.nn.Module, data: ValidationSet) -> None:
-        self.model, self.data = model, data
+    def __init__(self, model: torch.nn.Module, data: ValidationSet, reference: ReferencePredictions | None = None) -> None:
+        self.model, self.data, self.reference = model, data, reference
 
     def __call__(self, subnet: Subnet) -> Evaluation:
         adapt_threads()
-        return evaluate_subnet(self.model, subnet, self.data)
+        return evaluate_subnet(self.model, subnet, self.data, reference=self.reference)
 
     def compare(self, a: Subnet, b: Subnet) -> Interval | None:
         """mIoU(a) - mIoU(b) on the search images with its paired bootstrap interval (None: no mIoU here)."""
@@ -184,6 +191,8 @@ class Searcher:
 
     def __init__(self, space: SearchSpace, costs: Sequence[CostModel], fitness: Fitness,
                  config: EvolutionConfig = EvolutionConfig(), sensitivity: Sensitivity | None = None) -> None:
+        if config.objective == "auto":
+            raise ConfigError("objective auto is chosen per run: resolve it first (qsamc.pipeline.search_objective)")
         self.space, self.fitness, self.config, self.sensitivity = space, fitness, config, sensitivity
         self.costs = {c.name: c for c in costs}
         self.rng = random.Random(config.seed)
@@ -339,7 +348,10 @@ class Searcher:
         return out
 
     # --- the two searches ---------------------------------------------------------------------------
-    def evolve(self, budgets: Sequence[Budget], on_generation: Callable[[int, float], None] | None = None) -> BudgetResult:
+    def evolve(self, budgets: Sequence[Budget], on_generation: Callable[[int, float], None] | None = None,
+               finish: bool = True) -> BudgetResult:
+        """Evolution under `budgets`; `finish`: then `finish` its result (`search` finishes every budget set's
+        once all have run)."""
         cfg, rng, objective = self.config, self.rng, self.config.objective
         fallback = self.check_budgets(budgets)
         seen: set[Subnet] = set()
@@ -351,8 +363,7 @@ class Searcher:
         seen.update(seeds)
         population = seeds + self._children(lambda: self.space.sample(rng), cfg.population - len(seeds), budgets,
                                             fallback, seen)
-        # Subnets already evaluated under other budgets that meet these ones are parents for free: a
-        # looser budget then never ends worse than a tighter one of the same run.
+        # Subnets already evaluated under other budgets that meet these ones are parents for free.
         top = [c for c in self.cache.values() if self.fits(c.subnet, budgets)]
         history = []
         for generation in range(cfg.generations):
@@ -370,10 +381,20 @@ class Searcher:
                 + self._children(lambda: self.crossover(rng.choice(parents), rng.choice(parents)),
                                  cfg.crossovers, budgets, fallback, seen)
             )
-        best, guard = top[0], None
-        if cfg.uniform_guard:
-            best, guard = self.guarded(best, budgets)
-        return BudgetResult(tuple(budgets), best, history, guard)
+        result = BudgetResult(tuple(budgets), top[0], history)
+        return self.finish(result) if finish else result
+
+    def finish(self, result: BudgetResult) -> BudgetResult:
+        """The best subnet evaluated so far that meets the result's budgets (another budget's search may have
+        met them with a better one: a looser budget never ends worse than a tighter one of the same run), then
+        the uniform guard where configured."""
+        objective, metric = self.config.objective, result.budgets[0].metric
+        fitting = [c for c in self.cache.values() if self.fits(c.subnet, result.budgets)]
+        best = min(fitting, key=lambda c: (c.score(objective), c.costs[metric]), default=result.best)
+        guard = None
+        if self.config.uniform_guard:
+            best, guard = self.guarded(best, result.budgets)
+        return replace(result, best=best, guard=guard)
 
     def guarded(self, best: Candidate, budgets: Sequence[Budget]) -> tuple[Candidate, dict[str, Any] | None]:
         """`EvolutionConfig.uniform_guard`: `best`, or the best-scoring evaluated uniform seed under `budgets`
@@ -430,7 +451,9 @@ def search(space: SearchSpace, costs: Sequence[CostModel], fitness: Fitness, bud
             results.append(searcher.random_search(s, evaluations or config.population * config.generations))
         else:
             callback = None if on_generation is None else (lambda g, best, i=index: on_generation(i, g, best))
-            results.append(searcher.evolve(s, callback))
+            results.append(searcher.evolve(s, callback, finish=False))
+    if method == "evolution":
+        results = [searcher.finish(r) for r in results]
     return SearchResult(list(searcher.cache.values()), results, config)
 
 

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 PARETO_FORMAT = "qsamc.pareto"
 PARETO_VERSION = 1
+OBJECTIVE_LABELS = {"loss": "validation loss", "miou": "validation mIoU", "ap": "validation mask AP",
+                    "fidelity": "KL from the reference's predictions"}
 
 
 def deployed_precisions(space: SearchSpace, target: Target, subnet: Subnet) -> dict[str, str]:
@@ -71,6 +73,7 @@ def write_search(result: SearchResult, space: SearchSpace, target: Target, costs
     data = {
         "format": PARETO_FORMAT, "version": PARETO_VERSION, "model": space.model, "target": target.name,
         "deployment": target.deployment.name, "objective": result.objective, "scored_on": result.scored_on,
+        **({"scored_against": result.scored_against} if result.scored_against else {}),
         "evolution": result.config.to_json(),
         "space": space.to_json(),
         "cost_models": {c.name: c.description for c in costs}, "evaluations": result.evaluations,
@@ -113,7 +116,7 @@ def plot_pareto(result: SearchResult, costs: Sequence[CostModel], path: Path) ->
             ax.scatter([r.best.costs[m] / scale], [score(r.best)], marker="*", s=140, color=f"C{1 + i % 8}",
                        zorder=3, label=f"best under {', '.join(map(str, r.budgets))}")
         ax.set_xlabel(f"{model.description} [{unit}]" if m == "latency" else f"BitOPs [{unit or 'ops'}]")
-        ax.set_ylabel("validation loss" if objective == "loss" else "validation mIoU")
+        ax.set_ylabel(OBJECTIVE_LABELS[objective])
         ax.set_title(f"{m}: {result.evaluations} subnets evaluated")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,5 +1,6 @@
 """Subnet evaluation: validation loss (the paper's search proxy, Eq. 2) and the task metric of one subnet:
-mIoU (semantic task) or COCO mask AP (instance task).
+mIoU (semantic task) or COCO mask AP (instance task); and, against a reference's predictions, fidelity: the
+mean per-pixel KL(reference || subnet), which needs no labels.
 
 Used by the trainer's validation and by search's fitness. Batches are prepared once per resolution
 (`ValidationSet`) so that evaluating many subnets costs only their forward passes; no gradients.
@@ -34,13 +35,16 @@ class Evaluation:
     ap: float = math.nan
     ap50: float = math.nan
     ap75: float = math.nan
+    # Mean per-pixel KL(reference || this model) of the class distributions, where `evaluate` was given a
+    # `ReferencePredictions` (lower is better: 0 predicts exactly what the reference does).
+    fidelity: float = math.nan
     # evaluate(per_image=True): each image's confusion matrix [N, C, C], for paired bootstrap intervals.
     image_confusions: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def metrics(self) -> dict[str, float]:
         """Loss and the task's own metrics (JSON-ready: no NaN for the other task's)."""
         names = ("loss", "ap", "ap50", "ap75") if not math.isnan(self.ap) else ("loss", "miou", "pixel_accuracy")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in names} | ({} if math.isnan(self.fidelity) else {"fidelity": self.fidelity})
 
     def describe(self) -> str:
         if not math.isnan(self.ap):
@@ -71,20 +75,55 @@ class ValidationSet:
         return self._cache[key]
 
 
+@dataclass(frozen=True)
+class ReferencePredictions:
+    """What fidelity measures a model against: a reference's class logits at its head's grid for every batch
+    of a `ValidationSet`, predicted once at the reference's own resolution."""
+
+    resolution: int
+    logits: list[torch.Tensor]
+
+    @classmethod
+    @torch.no_grad()
+    def predict(cls, forward: Callable[[torch.Tensor], torch.Tensor], data: ValidationSet, resolution: int,
+                device: torch.device | str = "cpu") -> ReferencePredictions:
+        """`forward` maps images at `resolution` to logits at the head's grid (`upsample=False`)."""
+        return cls(resolution, [forward(images).float() for images, _ in data.batches(resolution, device)])
+
+
+def _kl_sum(logits: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Summed per-pixel KL(reference || logits) over the labelled pixels of `masks`, the reference's grid
+    upsampled to the logits' size, one image at a time (two images' upsampled logits are the peak)."""
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for student, teacher, mask in zip(logits, reference, masks):
+        teacher = F.log_softmax(F.interpolate(teacher[None], size=student.shape[-2:], mode="bilinear",
+                                              align_corners=False)[0], dim=0)
+        kl = (teacher.exp() * (teacher - F.log_softmax(student, dim=0))).sum(0)
+        total += kl[mask != ignore_index].sum().double()
+    return total
+
+
 @torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ValidationSet, resolution: int,
-             device: torch.device | str = "cpu", per_image: bool = False) -> Evaluation:
+             device: torch.device | str = "cpu", per_image: bool = False,
+             reference: ReferencePredictions | None = None) -> Evaluation:
     """Mean per-pixel cross-entropy (ignore label excluded), mIoU and pixel accuracy of any model that
     maps images at `resolution` to logits: a subnet, a baseline, an ONNX Runtime session plus head. The
-    batches go to `device`, the model's. `per_image`: also each image's confusion matrix."""
+    batches go to `device`, the model's. `per_image`: also each image's confusion matrix. `reference`:
+    also fidelity, the mean per-pixel KL from the reference's prediction (made at its own resolution,
+    upsampled to this one) over the same pixels."""
     metric = SegmentationMetric(data.num_classes, data.ignore_index, per_image=per_image)
     total, pixels = torch.zeros((), dtype=torch.float64, device=device), 0
-    for images, masks in data.batches(resolution, device):
+    kl = torch.zeros((), dtype=torch.float64, device=device)
+    for index, (images, masks) in enumerate(data.batches(resolution, device)):
         logits = forward(images).float()
         total += F.cross_entropy(logits, masks, ignore_index=data.ignore_index, reduction="sum").double()
         pixels += int((masks != data.ignore_index).sum())
         metric.update(logits, masks)
+        if reference is not None:
+            kl += _kl_sum(logits, reference.logits[index].to(logits.device), masks, data.ignore_index)
     return Evaluation(float(total) / max(pixels, 1), metric.miou(), metric.pixel_accuracy(),
+                      fidelity=math.nan if reference is None else float(kl) / max(pixels, 1),
                       image_confusions=metric.images() if per_image else None)
 
 
@@ -120,15 +159,16 @@ def evaluate_instances(encoder: Callable[[torch.Tensor], torch.Tensor], head: to
 
 
 @torch.no_grad()
-def evaluate_subnet(model: torch.nn.Module, subnet: Subnet, data: ValidationSet, per_image: bool = False) -> Evaluation:
-    """`evaluate` (semantic; `per_image`: with each image's confusion matrix) or `evaluate_instances` (instance
-    task) of the supernet + head computing `subnet`, on the device the model is on."""
+def evaluate_subnet(model: torch.nn.Module, subnet: Subnet, data: ValidationSet, per_image: bool = False,
+                    reference: ReferencePredictions | None = None) -> Evaluation:
+    """`evaluate` (semantic; `per_image`: with each image's confusion matrix; `reference`: with fidelity) or
+    `evaluate_instances` (instance task) of the supernet + head computing `subnet`, on the device the model is on."""
     was_training = model.training
     model.eval()
     model.supernet.set_subnet(subnet)
     try:
         if data.task == "instance":
             return evaluate_instances(model.supernet, model.head, data, subnet.resolution)
-        return evaluate(model, data, subnet.resolution, module_device(model), per_image=per_image)
+        return evaluate(model, data, subnet.resolution, module_device(model), per_image=per_image, reference=reference)
     finally:
         model.train(was_training)
