@@ -34,6 +34,7 @@ from qsamc.pipeline import run_search
 from qsamc.search.evolution import LOWER_IS_BETTER
 from qsamc.supernet.space import Subnet
 from qsamc.task.evaluate import ValidationSet, evaluate_subnet
+from qsamc.task.head import HEAD_BITS
 from qsamc.task.intervals import mean_interval, miou_of
 from qsamc.training.runs import load_supernet
 from qsamc.training.splits import run_config, search_images
@@ -44,11 +45,11 @@ BUDGETS = (0.0625, 0.03125, 0.02, 0.015625, 0.01)  # fractions of FP32 BitOPs
 
 
 def confusions_of(model, subnet, data: ValidationSet, float_head: bool = False) -> torch.Tensor:
-    model.head.set_bits(32 if float_head else 8)
+    model.head.set_bits(32 if float_head else HEAD_BITS)
     try:
         return evaluate_subnet(model, subnet, data, per_image=True).image_confusions
     finally:
-        model.head.set_bits(8)
+        model.head.set_bits(HEAD_BITS)
 
 
 def run_fold(root: Path, fold: str, objectives: list[str], images: int, whole: bool = False) -> dict:

@@ -1,6 +1,6 @@
 """Subnet evaluation: validation loss (the paper's search proxy, Eq. 2) and the task metric of one subnet:
 mIoU (semantic task) or COCO mask AP (instance task); and, against a reference's predictions, fidelity: the
-mean per-pixel KL(reference || subnet), which needs no labels.
+mean per-pixel KL(reference || subnet) over the labelled pixels (their classes unused).
 
 Used by the trainer's validation and by search's fitness. Batches are prepared once per resolution
 (`ValidationSet`) so that evaluating many subnets costs only their forward passes; no gradients.
@@ -19,6 +19,7 @@ from qsamc.distributed import module_device
 
 from qsamc.task.data import SegmentationDataset, make_batch, preprocess_shape
 from qsamc.task.instances import instance_predictions
+from qsamc.task.losses import pixel_kl
 from qsamc.task.mask2former import mask_scores
 from qsamc.task.metric import SegmentationMetric
 from qsamc.supernet.space import Subnet
@@ -80,7 +81,6 @@ class ReferencePredictions:
     """What fidelity measures a model against: a reference's class logits at its head's grid for every batch
     of a `ValidationSet`, predicted once at the reference's own resolution."""
 
-    resolution: int
     logits: list[torch.Tensor]
 
     @classmethod
@@ -88,7 +88,7 @@ class ReferencePredictions:
     def predict(cls, forward: Callable[[torch.Tensor], torch.Tensor], data: ValidationSet, resolution: int,
                 device: torch.device | str = "cpu") -> ReferencePredictions:
         """`forward` maps images at `resolution` to logits at the head's grid (`upsample=False`)."""
-        return cls(resolution, [forward(images).float() for images, _ in data.batches(resolution, device)])
+        return cls([forward(images).float() for images, _ in data.batches(resolution, device)])
 
 
 def _kl_sum(logits: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -96,10 +96,8 @@ def _kl_sum(logits: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor, 
     upsampled to the logits' size, one image at a time (two images' upsampled logits are the peak)."""
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for student, teacher, mask in zip(logits, reference, masks):
-        teacher = F.log_softmax(F.interpolate(teacher[None], size=student.shape[-2:], mode="bilinear",
-                                              align_corners=False)[0], dim=0)
-        kl = (teacher.exp() * (teacher - F.log_softmax(student, dim=0))).sum(0)
-        total += kl[mask != ignore_index].sum().double()
+        teacher = F.interpolate(teacher[None], size=student.shape[-2:], mode="bilinear", align_corners=False)
+        total += pixel_kl(student[None], teacher)[0][mask != ignore_index].sum().double()
     return total
 
 

@@ -82,12 +82,17 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: i
     return mean_over_pixels(cross_entropy, (logits,), masks, ignore_index)
 
 
+def pixel_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the class distributions at each pixel of logits [B, C, H, W] -> [B, H, W]."""
+    target = F.log_softmax(teacher, dim=1)
+    return (target.exp() * (target - F.log_softmax(student, dim=1))).sum(dim=1)
+
+
 def distillation_loss(logits: torch.Tensor, reference: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Mean per-pixel KL(reference || subnet) of the class distributions, over labelled pixels
     (inplace distillation, as BigNAS / OFA, here from the frozen FP32 reference)."""
     def kl(student: torch.Tensor, teacher: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-        target = F.log_softmax(teacher, dim=1)
-        return (target.exp() * (target - F.log_softmax(student, dim=1))).sum(dim=1) * (part != ignore_index)
+        return pixel_kl(student, teacher) * (part != ignore_index)
     return mean_over_pixels(kl, (logits, reference), masks, ignore_index)
 
 
