@@ -4,22 +4,29 @@ On a CamVid drive nobody trained on, a supernet trained with cross-entropy on th
 from the reference lost 3-5 mIoU points that post-training quantization keeps (docs/benchmarks.md). This
 study trains one supernet per recipe from the same reference, in each fold, and scores each at the FP32 grid
 and uniform W8A8 / W4A8 / W4A4 on the held-out drive, beside the reference and ModelOpt PTQ at the same
-bits. Per fold (`<drive>`: trained without that drive, scored on it), under --out/<fold>:
+bits. Per fold (`<drive>`: trained without that drive, scored on it; `val`: trained on train less a seeded 10%,
+scored on val), under --out/<fold>:
 
 1. reference   `qsamc train --schedule fp32` (benchmarks/real_data.py's settings and holdout).
-2. peers       `qsamc baseline --split holdout`: the reference and ModelOpt PTQ, scored on the drive.
+2. peers       `qsamc baseline --split holdout` (`val` in fold val): the reference and ModelOpt PTQ, scored on the
+               fold's images.
 3. <recipe>    `qsamc train` from the reference with BASE (real_data's supernet settings before this study) and the
                recipe's changes.
 
 Recipes (RECIPES): `calibrated` (2 iterations: quantizers calibrated, MSE weight scales, nothing learned;
 what post-training quantization does), `ce+kl` (the recipe before this study), `kl+feat` (no labels:
 logits KL and feature distillation from the reference), `kl+feat+l2sp` (and a pull toward the reference's
-weights), `lora kl+feat` (LoRA from the start, no full-parameter phase). Each difference to the reference
+weights), `lora kl+feat` (LoRA from the start, no full-parameter phase); then three changes to `kl+feat+l2sp`:
+`detach` (multiplex LoRA's base adapter trains only where a layer is at 32 bits, the paper's Alg. 2),
+`full-res` (phase 1 up to the native resolution) and `l2sp 1000` (a 10x stronger pull). A recipe folder
+that holds a trained supernet is scored without training it again. Each difference to the reference
 and to ModelOpt PTQ has a paired bootstrap 95% interval over images; the mean over folds a stratified one.
 Writes results.json and recipe_study.png under --out.
 
     python benchmarks/recipe_study.py [--data ../shared/data/camvid] [--out runs/recipe_study]
                                       [--folds 0001TP,0006R0,0016E5] [--recipes ce+kl,kl+feat] [--scale 1.0]
+
+(`--folds val` reports that fold alone: run it apart from the drives, whose mean the report is.)
 """
 
 from __future__ import annotations
@@ -32,20 +39,22 @@ import torch
 
 from qsamc.baselines import run_baselines
 from qsamc.fileio import atomic_torch_save, atomic_write_json
+from qsamc.sam import get_config
 from qsamc.task.evaluate import ValidationSet, evaluate_subnet
 from qsamc.task.intervals import mean_interval, miou_of, paired_bootstrap
 from qsamc.training.config import load_train_config
 from qsamc.training.runs import load_supernet
 from qsamc.training.splits import search_images
 from qsamc.training.train import train
-from real_data import (DRIVES, MODEL, UNIFORM, camvid_arguments, describe, fold_holdout, scaled, stage,
+from real_data import (DRIVES, FOLDS, MODEL, UNIFORM, camvid_arguments, describe, fold_holdout, scaled, stage,
                        train_reference)
 
 # The supernet settings every recipe starts from: real_data.py's before this study (progressive multiplex LoRA,
 # 1200 iterations, cross-entropy + logits KL from the reference), kept here so that the study reruns as it ran.
 BASE = {"schedule": "progressive", "lora_variant": "multiplex", "iterations": 1200, "phase1_iterations": 600,
         "batch_size": 4, "lr": 2e-4, "lora_lr": 1e-3, "per_channel": True, "weight_init": "mse",
-        "distill": "reference", "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101}
+        "distill": "reference", "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101,
+        "lora_detach": False}
 DISTILLED = {"label_weight": 0.0, "distill_weight": 1.0, "feature_weight": 1.0}
 RECIPES = {
     "calibrated": {"iterations": 2, "phase1_iterations": 1, "label_weight": 1.0, "distill_weight": 1.0,
@@ -54,6 +63,13 @@ RECIPES = {
     "kl+feat": {**DISTILLED, "l2sp": 0.0},
     "kl+feat+l2sp": {**DISTILLED, "l2sp": 100.0},
     "lora kl+feat": {**DISTILLED, "schedule": "lora", "l2sp": 0.0},
+    # Three candidates for what still moves the default (kl+feat+l2sp) on drive 0016E5: the multiplex base
+    # adapter, which every bit-width trains and the FP32 grid wears (`detach`: it trains only where a layer is
+    # at 32 bits, the paper's Alg. 2); phase 1 capped below the reference's resolution (`full-res`); a pull
+    # too weak (`l2sp 1000`, 10x the default's).
+    "detach": {**DISTILLED, "l2sp": 100.0, "lora_detach": True},
+    "full-res": {**DISTILLED, "l2sp": 100.0, "phase1_max_resolution": get_config(MODEL).img_size},
+    "l2sp 1000": {**DISTILLED, "l2sp": 1000.0},
 }
 SUBNETS = (("FP32 grid", 32, 32), *((f"W{w}A{a}", w, a) for w, a in UNIFORM))
 
@@ -70,6 +86,7 @@ def run_fold(fold: str, root: Path, data: dict, recipes: list[str], scale: float
     """Every stage of one fold; returns {label: per-image confusions} on the held-out drive and stage times."""
     reference, peers = root / "reference", root / "peers"
     holdout = fold_holdout(fold)
+    scoring_split = "val" if fold == "val" else "holdout"
     times = {}
     started = time.perf_counter()
     train_reference(fold, reference, data, scale, False)
@@ -77,7 +94,7 @@ def run_fold(fold: str, root: Path, data: dict, recipes: list[str], scale: float
     started = time.perf_counter()
     if stage(fold, "peers", peers / "confusions.pt", False):
         found = run_baselines(reference, data["dataset"], Path(data["data_root"]), peers, methods=("modelopt-ptq",),
-                              overwrite=True, split="holdout", per_image=True)
+                              overwrite=True, split=scoring_split, per_image=True)
         atomic_torch_save({r.label: r.evaluation.image_confusions for r in found}, peers / "confusions.pt")
     times["peers"] = time.perf_counter() - started
     confusions = torch.load(peers / "confusions.pt", weights_only=True)
@@ -85,10 +102,11 @@ def run_fold(fold: str, root: Path, data: dict, recipes: list[str], scale: float
         run = root / recipe.replace(" ", "_").replace("+", "-")
         started = time.perf_counter()
         if stage(fold, recipe, run / "confusions.pt", False):
-            train(load_train_config(None, {"model": MODEL, "out": str(run), "checkpoint": str(reference), **data,
-                                           **holdout, **recipe_settings(recipe, scale)}), overwrite=True)
+            if stage(fold, f"{recipe} training", run / "supernet.pt", False):
+                train(load_train_config(None, {"model": MODEL, "out": str(run), "checkpoint": str(reference), **data,
+                                               **holdout, **recipe_settings(recipe, scale)}), overwrite=True)
             model, _, spec = load_supernet(run)
-            images, _ = search_images(run, data["dataset"], Path(data["data_root"]), "holdout", "semantic")
+            images, _ = search_images(run, data["dataset"], Path(data["data_root"]), scoring_split, "semantic")
             scored = ValidationSet(images)
             largest = spec.space.max_subnet()
             found = {f"{recipe} {name}": evaluate_subnet(model, spec.space.uniform_bits(largest, w, a), scored,
@@ -173,8 +191,8 @@ def main() -> None:
         print(f"CamVid not found at {args.data}; skipping the recipe study.")
         return
     folds, recipes = args.folds.split(","), args.recipes.split(",")
-    if [f for f in folds if f not in DRIVES] or [r for r in recipes if r not in RECIPES] or not 0 < args.scale <= 10:
-        sys.exit(f"error: folds must be some of {', '.join(DRIVES)}, recipes some of {', '.join(RECIPES)}, "
+    if [f for f in folds if f not in FOLDS] or [r for r in recipes if r not in RECIPES] or not 0 < args.scale <= 10:
+        sys.exit(f"error: folds must be some of {', '.join(FOLDS)}, recipes some of {', '.join(RECIPES)}, "
                  f"and 0 < --scale <= 10")
     data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
     started = time.perf_counter()

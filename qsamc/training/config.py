@@ -71,7 +71,8 @@ class TrainConfig:
     their values there (L2-SP, decoupled). The defaults are the recipe that kept the reference's accuracy
     on held-out drives (benchmarks/recipe_study.py): `distill="auto"` distils where `checkpoint` is an FP32
     reference run, from the reference only (no labels), logits and features; `l2sp=None` is 100 for a
-    supernet trained from a checkpoint and 0 otherwise (`resolved`).
+    supernet trained from a checkpoint and 0 otherwise (`resolved`). `lora_detach` trains multiplex LoRA's
+    base adapter only where a layer's bits select it, not beside a low bit-width's (the paper's Alg. 2).
     `weight_init` initialises weight step sizes by LSQ+ (the paper) or by MSE-optimal clipping (as PTQ).
     `device`: `auto` is the GPU where torch sees one (one per rank under torchrun), else the CPU.
     `precision`: `bf16` runs the forward under bf16 autocast with LSQ+ scales and all quantizer math in
@@ -248,7 +249,8 @@ HELP: dict[str, str] = {
     "lora_modules": "Comma-separated layers LoRA adapts: attn.qkv, attn.proj, mlp.lin1, mlp.lin2.",
     "multiplex_modules": "Multiplex LoRA: adapters shared across bit-widths (3, 4 or 5).",
     "lora_switch": "Multiplex LoRA: pick the adapter by the weight's or the activation's bits.",
-    "lora_detach": "Stop gradients from the LoRA path into the quantizers.",
+    "lora_detach": "Multiplex LoRA: the base adapter trains only where a layer's bits select it (32 with five "
+                   "modules), not beside a low bit-width's adapter (the paper's Alg. 2).",
     "per_channel": "Per-output-channel weight step sizes.",
     "iterations": "Training iterations in all.",
     "phase1_iterations": "Progressive schedule: iterations before LoRA is attached.",
