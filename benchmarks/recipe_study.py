@@ -18,7 +18,8 @@ what post-training quantization does), `ce+kl` (the recipe before this study), `
 logits KL and feature distillation from the reference), `kl+feat+l2sp` (and a pull toward the reference's
 weights), `lora kl+feat` (LoRA from the start, no full-parameter phase); then three changes to `kl+feat+l2sp`:
 `detach` (multiplex LoRA's base adapter trains only where a layer is at 32 bits, the paper's Alg. 2),
-`full-res` (phase 1 up to the native resolution) and `l2sp 1000` (a 10x stronger pull). A recipe folder
+`full-res` (phase 1 up to the native resolution), `l2sp 1000` (a 10x stronger pull) and `sandwich` (largest,
+smallest and one sampled subnet per step, a third of the iterations). A recipe folder
 that holds a trained supernet is scored without training it again. Each difference to the reference
 and to ModelOpt PTQ has a paired bootstrap 95% interval over images; the mean over folds a stratified one.
 Writes results.json and recipe_study.png under --out.
@@ -70,6 +71,10 @@ RECIPES = {
     "detach": {**DISTILLED, "l2sp": 100.0, "lora_detach": True},
     "full-res": {**DISTILLED, "l2sp": 100.0, "phase1_max_resolution": get_config(MODEL).img_size},
     "l2sp 1000": {**DISTILLED, "l2sp": 1000.0},
+    # The sandwich rule (BigNAS): each step trains the largest subnet (FP32, distilled from the reference), the
+    # smallest and one sampled, so the FP32 grid is held to the reference at every step; a third of the
+    # iterations keeps the compute of the others (not scaled by --scale).
+    "sandwich": {**DISTILLED, "l2sp": 100.0, "sampling": "sandwich", "iterations": 400, "phase1_iterations": 200},
 }
 SUBNETS = (("FP32 grid", 32, 32), *((f"W{w}A{a}", w, a) for w, a in UNIFORM))
 
