@@ -19,7 +19,9 @@ logits KL and feature distillation from the reference), `kl+feat+l2sp` (and a pu
 weights), `lora kl+feat` (LoRA from the start, no full-parameter phase); then three changes to `kl+feat+l2sp`:
 `detach` (multiplex LoRA's base adapter trains only where a layer is at 32 bits, the paper's Alg. 2),
 `full-res` (phase 1 up to the native resolution), `l2sp 1000` (a 10x stronger pull) and `sandwich` (largest,
-smallest and one sampled subnet per step, a third of the iterations). A recipe folder
+smallest and one sampled subnet per step, a third of the iterations); `lora zeroed` (not trained: the
+`kl+feat+l2sp` supernet with its LoRA adapters zeroed) and `full 600` (no LoRA: all weights for the default's
+phase-1 iterations). A recipe folder
 that holds a trained supernet is scored without training it again. Each difference to the reference
 and to ModelOpt PTQ has a paired bootstrap 95% interval over images; the mean over folds a stratified one.
 Writes results.json and recipe_study.png under --out.
@@ -75,8 +77,27 @@ RECIPES = {
     # smallest and one sampled, so the FP32 grid is held to the reference at every step; a third of the
     # iterations keeps the compute of the others (not scaled by --scale).
     "sandwich": {**DISTILLED, "l2sp": 100.0, "sampling": "sandwich", "iterations": 400, "phase1_iterations": 200},
+    # No LoRA at all: all weights and quantizers for as many iterations as the default's phase 1 (QFA*'s
+    # schedule, anchored and distilled), after the default's adapters, zeroed, were found to cost held-out
+    # drives what its phase 1 had kept (not scaled by --scale).
+    "full 600": {**DISTILLED, "l2sp": 100.0, "schedule": "full", "iterations": 600},
 }
+# Scored, not trained: another recipe's supernet with every LoRA adapter zeroed (its phase-1 weights and its
+# quantizers as trained), what that recipe's phase 2 adds measured by taking it away.
+ZEROED = {"lora zeroed": "kl+feat+l2sp"}
 SUBNETS = (("FP32 grid", 32, 32), *((f"W{w}A{a}", w, a) for w, a in UNIFORM))
+
+
+def recipe_folder(root: Path, recipe: str) -> Path:
+    return root / recipe.replace(" ", "_").replace("+", "-")
+
+
+@torch.no_grad()
+def zero_lora(model: torch.nn.Module) -> None:
+    """Every adapter's update BA to zero (B = 0, as LoRA starts)."""
+    for name, parameter in model.named_parameters():
+        if ".lora." in name and name.endswith(".B"):
+            parameter.zero_()
 
 
 def recipe_settings(recipe: str, scale: float) -> dict:
@@ -104,14 +125,20 @@ def run_fold(fold: str, root: Path, data: dict, recipes: list[str], scale: float
     times["peers"] = time.perf_counter() - started
     confusions = torch.load(peers / "confusions.pt", weights_only=True)
     for recipe in recipes:
-        run = root / recipe.replace(" ", "_").replace("+", "-")
+        run = recipe_folder(root, recipe)
+        trained = recipe_folder(root, ZEROED[recipe]) if recipe in ZEROED else run
         started = time.perf_counter()
         if stage(fold, recipe, run / "confusions.pt", False):
-            if stage(fold, f"{recipe} training", run / "supernet.pt", False):
+            if recipe in ZEROED and not (trained / "supernet.pt").is_file():
+                sys.exit(f"error: '{recipe}' scores the '{ZEROED[recipe]}' supernet: train that recipe first")
+            if recipe not in ZEROED and stage(fold, f"{recipe} training", run / "supernet.pt", False):
                 train(load_train_config(None, {"model": MODEL, "out": str(run), "checkpoint": str(reference), **data,
                                                **holdout, **recipe_settings(recipe, scale)}), overwrite=True)
-            model, _, spec = load_supernet(run)
-            images, _ = search_images(run, data["dataset"], Path(data["data_root"]), scoring_split, "semantic")
+            model, _, spec = load_supernet(trained)
+            if recipe in ZEROED:
+                zero_lora(model)
+                run.mkdir(parents=True, exist_ok=True)
+            images, _ = search_images(trained, data["dataset"], Path(data["data_root"]), scoring_split, "semantic")
             scored = ValidationSet(images)
             largest = spec.space.max_subnet()
             found = {f"{recipe} {name}": evaluate_subnet(model, spec.space.uniform_bits(largest, w, a), scored,
@@ -190,14 +217,15 @@ def plot(rows: list[dict], recipes: list[str], path: Path) -> None:
 
 def main() -> None:
     parser = camvid_arguments(__doc__, "runs/recipe_study", DRIVES)
-    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"Some of {', '.join(RECIPES)}.")
+    parser.add_argument("--recipes", default=",".join((*RECIPES, *ZEROED)), help=f"Some of {', '.join((*RECIPES, *ZEROED))}.")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         print(f"CamVid not found at {args.data}; skipping the recipe study.")
         return
     folds, recipes = args.folds.split(","), args.recipes.split(",")
-    if [f for f in folds if f not in FOLDS] or [r for r in recipes if r not in RECIPES] or not 0 < args.scale <= 10:
-        sys.exit(f"error: folds must be some of {', '.join(FOLDS)}, recipes some of {', '.join(RECIPES)}, "
+    known = (*RECIPES, *ZEROED)
+    if [f for f in folds if f not in FOLDS] or [r for r in recipes if r not in known] or not 0 < args.scale <= 10:
+        sys.exit(f"error: folds must be some of {', '.join(FOLDS)}, recipes some of {', '.join(known)}, "
                  f"and 0 < --scale <= 10")
     data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
     started = time.perf_counter()
