@@ -109,6 +109,12 @@ def fold_holdout(fold: str) -> dict:
     return {} if fold == "val" else {"holdout_match": f"{fold}_*"}
 
 
+def fold_splits(fold: str) -> tuple[str, str]:
+    """(the split a fold reports on, the split it searches on): val and the held-out tenth of train in fold
+    val; the held-out drive and val in a drive fold."""
+    return ("val", "holdout") if fold == "val" else ("holdout", "val")
+
+
 def train_reference(fold: str, reference: Path, data: dict, scale: float, fresh: bool) -> None:
     """Stage 1: the fold's FP32 reference, unless it is already there. A stage that runs replaces what an
     earlier (killed or --fresh) run left in its folder."""
@@ -123,7 +129,7 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
     saves the rows' per-image confusion matrices to <fold>/confusions.pt."""
     reference, supernet, baselines = root / "reference", root / "supernet", root / "baselines"
     search_out, evaluated = root / "search", root / "evaluate"
-    scoring_split = "val" if fold == "val" else "holdout"
+    scoring_split, search_split = fold_splits(fold)
     times: dict[str, float] = {}
     holdout = fold_holdout(fold)
 
@@ -157,7 +163,7 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
                    dataset=data["dataset"], data_root=Path(data["data_root"]),
                    val_limit=SMOKE_IMAGES if smoke else search_count,
                    config=replace(SMOKE_SEARCH if smoke else SEARCH, uniform_guard=uniform_guard),
-                   float_macs="exclude", split="holdout" if fold == "val" else "val", overwrite=True)
+                   float_macs="exclude", split=search_split, overwrite=True)
     times["search"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -21,9 +21,8 @@ weights), `lora kl+feat` (LoRA from the start, no full-parameter phase); then th
 `full-res` (phase 1 up to the native resolution), `l2sp 1000` (a 10x stronger pull) and `sandwich` (largest,
 smallest and one sampled subnet per step, a third of the iterations); `lora zeroed` (not trained: the
 `kl+feat+l2sp` supernet with its LoRA adapters zeroed) and `full 600` (no LoRA: all weights for the default's
-phase-1 iterations). A recipe folder
-that holds a trained supernet is scored without training it again. Each difference to the reference
-and to ModelOpt PTQ has a paired bootstrap 95% interval over images; the mean over folds a stratified one.
+phase-1 iterations). A recipe folder that holds a trained supernet is scored without training it again.
+Each difference to the reference and to ModelOpt PTQ has a paired bootstrap 95% interval over images; the mean over folds a stratified one.
 Writes results.json and recipe_study.png under --out.
 
     python benchmarks/recipe_study.py [--data ../shared/data/camvid] [--out runs/recipe_study]
@@ -43,14 +42,15 @@ import torch
 from qsamc.baselines import run_baselines
 from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.sam import get_config
+from qsamc.supernet.lora import LowRank
 from qsamc.task.evaluate import ValidationSet, evaluate_subnet
 from qsamc.task.intervals import mean_interval, miou_of, paired_bootstrap
 from qsamc.training.config import load_train_config
 from qsamc.training.runs import load_supernet
 from qsamc.training.splits import search_images
 from qsamc.training.train import train
-from real_data import (DRIVES, FOLDS, MODEL, UNIFORM, camvid_arguments, describe, fold_holdout, scaled, stage,
-                       train_reference)
+from real_data import (DRIVES, FOLDS, MODEL, UNIFORM, camvid_arguments, describe, fold_holdout, fold_splits, scaled,
+                       stage, train_reference)
 
 # The supernet settings every recipe starts from: real_data.py's before this study (progressive multiplex LoRA,
 # 1200 iterations, cross-entropy + logits KL from the reference), kept here so that the study reruns as it ran.
@@ -95,9 +95,9 @@ def recipe_folder(root: Path, recipe: str) -> Path:
 @torch.no_grad()
 def zero_lora(model: torch.nn.Module) -> None:
     """Every adapter's update BA to zero (B = 0, as LoRA starts)."""
-    for name, parameter in model.named_parameters():
-        if ".lora." in name and name.endswith(".B"):
-            parameter.zero_()
+    for module in model.modules():
+        if isinstance(module, LowRank):
+            module.B.zero_()
 
 
 def recipe_settings(recipe: str, scale: float) -> dict:
@@ -112,7 +112,7 @@ def run_fold(fold: str, root: Path, data: dict, recipes: list[str], scale: float
     """Every stage of one fold; returns {label: per-image confusions} on the held-out drive and stage times."""
     reference, peers = root / "reference", root / "peers"
     holdout = fold_holdout(fold)
-    scoring_split = "val" if fold == "val" else "holdout"
+    scoring_split, _ = fold_splits(fold)
     times = {}
     started = time.perf_counter()
     train_reference(fold, reference, data, scale, False)
@@ -217,13 +217,13 @@ def plot(rows: list[dict], recipes: list[str], path: Path) -> None:
 
 def main() -> None:
     parser = camvid_arguments(__doc__, "runs/recipe_study", DRIVES)
-    parser.add_argument("--recipes", default=",".join((*RECIPES, *ZEROED)), help=f"Some of {', '.join((*RECIPES, *ZEROED))}.")
+    known = (*RECIPES, *ZEROED)
+    parser.add_argument("--recipes", default=",".join(known), help=f"Some of {', '.join(known)}.")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         print(f"CamVid not found at {args.data}; skipping the recipe study.")
         return
     folds, recipes = args.folds.split(","), args.recipes.split(",")
-    known = (*RECIPES, *ZEROED)
     if [f for f in folds if f not in FOLDS] or [r for r in recipes if r not in known] or not 0 < args.scale <= 10:
         sys.exit(f"error: folds must be some of {', '.join(FOLDS)}, recipes some of {', '.join(known)}, "
                  f"and 0 < --scale <= 10")

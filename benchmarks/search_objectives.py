@@ -39,7 +39,7 @@ from qsamc.task.intervals import mean_interval, miou_of
 from qsamc.training.runs import load_supernet
 from qsamc.training.splits import run_config, search_images
 from qsamc.training.train import fp32_subnet
-from real_data import DRIVES, SEARCH, SEARCH_IMAGES, UNIFORM, bitops_exclude
+from real_data import DRIVES, SEARCH, SEARCH_IMAGES, UNIFORM, bitops_exclude, fold_splits
 
 BUDGETS = (0.0625, 0.03125, 0.02, 0.015625, 0.01)  # fractions of FP32 BitOPs
 
@@ -56,7 +56,8 @@ def run_fold(root: Path, fold: str, objectives: list[str], images: int, whole: b
     supernet, reference = root / fold / "supernet", root / fold / "reference"
     config = run_config(supernet)
     data_root = Path(config.data_root)
-    reported, _ = search_images(supernet, config.dataset, data_root, "val" if fold == "val" else "holdout", config.task)
+    reported_split, search_split = fold_splits(fold)
+    reported, _ = search_images(supernet, config.dataset, data_root, reported_split, config.task)
     scored = ValidationSet(reported)
     model, _, spec = load_supernet(supernet)
     space = spec.space
@@ -77,7 +78,7 @@ def run_fold(root: Path, fold: str, objectives: list[str], images: int, whole: b
         if not (out / "pareto.json").is_file():
             run_search(supernet, "cpu", True, False, written, out, val_limit=images,
                        config=replace(SEARCH, objective=objective), float_macs="exclude",
-                       split="holdout" if fold == "val" else "val", overwrite=True)
+                       split=search_split, overwrite=True)
         seconds[objective] = time.perf_counter() - started
         pareto = json.loads((out / "pareto.json").read_text())
         for fraction, limit in zip(BUDGETS, limits):
