@@ -13,9 +13,11 @@ each stage written under --out/<fold> and reused when it is already there (--fre
 2. baselines  `qsamc baseline` from the reference, calibrated on the images the reference trained on and
               scored on the fold's images: ModelOpt PTQ (W8A8, W4A8, W4A4), ModelOpt AutoQuantize (6 and 5
               effective weight bits), ONNX Runtime quantize_static (W8A8), and ModelOpt QAT (W8A8, W4A8,
-              W4A4: PTQ, then as many steps on the same images as the supernet, distilled from the reference).
+              W4A4: PTQ, then as many steps on the same images as the supernet, distilled from the reference;
+              --no-qat leaves it out).
 3. supernet   `qsamc train` (progressive, multiplex LoRA) from the reference's encoder and head with the default
-              recipe (distillation from the reference alone, logits and features; L2-SP toward its weights),
+              recipe (distillation from the reference alone, logits and features; L2-SP toward its weights,
+              reaching the LoRA adapters),
               holding out what the reference held out.
 4. search     `qsamc search --target cpu --bitops` at each peer's BitOPs and at 1% / 2% of FP32 (attention
               matmuls excluded), scored on images neither trained on nor reported: the held-out 10% in fold
@@ -30,7 +32,7 @@ by fold for the mean; `qsamc.task.intervals`). An interval that holds 0 is a tie
 real_data.png (mIoU against BitOPs per fold) under --out; each fold's stage times are in results.json.
 
     python benchmarks/real_data.py [--data ../shared/data/camvid] [--out runs/real_data] [--folds val,0001TP,...]
-                                   [--scale 1.0] [--fresh]
+                                   [--scale 1.0] [--no-qat] [--fresh]
 
 `--scale` multiplies every training's iterations; `--smoke --scale 0.01` runs every stage in minutes per fold
 (a check of the pipeline, not a measurement).
@@ -67,7 +69,7 @@ FOLDS = ("val", *DRIVES)
 REFERENCE = {"schedule": "fp32", "iterations": 1500, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 250,
              "val_limit": 101}
 # The default recipe does the rest: from a reference run, distillation from it alone (logits and features) and
-# L2-SP toward its weights (benchmarks/recipe_study.py).
+# L2-SP toward its weights, in the LoRA phase through the adapters (benchmarks/recipe_study.py).
 SUPERNET = {"schedule": "progressive", "lora_variant": "multiplex", "iterations": 1200, "phase1_iterations": 600,
             "batch_size": 4, "lr": 2e-4, "lora_lr": 1e-3, "per_channel": True, "weight_init": "mse",
             "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101}
@@ -124,7 +126,7 @@ def train_reference(fold: str, reference: Path, data: dict, scale: float, fresh:
 
 
 def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke: bool = False,
-             search_count: int = SEARCH_IMAGES, uniform_guard: bool = False) -> dict:
+             search_count: int = SEARCH_IMAGES, uniform_guard: bool = False, with_qat: bool = True) -> dict:
     """Every stage of one fold; returns its rows (label, method, BitOPs, mIoU, ...) and stage times, and
     saves the rows' per-image confusion matrices to <fold>/confusions.pt."""
     reference, supernet, baselines = root / "reference", root / "supernet", root / "baselines"
@@ -143,7 +145,7 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
         # As many steps on as many images as the supernet, and its loss (the reference's KL alone).
         qat = QatSettings(iterations=supernet_settings["iterations"], batch_size=supernet_settings["batch_size"])
         found = run_baselines(reference, data["dataset"], Path(data["data_root"]), baselines, effective_bits=(6.0, 5.0),
-                              methods=(*METHODS, "modelopt-qat"), progress=lambda line: print(f"  {line}", flush=True),
+                              methods=(*METHODS, *(("modelopt-qat",) if with_qat else ())), progress=lambda line: print(f"  {line}", flush=True),
                               overwrite=True, split=scoring_split, per_image=True, qat=qat)
         atomic_torch_save({r.label: r.evaluation.image_confusions for r in found}, baselines / "confusions.pt")
     times["baselines"] = time.perf_counter() - started
@@ -344,6 +346,8 @@ def main() -> None:
                         "candidates (a stage already there is reused whatever it was searched with).")
     parser.add_argument("--uniform-guard", action="store_true", help="qsamc search --uniform-guard (a stage already "
                         "there is reused whatever it was searched with).")
+    parser.add_argument("--no-qat", action="store_true", help="Leave ModelOpt QAT out of the baselines stage (its "
+                        "3 x 1,200 steps are most of that stage's time; a stage already there is reused as it is).")
     parser.add_argument("--fresh", action="store_true", help="Redo every stage.")
     parser.add_argument("--smoke", action="store_true", help="A one-generation search on 8 images: checks the "
                         "pipeline, measures nothing (with --scale 0.01, minutes per fold).")
@@ -360,7 +364,7 @@ def main() -> None:
     data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
     started = time.perf_counter()
     results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh, args.smoke, args.search_images,
-                        args.uniform_guard)
+                        args.uniform_guard, not args.no_qat)
                for fold in folds]
     report(results, args.out)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)

@@ -21,7 +21,8 @@ weights), `lora kl+feat` (LoRA from the start, no full-parameter phase); then th
 `full-res` (phase 1 up to the native resolution), `l2sp 1000` (a 10x stronger pull) and `sandwich` (largest,
 smallest and one sampled subnet per step, a third of the iterations); `lora zeroed` (not trained: the
 `kl+feat+l2sp` supernet with its LoRA adapters zeroed) and `full 600` (no LoRA: all weights for the default's
-phase-1 iterations). A recipe folder that holds a trained supernet is scored without training it again.
+phase-1 iterations); `lora l2sp` (L2-SP's pull reaches the adapters: each B toward 0) and `lora rank 0` (no adapters: phase 2
+trains the quantizers and the head on phase 1's frozen weights). A recipe folder that holds a trained supernet is scored without training it again.
 Each difference to the reference and to ModelOpt PTQ has a paired bootstrap 95% interval over images; the mean over folds a stratified one.
 Writes results.json and recipe_study.png under --out.
 
@@ -57,7 +58,7 @@ from real_data import (DRIVES, FOLDS, MODEL, UNIFORM, camvid_arguments, describe
 BASE = {"schedule": "progressive", "lora_variant": "multiplex", "iterations": 1200, "phase1_iterations": 600,
         "batch_size": 4, "lr": 2e-4, "lora_lr": 1e-3, "per_channel": True, "weight_init": "mse",
         "distill": "reference", "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101,
-        "lora_detach": False}
+        "lora_detach": False, "l2sp_lora": False}
 DISTILLED = {"label_weight": 0.0, "distill_weight": 1.0, "feature_weight": 1.0}
 RECIPES = {
     "calibrated": {"iterations": 2, "phase1_iterations": 1, "label_weight": 1.0, "distill_weight": 1.0,
@@ -81,6 +82,12 @@ RECIPES = {
     # schedule, anchored and distilled), after the default's adapters, zeroed, were found to cost held-out
     # drives what its phase 1 had kept (not scaled by --scale).
     "full 600": {**DISTILLED, "l2sp": 100.0, "schedule": "full", "iterations": 600},
+    # L2-SP reaching the LoRA phase: the default's pull toward the reference's weights stopped at phase 2, where
+    # W0 is frozen and the adapters alone move W0 + BA; here each adapter's B is pulled toward 0 as well.
+    "lora l2sp": {**DISTILLED, "l2sp": 100.0, "l2sp_lora": True},
+    # No adapters at all: phase 2 trains the quantizers and the head on phase 1's frozen weights (what `lora
+    # zeroed` measures, as a recipe).
+    "lora rank 0": {**DISTILLED, "l2sp": 100.0, "lora_rank": 0},
 }
 # Scored, not trained: another recipe's supernet with every LoRA adapter zeroed (its phase-1 weights and its
 # quantizers as trained), what that recipe's phase 2 adds measured by taking it away.

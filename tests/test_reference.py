@@ -14,6 +14,8 @@ import torch
 import qsamc.training.train as T
 from qsamc.training.runs import SupernetSpec, build_model, load_supernet
 from qsamc.errors import CheckpointError, ConfigError
+from qsamc.sam import is_quantizer_state
+from qsamc.supernet.lora import LoraConfig, LowRank
 from qsamc.supernet.quant import MSE_CANDIDATES, LsqWeightQuantizer, _grid
 from qsamc.supernet.space import default_space
 from qsamc.task.losses import distillation_loss, feature_distillation_loss, segmentation_loss
@@ -205,6 +207,69 @@ def test_a_run_written_before_the_recipe_resumes_with_the_loss_it_had(tmp_path):
     saved.write_text(json.dumps({**written, "version": 3}))
     old = load_train_config(saved)
     assert (old.label_weight, old.distill_weight, old.feature_weight, old.l2sp) == (1.0, 1.0, 0.0, 0.0)
+
+
+def test_l2sp_pulls_each_lora_adapters_b_toward_zero_once_tracked(reference_run):
+    """In the LoRA phase the layer's weight is W0 + BA with W0 frozen: the pull reaches it through B alone."""
+    model, _ = build_model(SupernetSpec(default_space("vit_t"), classes(reference_run), LoraConfig(), True),
+                           reference_run, weight_init="mse")
+    adapters = [m for m in model.modules() if isinstance(m, LowRank)]
+    assert len(adapters) == 12 * 3 * 5  # blocks x (qkv, lin1, lin2) x multiplex modules
+    with torch.no_grad():
+        for m in adapters:
+            m.B.fill_(1.0)
+    a_before = [m.A.detach().clone() for m in adapters]
+    anchor = T.WeightAnchor(model, strength=0.5)
+    optimizer = torch.optim.AdamW(T.param_groups(model, list(model.parameters()), 0.1, 0.0), lr=0.1)
+    anchor(optimizer)  # not tracked yet (phase 1 has no adapters): B stays
+    assert all(torch.equal(m.B, torch.ones_like(m.B)) for m in adapters)
+    anchor.track_adapters(model)
+    anchor(optimizer)  # 0.1 x 0.5 of the way to 0
+    for m, a in zip(adapters, a_before):
+        torch.testing.assert_close(m.B, torch.full_like(m.B, 0.95), rtol=0, atol=1e-7)
+        assert torch.equal(m.A, a)  # A is a random projection with no checkpoint value
+
+
+@pytest.mark.parametrize("reach", [True, False])
+def test_a_lora_phase_under_l2sp_keeps_its_adapters_at_the_checkpoints_weight(reference_run, tmp_path, reach):
+    """lr x l2sp = 1e-3 x 1000: the pull takes B all the way back to 0 after the LoRA phase's one step."""
+    run = tmp_path / "anchored"
+    train(config(run, checkpoint=str(reference_run), l2sp=1000.0, l2sp_lora=reach, lora_lr=1e-3), show_progress=False)
+    model, _, _ = load_supernet(run)
+    bs = [m.B for m in model.modules() if isinstance(m, LowRank)]
+    assert bs and all(bool((b == 0).all()) for b in bs) == reach
+
+
+def test_rank_0_trains_the_quantizers_and_head_alone_on_the_frozen_weights_in_the_lora_phase(reference_run, tmp_path,
+                                                                                                monkeypatch):
+    at_boundary = {}
+    original = T._start_phase
+
+    def snapshot(config, model, *args, **kwargs):
+        if kwargs.get("lora_phase", args[3] if len(args) > 3 else False):
+            at_boundary.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return original(config, model, *args, **kwargs)
+
+    monkeypatch.setattr(T, "_start_phase", snapshot)
+    run = tmp_path / "rank0"
+    train(config(run, checkpoint=str(reference_run), lora_rank=0), show_progress=False)
+    model, _, spec = load_supernet(run)
+    assert spec.lora is None and not any(isinstance(m, LowRank) for m in model.modules())
+    final = dict(model.named_parameters())
+    assert at_boundary and set(final) == set(at_boundary)
+    moved = {n for n in final if not torch.equal(final[n], at_boundary[n])}
+    weights = {n for n in final if n.startswith("supernet.") and not is_quantizer_state(n)}
+    assert weights and not moved & weights  # the encoder's weights are frozen
+    assert any(is_quantizer_state(n) for n in moved) and any(n.startswith("head.") for n in moved)
+
+
+def test_a_run_written_before_l2sp_reached_the_adapters_resumes_without_it(tmp_path):
+    saved = tmp_path / "config.json"
+    written = load_train_config(None, {"checkpoint": "ref"}).to_json()
+    assert written["l2sp_lora"] is True and written["version"] == 5
+    del written["l2sp_lora"]
+    saved.write_text(json.dumps({**written, "version": 4}))
+    assert load_train_config(saved).l2sp_lora is False
 
 
 def test_l2sp_leaves_a_sam_checkpoints_random_head_free(reference_run):

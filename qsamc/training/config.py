@@ -41,14 +41,14 @@ LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")
 LORA_SWITCHES = ("weight", "act")
 CONFIG_FORMAT = "qsamc.train_config"
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 # Earlier versions are still read, with the settings their runs had: version 1 (before held-out splits)
 # trained on every training image, version 2 held out a seeded fraction only, versions 1-3 trained with
 # cross-entropy and logits KL only when distilling and without L2-SP (version 3 runs of one development
-# commit wrote these fields themselves).
-_BEFORE_RECIPE = {"label_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0}
+# commit wrote these fields themselves), versions 1-4 left the LoRA adapters free of L2-SP's pull.
+_BEFORE_RECIPE = {"label_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0, "l2sp_lora": False}
 READABLE_VERSIONS = {1: {"holdout": 0.0, **_BEFORE_RECIPE}, 2: {"holdout_match": "", **_BEFORE_RECIPE},
-                     3: _BEFORE_RECIPE, 4: {}}
+                     3: _BEFORE_RECIPE, 4: {"l2sp_lora": False}, 5: {}}
 L2SP_DEFAULT = 100.0
 
 
@@ -61,7 +61,8 @@ class TrainConfig:
     and quantizers at the full resolution range), `lora` (LoRA from the start), `full` (QFA*: all
     weights, no LoRA), `fp32` (plain FP32 fine-tuning of encoder and head at the native resolution: the
     reference that compressed models are judged against and that post-training quantizers start from).
-    `lora_variant` picks regular / selective / multiplex.
+    `lora_variant` picks regular / selective / multiplex; `lora_rank=0` attaches no adapters, and the LoRA phase
+    trains the quantizers and the head alone on the frozen weights.
 
     `checkpoint` is a SAM checkpoint (encoder only) or an `fp32` run folder (encoder and head).
     `distill="reference"` trains by inplace distillation from that FP32 reference (frozen, at the subnet's
@@ -71,7 +72,9 @@ class TrainConfig:
     their values there (L2-SP, decoupled). The defaults are the recipe that kept the reference's accuracy
     on held-out drives (benchmarks/recipe_study.py): `distill="auto"` distils where `checkpoint` is an FP32
     reference run, from the reference only (no labels), logits and features; `l2sp=None` is 100 for a
-    supernet trained from a checkpoint and 0 otherwise (`resolved`). `lora_detach` trains multiplex LoRA's
+    supernet trained from a checkpoint and 0 otherwise (`resolved`); with `l2sp_lora` the pull reaches the LoRA
+    phase too, where the checkpoint's weights are frozen and only the adapters move the layer's weight W0 + BA:
+    each adapter's B is pulled toward 0. `lora_detach` trains multiplex LoRA's
     base adapter only where a layer's bits select it, not beside a low bit-width's (the paper's Alg. 2).
     `weight_init` initialises weight step sizes by LSQ+ (the paper) or by MSE-optimal clipping (as PTQ).
     `device`: `auto` is the GPU where torch sees one (one per rank under torchrun), else the CPU.
@@ -114,6 +117,7 @@ class TrainConfig:
     feature_weight: float = 1.0
     label_weight: float = 0.0
     l2sp: float | None = None
+    l2sp_lora: bool = True
     weight_init: str = "lsq+"
     device: str = "auto"
     precision: str = "auto"
@@ -155,7 +159,7 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {self.checkpoint_every}"),
             (self.multiplex_modules in (3, 4, 5), f"multiplex_modules must be 3, 4 or 5, got {self.multiplex_modules}"),
             (self.lora_switch in LORA_SWITCHES, f"lora_switch must be 'weight' or 'act', got '{self.lora_switch}'"),
-            (self.lora_rank >= 1, f"lora_rank must be at least 1, got {self.lora_rank}"),
+            (self.lora_rank >= 0, f"lora_rank must be at least 0 (0: no adapters), got {self.lora_rank}"),
             (self.distill in DISTILLATIONS, f"distill must be one of {', '.join(DISTILLATIONS)}, got '{self.distill}'"),
             (self.distill != "reference" or self.checkpoint is not None,
              "distill=reference needs --checkpoint naming an FP32 reference run (`qsamc train --schedule fp32`)"),
@@ -203,7 +207,7 @@ class TrainConfig:
 
     @property
     def lora(self) -> LoraConfig | None:
-        if self.schedule in ("full", "fp32"):
+        if self.schedule in ("full", "fp32") or self.lora_rank == 0:
             return None
         return LoraConfig(self.lora_variant, self.lora_rank, self.lora_alpha, tuple(self.lora_modules),
                           self.multiplex_modules, self.lora_switch, self.lora_detach)  # type: ignore[arg-type]
@@ -244,7 +248,7 @@ HELP: dict[str, str] = {
     "granularity": "Bits tied per layer, block, stage or model.",
     "schedule": "progressive (QAT, then LoRA), lora, full (QFA*: all weights) or fp32 (the FP32 reference).",
     "lora_variant": "Quantization-aware LoRA: regular, selective (one adapter per bit-width) or multiplex.",
-    "lora_rank": "LoRA rank.",
+    "lora_rank": "LoRA rank; 0: the LoRA phase attaches no adapters and trains the quantizers and the head alone.",
     "lora_alpha": "LoRA scaling numerator (the update is alpha / rank x BA).",
     "lora_modules": "Comma-separated layers LoRA adapts: attn.qkv, attn.proj, mlp.lin1, mlp.lin2.",
     "multiplex_modules": "Multiplex LoRA: adapters shared across bit-widths (3, 4 or 5).",
@@ -277,6 +281,8 @@ HELP: dict[str, str] = {
     "l2sp": "L2-SP: each step pulls every weight the checkpoint gave toward its value there by learning rate x l2sp of "
             "the difference (decoupled, as AdamW's decay). Default: 100 for a supernet trained from a checkpoint, 0 "
             "otherwise.",
+    "l2sp_lora": "L2-SP reaches the LoRA adapters: each step pulls every adapter's B toward 0 (the layer's weight W0 + BA "
+                 "toward the checkpoint's) by the LoRA learning rate x l2sp.",
     "weight_init": "Weight step sizes start at LSQ+'s 3-sigma rule or at the MSE-optimal clipping.",
     "device": "auto (a GPU where torch sees one), cpu or cuda.",
     "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16 autocast.",

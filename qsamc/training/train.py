@@ -43,6 +43,7 @@ from qsamc.task.losses import distillation_loss, feature_distillation_loss, segm
 from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import AttachLoraPass, CalibrateActivationsPass
 from qsamc.progress import progress_bar
+from qsamc.supernet.lora import LowRank
 from qsamc.supernet.quant import LsqActQuantizer, LsqWeightQuantizer
 from qsamc.supernet.space import SearchSpace, Subnet, default_space
 from qsamc.threads import adapt as adapt_threads
@@ -135,8 +136,10 @@ class WeightAnchor:
     """L2-SP, decoupled: after each optimizer step, every weight the checkpoint gave moves toward the
     checkpoint's value by its group's learning rate x `strength` of the difference (as AdamW decays toward 0).
     The checkpoint gave the encoder's weights, and the head's where it is a reference run (`with_head`; a SAM
-    checkpoint's head starts at random and is free). Quantizer step sizes and offsets and LoRA adapters have
-    no anchor; frozen weights are left alone."""
+    checkpoint's head starts at random and is free). In the LoRA phase the encoder's weights are frozen and a
+    layer computes with W0 + BA: `track_adapters` pulls each adapter's B toward 0 the same way, so the weight the
+    layer computes with stays anchored at the checkpoint's (A is a random projection with no checkpoint value).
+    Quantizer step sizes and offsets have no anchor; frozen weights are left alone."""
 
     def __init__(self, model: nn.Module, strength: float, with_head: bool = True) -> None:
         self.strength = strength
@@ -145,14 +148,22 @@ class WeightAnchor:
                         and (with_head or name.startswith("supernet."))}
         # Each anchored parameter and its anchor, by the parameter's identity (as optimizer groups hold them).
         self._pairs = {id(p): (p, self.anchors[name]) for name, p in model.named_parameters() if name in self.anchors}
+        self._adapters: dict[int, nn.Parameter] = {}
+
+    def track_adapters(self, model: nn.Module) -> None:
+        """Pull the B of every LoRA adapter in `model` toward 0 from now on (call once LoRA is attached)."""
+        self._adapters = {id(m.B): m.B for m in model.modules() if isinstance(m, LowRank)}
 
     @torch.no_grad()
     def __call__(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:
+            rate = min(group["lr"] * self.strength, 1.0)
             pairs = [self._pairs[id(p)] for p in group["params"] if id(p) in self._pairs and p.requires_grad]
             if pairs:
-                torch._foreach_lerp_([p for p, _ in pairs], [anchor for _, anchor in pairs],
-                                     min(group["lr"] * self.strength, 1.0))
+                torch._foreach_lerp_([p for p, _ in pairs], [anchor for _, anchor in pairs], rate)
+            adapters = [p for p in group["params"] if id(p) in self._adapters and p.requires_grad]
+            if adapters:
+                torch._foreach_mul_(adapters, 1.0 - rate)
 
 
 def peak_memory_mb() -> float:
@@ -218,14 +229,18 @@ def _phase_steps(config: TrainConfig, lora_phase: bool) -> int:
 
 
 def _start_phase(config: TrainConfig, model: SegmentationModel, ir, device: torch.device, world: int,
-                 lora_phase: bool, state: dict | None = None, run: Path | None = None):
-    """A training phase starts: for the LoRA phase, attach LoRA (seeded apart from the rest) on `device`;
+                 lora_phase: bool, state: dict | None = None, run: Path | None = None,
+                 anchor: WeightAnchor | None = None):
+    """A training phase starts: for the LoRA phase, attach LoRA (seeded apart from the rest) on `device`, and
+    L2-SP's `anchor` pulls the adapters where `config.l2sp_lora`;
     resuming, the checkpoint's weights; a new optimizer over what the phase trains (the LoRA phase freezes
     W0) and its scheduler, resuming from the checkpoint's state; across ranks, a new DDP wrapper that sees
     the phase's parameters. Returns (optimizer, scheduler, the module a step calls)."""
-    if lora_phase:
+    if lora_phase and config.lora is not None:  # rank 0: the phase trains the quantizers and head alone
         PassManager([AttachLoraPass(config.lora, seed=config.seed + 1)])(ir)
         model.to(device)
+        if anchor is not None and config.l2sp_lora:
+            anchor.track_adapters(model)
     if state is not None:
         resume_weights(model, state, run)
     optimizer, scheduler = _optimizer(config, model, lora_phase, _phase_steps(config, lora_phase))
@@ -376,7 +391,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     # optimizer of its checkpoint); the loop starts the LoRA phase at the boundary. A checkpoint written at the
     # boundary predates the LoRA: the loop attaches it, as it did.
     lora_attached = lora_from is not None and (start > lora_from if state else start >= lora_from)
-    optimizer, scheduler, wrapped = _start_phase(config, model, ir, device, world, lora_attached, state, run)
+    optimizer, scheduler, wrapped = _start_phase(config, model, ir, device, world, lora_attached, state, run, anchor)
 
     logger = _Logger(run, start if resume else None) if rank == 0 else None
     bar = progress_bar(config.iterations, "training supernet", enabled=show_progress and rank == 0,
@@ -390,7 +405,8 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
                 adapt_threads()  # follow the free cores (qsamc.threads)
                 if lora_from is not None and iteration == lora_from and not lora_attached:  # 3. the boundary
                     lora_attached = True
-                    optimizer, scheduler, wrapped = _start_phase(config, model, ir, device, world, lora_phase=True)
+                    optimizer, scheduler, wrapped = _start_phase(config, model, ir, device, world, lora_phase=True,
+                                                                anchor=anchor)
                 # 4. One step: the iteration's subnets, each on the iteration's batch at its resolution.
                 epoch, indices = batch_indices(config, len(train_set), iteration, rank, world)
                 samples = [train_set.sample(i, epoch) for i in indices]
