@@ -144,8 +144,9 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
         supernet_settings = scaled(SUPERNET, scale)
         # As many steps on as many images as the supernet, and its loss (the reference's KL alone).
         qat = QatSettings(iterations=supernet_settings["iterations"], batch_size=supernet_settings["batch_size"])
+        methods = METHODS + (("modelopt-qat",) if with_qat else ())
         found = run_baselines(reference, data["dataset"], Path(data["data_root"]), baselines, effective_bits=(6.0, 5.0),
-                              methods=(*METHODS, *(("modelopt-qat",) if with_qat else ())), progress=lambda line: print(f"  {line}", flush=True),
+                              methods=methods, progress=lambda line: print(f"  {line}", flush=True),
                               overwrite=True, split=scoring_split, per_image=True, qat=qat)
         atomic_torch_save({r.label: r.evaluation.image_confusions for r in found}, baselines / "confusions.pt")
     times["baselines"] = time.perf_counter() - started

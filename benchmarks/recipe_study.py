@@ -21,8 +21,9 @@ weights), `lora kl+feat` (LoRA from the start, no full-parameter phase); then th
 `full-res` (phase 1 up to the native resolution), `l2sp 1000` (a 10x stronger pull) and `sandwich` (largest,
 smallest and one sampled subnet per step, a third of the iterations); `lora zeroed` (not trained: the
 `kl+feat+l2sp` supernet with its LoRA adapters zeroed) and `full 600` (no LoRA: all weights for the default's
-phase-1 iterations); `lora l2sp` (L2-SP's pull reaches the adapters: each B toward 0) and `lora rank 0` (no adapters: phase 2
-trains the quantizers and the head on phase 1's frozen weights). A recipe folder that holds a trained supernet is scored without training it again.
+phase-1 iterations); `lora l2sp` (L2-SP's pull reaches the adapters: each B toward 0) and `lora rank 0` (no
+adapters: phase 2 trains the quantizers and the head on phase 1's frozen weights). A recipe folder that holds a
+trained supernet is scored without training it again.
 Each difference to the reference and to ModelOpt PTQ has a paired bootstrap 95% interval over images; the mean over folds a stratified one.
 Writes results.json and recipe_study.png under --out.
 
