@@ -3,9 +3,10 @@ drive out.
 
 CamVid's val frames are one of its training drives (0016E5), surrounded by that drive's training frames:
 val measures fit more than generalisation. So the benchmark runs folds. Fold `val` is the classic run
-(train on train less a seeded 10%, score on val); fold `<drive>` (0001TP, 0006R0, 0016E5) trains on the
-other two drives (`qsamc train --holdout-match '<drive>_*'`) and scores on the held-out drive. Each fold,
-each stage written under --out/<fold> and reused when it is already there (--fresh redoes all):
+(train on train less a seeded 10% in runs of 10 consecutive frames, score on val); fold `<drive>` (0001TP,
+0006R0, 0016E5) trains on the other two drives (`qsamc train --holdout-match '<drive>_*'`) and scores on the
+held-out drive. Each fold, each stage written under --out/<fold> and reused when it is already there
+(--fresh redoes all):
 
 1. reference  `qsamc train --schedule fp32`: a SAM-architecture stand-in (vit_t) trained in FP32 from a
               random init (no SAM weights can be downloaded here): the FP32 reference, and the model every
@@ -107,7 +108,8 @@ def bitops_exclude(space, subnet) -> int:
 
 
 def fold_holdout(fold: str) -> dict:
-    """The training options that hold the fold's images out: a seeded 10% in fold val, the drive otherwise."""
+    """The training options that hold the fold's images out: a seeded 10% in fold val (the default: runs of 10
+    consecutive frames), the drive otherwise."""
     return {} if fold == "val" else {"holdout_match": f"{fold}_*"}
 
 

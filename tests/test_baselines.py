@@ -123,7 +123,7 @@ def test_peers_can_be_scored_on_the_references_held_out_images_and_never_calibra
     from qsamc.task.holdout import split_holdout
     from qsamc.training.splits import trained_images
 
-    held = split_holdout(build_dataset("synthetic", None, "train"), 0.1, 0)[1]  # REFERENCE_TRAIN's default
+    held = split_holdout(build_dataset("synthetic", None, "train"), 0.1, 0, block=10)[1]  # REFERENCE_TRAIN's default
     held_names = {held.image_name(i) for i in range(len(held))}
     calibrated = trained_images(reference_run, "synthetic", None)
     assert len(calibrated) == 64 - len(held) == 58

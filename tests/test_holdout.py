@@ -26,6 +26,23 @@ def test_holdout_indices_are_a_seeded_fraction():
         holdout_indices(1, 0.5, seed=0)
 
 
+def test_holdout_in_runs_takes_whole_runs_of_consecutive_images():
+    # Runs of 4 positions of `order`, 10 images: two whole runs and the first 2 of a third.
+    order = list(range(40))[::-1]
+    held = holdout_indices(40, 0.25, seed=0, block=4, order=order)
+    assert len(held) == 10 and held == sorted(set(held))
+    positions = sorted(order.index(i) for i in held)
+    runs = {}
+    for p in positions:
+        runs.setdefault(p // 4, []).append(p)
+    assert sorted(len(r) for r in runs.values()) == [2, 4, 4]
+    assert all(r == list(range(k * 4, k * 4 + len(r))) for k, r in runs.items())
+    assert holdout_indices(40, 0.25, seed=0, block=4, order=order) == held
+    assert holdout_indices(40, 0.25, seed=1, block=4, order=order) != held
+    # Runs of 1 are single images, drawn as before runs existed (version 1-5 runs hold out what they did).
+    assert holdout_indices(64, 0.1, seed=0, block=1) == [3, 17, 21, 44, 46, 47]
+
+
 def test_split_holdout_partitions_the_training_images():
     train = build_dataset("synthetic", None, "train", augment=True, seed=3, synthetic=SyntheticConfig(count=20))
     kept, held = split_holdout(train, 0.25, seed=0)
@@ -40,13 +57,19 @@ def test_split_holdout_partitions_the_training_images():
 
 
 def test_config_holds_out_a_tenth_by_default_and_old_runs_none(tmp_path):
-    assert (TrainConfig().holdout, TrainConfig().holdout_seed) == (0.1, 0)
+    assert (TrainConfig().holdout, TrainConfig().holdout_seed, TrainConfig().holdout_block) == (0.1, 0, 10)
+    with pytest.raises(ConfigError, match=r"^holdout_block must be 1 or more, got 0$"):
+        load_train_config(None, {"holdout_block": "0"})
     with pytest.raises(ConfigError, match=r"^holdout must be a fraction from 0 to 0.5 of the training images, got 0.9$"):
         load_train_config(None, {"holdout": "0.9"})
     old = {**TrainConfig().to_json(), "version": 1}
     del old["holdout"], old["holdout_seed"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert load_train_config(tmp_path / "config.json").holdout == 0.0  # it trained on every image
+    single = {**TrainConfig().to_json(), "version": 5}
+    del single["holdout_block"]
+    (tmp_path / "config.json").write_text(json.dumps(single))
+    assert load_train_config(tmp_path / "config.json").holdout_block == 1  # it drew single images
 
 
 # --- training never sees them, search scores on them -------------------------------------------------
@@ -66,7 +89,7 @@ def test_training_never_reads_a_held_out_image(tmp_path, monkeypatch):
     config = replace(load_train_config(None, parse_flags(TINY_TRAIN)), out=str(tmp_path / "run"), holdout=0.25,
                      iterations=8, phase1_iterations=4, batch_size=4)
     T.train(config, show_progress=False)
-    held = split_holdout(build("synthetic", None, "train"), 0.25, 0)[1]
+    held = split_holdout(build("synthetic", None, "train"), 0.25, 0, block=10)[1]
     held_names = {held[i].name for i in range(len(held))}
     assert len(held_names) == 16 and len(trained) >= 8 * 4
     assert not held_names & set(trained)
@@ -112,10 +135,14 @@ def test_a_supernet_holds_out_what_its_reference_held_out(tmp_path):
     reference.mkdir()
     (reference / "config.json").write_text(json.dumps(TrainConfig(schedule="fp32", holdout=0.2).to_json()))
     check_reference_holdout(TrainConfig(checkpoint=str(reference), holdout=0.2))
-    with pytest.raises(ConfigError, match=r"^the reference .*reference held out 0.2 of the training images \(seed 0\) and this "
-                                          r"run would hold out 0.1 \(seed 0\): search would score on images the reference "
-                                          r"trained on; pass --holdout 0.2 --holdout-seed 0$"):
+    with pytest.raises(ConfigError, match=r"^the reference .*reference held out 0.2 of the training images \(seed 0, runs of "
+                                          r"10\) and this run would hold out 0.1 \(seed 0, runs of 10\): search would score "
+                                          r"on images the reference trained on; pass --holdout 0.2 --holdout-seed 0 "
+                                          r"--holdout-block 10$"):
         check_reference_holdout(TrainConfig(checkpoint=str(reference)))
+    with pytest.raises(ConfigError, match=r"runs of 10\) and this run would hold out 0.2 \(seed 0, runs of 1\): .* "
+                                          r"--holdout-block 10$"):
+        check_reference_holdout(TrainConfig(checkpoint=str(reference), holdout=0.2, holdout_block=1))
 
 
 # --- whole drives held out by name ----------------------------------------------------------------------
@@ -168,3 +195,21 @@ def test_a_version_2_config_holds_out_a_seeded_fraction(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(written))
     loaded = load_train_config(tmp_path / "config.json")
     assert (loaded.holdout, loaded.holdout_match) == (0.2, "")
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="shared CamVid copy not present")
+def test_camvid_holds_out_runs_of_ten_consecutive_frames_by_default():
+    from qsamc.task.holdout import name_order
+
+    train = build_dataset("camvid", CAMVID, "train")
+    config = TrainConfig()
+    kept, held = split_holdout(train, config.holdout, config.holdout_seed, block=config.holdout_block)
+    assert (len(kept), len(held)) == (330, 37)
+    names = [train.image_name(i) for i in name_order(train)]
+    positions = sorted(names.index(held.image_name(i)) for i in range(len(held)))
+    runs = {}
+    for p in positions:
+        runs.setdefault(p // 10, []).append(p)
+    # three runs of 10 frames in time order and 7 of a fourth; each run is one drive's frames
+    assert sorted(len(r) for r in runs.values()) == [7, 10, 10, 10]
+    assert all(len({names[p][:6] for p in r}) == 1 for r in runs.values() if len(r) == 10)

@@ -266,7 +266,7 @@ def test_rank_0_trains_the_quantizers_and_head_alone_on_the_frozen_weights_in_th
 def test_a_run_written_before_l2sp_reached_the_adapters_resumes_without_it(tmp_path):
     saved = tmp_path / "config.json"
     written = load_train_config(None, {"checkpoint": "ref"}).to_json()
-    assert written["l2sp_lora"] is True and written["version"] == 5
+    assert written["l2sp_lora"] is True and written["version"] >= 5
     del written["l2sp_lora"]
     saved.write_text(json.dumps({**written, "version": 4}))
     assert load_train_config(saved).l2sp_lora is False

@@ -8,9 +8,13 @@ training (recorded in the run's config.json), and `qsamc search` scores on exact
 
 The chosen images are a pure function of (number of training images, fraction, seed): an FP32
 reference and the supernet trained from it with the same settings hold out the same images, so the
-weights search starts from never saw them either. `--holdout-match '0006R0_*'` holds out the images whose
-file names match a glob instead: a whole drive, camera or site, which measures generalisation where a
-random tenth of frames from the same drives does not (leave-one-drive-out, `benchmarks/real_data.py`).
+weights search starts from never saw them either. Frames of a video a second apart are near copies: a
+random tenth of them measures fit to the frames beside them (a subnet that fits the training drives looks
+best), so `--holdout-block 10` (the default) holds out runs of 10 consecutive images in file-name order,
+each far from most training frames; `--holdout-block 1` draws single images (runs before version 6).
+`--holdout-match '0006R0_*'` holds out the images whose file names match a glob instead: a whole drive,
+camera or site, which measures generalisation where a random tenth of frames from the same drives does
+not (leave-one-drive-out, `benchmarks/real_data.py`).
 """
 
 from __future__ import annotations
@@ -27,17 +31,25 @@ from qsamc.task.data import SegmentationDataset, Sample
 SEARCH_SPLITS = ("auto", "holdout", "train", "val")
 
 
-def holdout_indices(size: int, fraction: float, seed: int) -> list[int]:
+def holdout_indices(size: int, fraction: float, seed: int, block: int = 1,
+                    order: Sequence[int] | None = None) -> list[int]:
     """The sorted indices of a `fraction` of `size` images (at least one when `fraction` > 0), drawn by a
-    permutation seeded with `seed`."""
+    permutation seeded with `seed`: single images for `block` 1, else runs of `block` consecutive positions of
+    `order` (the images' file-name order; their own order where None), a seeded permutation of the runs taken
+    until the fraction is met (the last run taken may be cut short)."""
     if fraction <= 0:
         return []
     count = max(1, round(size * fraction))
     if count >= size:
         raise DataError(f"holding out {fraction:g} of {size} training images leaves none to train on; "
                         "lower --holdout")
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[:count])
+    generator = torch.Generator().manual_seed(seed)
+    if block == 1:
+        return sorted(torch.randperm(size, generator=generator).tolist()[:count])
+    order = list(range(size)) if order is None else list(order)
+    runs = [order[start:start + block] for start in range(0, size, block)]
+    drawn = [index for run in torch.randperm(len(runs), generator=generator).tolist() for index in runs[run]]
+    return sorted(drawn[:count])
 
 
 class SplitView(SegmentationDataset):
@@ -91,11 +103,20 @@ def matching_indices(train: SegmentationDataset, pattern: str) -> list[int]:
     return held
 
 
-def split_holdout(train: SegmentationDataset, fraction: float, seed: int,
-                  match: str = "") -> tuple[SegmentationDataset, SegmentationDataset | None]:
+def name_order(train: SegmentationDataset) -> list[int]:
+    """The indices of `train` sorted by file name (a drive's frames in time order, for CamVid)."""
+    return sorted(range(len(train)), key=train.image_name)
+
+
+def split_holdout(train: SegmentationDataset, fraction: float, seed: int, match: str = "",
+                  block: int = 1) -> tuple[SegmentationDataset, SegmentationDataset | None]:
     """(the images to train on, the held-out images or None) of a training split: the images whose names
-    match `match` where it is given (a drive, a camera, a site held out whole), else a seeded `fraction`."""
-    held = matching_indices(train, match) if match else holdout_indices(len(train), fraction, seed)
+    match `match` where it is given (a drive, a camera, a site held out whole), else a seeded `fraction` in runs
+    of `block` images consecutive by file name."""
+    if match:
+        held = matching_indices(train, match)
+    else:
+        held = holdout_indices(len(train), fraction, seed, block, name_order(train) if block > 1 else None)
     if not held:
         return train, None
     kept = sorted(set(range(len(train))) - set(held))

@@ -41,14 +41,16 @@ LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")
 LORA_SWITCHES = ("weight", "act")
 CONFIG_FORMAT = "qsamc.train_config"
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 # Earlier versions are still read, with the settings their runs had: version 1 (before held-out splits)
 # trained on every training image, version 2 held out a seeded fraction only, versions 1-3 trained with
 # cross-entropy and logits KL only when distilling and without L2-SP (version 3 runs of one development
-# commit wrote these fields themselves), versions 1-4 left the LoRA adapters free of L2-SP's pull.
-_BEFORE_RECIPE = {"label_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0, "l2sp_lora": False}
+# commit wrote these fields themselves), versions 1-4 left the LoRA adapters free of L2-SP's pull, and
+# versions 1-5 drew held-out images one by one.
+_BEFORE_RECIPE = {"label_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0, "l2sp_lora": False, "holdout_block": 1}
 READABLE_VERSIONS = {1: {"holdout": 0.0, **_BEFORE_RECIPE}, 2: {"holdout_match": "", **_BEFORE_RECIPE},
-                     3: _BEFORE_RECIPE, 4: {"l2sp_lora": False}, 5: {}}
+                     3: _BEFORE_RECIPE, 4: {"l2sp_lora": False, "holdout_block": 1}, 5: {"holdout_block": 1},
+                     6: {}}
 L2SP_DEFAULT = 100.0
 
 
@@ -130,6 +132,7 @@ class TrainConfig:
     holdout: float = 0.1
     holdout_seed: int = 0
     holdout_match: str = ""
+    holdout_block: int = 10
 
     def __post_init__(self) -> None:
         get_config(self.model)
@@ -148,6 +151,7 @@ class TrainConfig:
             (math.isfinite(self.holdout) and 0 <= self.holdout <= 0.5,
              f"holdout must be a fraction from 0 to 0.5 of the training images, got {self.holdout}"),
             (self.holdout_seed >= 0, f"holdout_seed must be 0 or more, got {self.holdout_seed}"),
+            (self.holdout_block >= 1, f"holdout_block must be 1 or more, got {self.holdout_block}"),
             (self.out.strip() != "", "out must name the run folder; it is empty"),
             (self.calibration_batches >= 1, f"calibration_batches must be at least 1, got {self.calibration_batches}"),
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number above 0, got {self.lr}"),
@@ -295,6 +299,8 @@ HELP: dict[str, str] = {
     "holdout_seed": "Seed of the held-out images (the same settings hold out the same images in every run).",
     "holdout_match": "Hold out the training images whose file names match this glob instead of a seeded "
                      "fraction, e.g. '0006R0_*' (one CamVid drive): search scores on a drive never trained on.",
+    "holdout_block": "Hold out the seeded fraction in runs of this many images consecutive by file name (video "
+                     "frames beside a training frame are near copies of it; 1: single images).",
     "attention": "float (the paper: attention matmuls stay float) or searched (q, k, v and softmax output "
                  "8-bit or float per block, or per stage / model with --granularity; beyond the paper).",
 }
@@ -424,9 +430,11 @@ def check_reference_holdout(config: TrainConfig) -> None:
                 f"'{config.holdout_match or '(a seeded fraction)'}': search would score on images the reference "
                 f"trained on; pass --holdout-match '{reference.holdout_match}'")
         return
-    if (reference.holdout, reference.holdout_seed) != (config.holdout, config.holdout_seed):
+    if (reference.holdout, reference.holdout_seed, reference.holdout_block) != (config.holdout, config.holdout_seed,
+                                                                                config.holdout_block):
         raise ConfigError(
             f"the reference {config.checkpoint} held out {reference.holdout:g} of the training images (seed "
-            f"{reference.holdout_seed}) and this run would hold out {config.holdout:g} (seed {config.holdout_seed}): "
-            f"search would score on images the reference trained on; pass --holdout {reference.holdout:g} "
-            f"--holdout-seed {reference.holdout_seed}")
+            f"{reference.holdout_seed}, runs of {reference.holdout_block}) and this run would hold out "
+            f"{config.holdout:g} (seed {config.holdout_seed}, runs of {config.holdout_block}): search would score on "
+            f"images the reference trained on; pass --holdout {reference.holdout:g} --holdout-seed "
+            f"{reference.holdout_seed} --holdout-block {reference.holdout_block}")

@@ -55,7 +55,7 @@ def trained_images(run: Path, dataset: str, data_root: Path | None, task: str = 
 
 def holdout_split(config: TrainConfig, train: SegmentationDataset) -> tuple[SegmentationDataset, SegmentationDataset | None]:
     """(the images a run with `config` trains on, the images it holds out or None) of its training split."""
-    return split_holdout(train, config.holdout, config.holdout_seed, config.holdout_match)
+    return split_holdout(train, config.holdout, config.holdout_seed, config.holdout_match, config.holdout_block)
 
 
 def _trained_on(config: TrainConfig, dataset: str, data_root: Path | None) -> bool:
