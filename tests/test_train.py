@@ -704,3 +704,37 @@ def test_resume_from_a_plain_state_dict_is_one_sentence(tmp_path):
     with pytest.raises(CheckpointError, match=r"^cannot resume: .*last.pt is not a qsamc training checkpoint \(it needs "
                                               r"iteration, model, optimizer, scheduler\)$"):
         runs.load_checkpoint(run)
+
+
+@pytest.mark.parametrize("rest_lr", [None, 1e-4])
+def test_the_lora_phase_trains_the_adapters_at_lora_lr_and_the_rest_at_lora_rest_lr(rest_lr):
+    from qsamc.training.runs import SupernetSpec, build_model
+    from qsamc.supernet.lora import LowRank
+    from qsamc.supernet.quant import LsqActQuantizer, LsqWeightQuantizer
+
+    config = TrainConfig(lora_lr=1e-3, lora_rest_lr=rest_lr, weight_decay=0.01)
+    model, _ = build_model(SupernetSpec(default_space("vit_t"), 4, config.lora))
+    optimizer, _ = T._optimizer(config, model, True, 10)
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    rest = 1e-3 if rest_lr is None else rest_lr
+    adapters = [p for m in model.modules() if isinstance(m, LowRank) for p in m.parameters()]
+    head = [p for n, p in model.head.named_parameters() if not T.is_quantizer_state(n)]  # its own weights
+    assert adapters and head
+    assert all(by_param[id(p)] == (1e-3, 0.01) for p in adapters)
+    assert all(by_param[id(p)] == (rest, 0.01) for p in head)
+    for kind in (LsqWeightQuantizer, LsqActQuantizer):
+        same = [m for m in model.modules() if isinstance(m, kind) and m.bits == 4]
+        mean = float(torch.cat([m.scale.detach().reshape(-1) for m in same]).abs().mean())
+        assert by_param[id(same[0].scale)] == (pytest.approx(rest * mean), 0.0)
+    offsets = [m.offset for m in model.modules() if isinstance(m, LsqActQuantizer)]
+    assert all(by_param[id(p)] == (rest, 0.0) for p in offsets)
+    # The pre-trained weights are frozen in the LoRA phase: in no group.
+    assert not any(id(p) in by_param for n, p in model.named_parameters() if n.endswith("attn.qkv.weight"))
+    # Without a rate of their own, the adapters share the head's group, as before the option.
+    assert (len(optimizer.param_groups) == len(T.param_groups(model, [p for p in model.parameters() if p.requires_grad],
+                                                               1e-3, 0.01))) == (rest_lr is None)
+
+
+def test_lora_rest_lr_must_be_a_positive_number():
+    with pytest.raises(ConfigError, match=r"^lora_rest_lr must be a finite number above 0, got 0.0$"):
+        load_train_config(None, {"lora_rest_lr": "0"})

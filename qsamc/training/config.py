@@ -106,6 +106,7 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 1e-4
     lora_lr: float = 1e-3
+    lora_rest_lr: float | None = None  # None: lora_lr
     weight_decay: float = 0.01
     poly_power: float = 0.9
     seed: int = 0
@@ -156,6 +157,8 @@ class TrainConfig:
             (self.calibration_batches >= 1, f"calibration_batches must be at least 1, got {self.calibration_batches}"),
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number above 0, got {self.lr}"),
             (math.isfinite(self.lora_lr) and self.lora_lr > 0, f"lora_lr must be a finite number above 0, got {self.lora_lr}"),
+            (self.lora_rest_lr is None or (math.isfinite(self.lora_rest_lr) and self.lora_rest_lr > 0),
+             f"lora_rest_lr must be a finite number above 0, got {self.lora_rest_lr}"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              f"weight_decay must be a finite number >= 0, got {self.weight_decay}"),
             (all(m in LORA_MODULES for m in self.lora_modules) and len(self.lora_modules) > 0,
@@ -267,6 +270,8 @@ HELP: dict[str, str] = {
     "batch_size": "Images per step (per rank).",
     "lr": "Learning rate of weights and step sizes (poly schedule), before the LoRA phase.",
     "lora_lr": "Learning rate of the LoRA phase: the adapters, and the step sizes and head that train beside them.",
+    "lora_rest_lr": "LoRA phase: learning rate of what trains beside the adapters (quantizer step sizes and offsets, "
+                    "the head), where it should differ from --lora-lr.",
     "weight_decay": "AdamW weight decay.",
     "poly_power": "Power of the poly learning-rate decay.",
     "seed": "Seed of batches, augmentation and sampled subnets (a resumed run repeats them).",

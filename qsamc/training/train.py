@@ -180,13 +180,15 @@ def _trainable(model: SegmentationModel, lora_phase: bool) -> list[nn.Parameter]
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: weights, LoRA and head at `lr` with weight decay; LSQ+ step sizes and offsets
-    without it. Adam moves every parameter by about its learning rate per step, whatever the gradient's
-    scale (LSQ's gradient scaling assumes SGD), and an 8-bit weight step size is ~1e-4: at the weights'
-    learning rate it would change several-fold per step while a 2-bit one barely moves. So each
-    bit-width's step sizes get a learning rate proportional to their mean size, a relative step of `lr`
-    for every bit-width; offsets live on the activations' scale and keep `lr`."""
+def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight_decay: float,
+                 adapter_lr: float | None = None) -> list[dict]:
+    """AdamW groups: weights, LoRA and head at `lr` with weight decay (LoRA's adapters in a group of their own
+    at `adapter_lr` where it is given); LSQ+ step sizes and offsets without it. Adam moves every parameter by
+    about its learning rate per step, whatever the gradient's scale (LSQ's gradient scaling assumes SGD), and
+    an 8-bit weight step size is ~1e-4: at the weights' learning rate it would change several-fold per step
+    while a 2-bit one barely moves. So each bit-width's step sizes get a learning rate proportional to their
+    mean size, a relative step of `lr` for every bit-width; offsets live on the activations' scale and keep
+    `lr`."""
     wanted = {id(p) for p in params}
     steps: dict[tuple[str, int], list[nn.Parameter]] = {}
     offsets: list[nn.Parameter] = []
@@ -196,8 +198,12 @@ def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight
                 steps.setdefault((type(module).__name__, module.bits), []).append(module.scale)
             if isinstance(module, LsqActQuantizer) and id(module.offset) in wanted:
                 offsets.append(module.offset)
-    special = {id(p) for group in (*steps.values(), offsets) for p in group}
+    adapters = ([p for m in model.modules() if isinstance(m, LowRank) for p in m.parameters() if id(p) in wanted]
+                if adapter_lr is not None else [])
+    special = {id(p) for group in (*steps.values(), offsets, adapters) for p in group}
     groups = [{"params": [p for p in params if id(p) not in special], "lr": lr, "weight_decay": weight_decay}]
+    if adapters:
+        groups.append({"params": adapters, "lr": adapter_lr, "weight_decay": weight_decay})
     for (_, _bits), scales in sorted(steps.items()):
         size = float(torch.cat([s.detach().abs().reshape(-1) for s in scales]).mean())
         groups.append({"params": scales, "lr": lr * size, "weight_decay": 0.0})
@@ -209,10 +215,14 @@ def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, weight
 def _optimizer(config: TrainConfig, model: SegmentationModel, lora_phase: bool, steps: int):
     params = _trainable(model, lora_phase)
     lr = config.lora_lr if lora_phase else config.lr
+    # `lora_rest_lr`: what trains beside the adapters at a rate of its own, the adapters at `lora_lr`.
+    adapter_lr = None
+    if lora_phase and config.lora_rest_lr is not None:
+        lr, adapter_lr = config.lora_rest_lr, config.lora_lr
     # The fused AdamW: one kernel per parameter group on CUDA and a few ops per tensor on the CPU, where
     # the default loops over tensors in Python (~28 aten ops each). It differs from that loop in the last
     # bit of some updates; gradients and losses are untouched.
-    optimizer = torch.optim.AdamW(param_groups(model, params, lr, config.weight_decay), lr=lr,
+    optimizer = torch.optim.AdamW(param_groups(model, params, lr, config.weight_decay, adapter_lr), lr=lr,
                                   weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(1.0 - step / max(steps, 1), 0.0) ** config.poly_power)
