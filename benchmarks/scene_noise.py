@@ -14,7 +14,10 @@ AutoQuantize, ONNX Runtime, the supernet's uniform subnets, the searched subnets
 per-image confusions, so they are the same figures), and on the search split the supernet's uniform subnets
 and the searched subnets scored again. Writes scene_noise.json and scene_noise.png under the fold.
 
-    python benchmarks/scene_noise.py --fold runs/real_data/val [--seed 1] [--block 10]
+`--supernet RUN` scores another supernet trained from the fold's reference with the same held-out images (a
+recipe) instead: its uniform subnets on both splits, beside the second reference (scene_noise_<RUN's name>.*).
+
+    python benchmarks/scene_noise.py --fold runs/real_data/val [--seed 1] [--block 10] [--supernet RUN]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from qsamc.training.splits import run_config, search_images
 from qsamc.training.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data import fold_splits  # noqa: E402
+from real_data import fold_splits
 
 UNIFORM = ((32, 32), (8, 8), (4, 8), (4, 4))
 
@@ -101,9 +104,12 @@ def main() -> None:
     parser.add_argument("--fold", type=Path, default=Path("runs/real_data/val"), help="A fold of real_data.py.")
     parser.add_argument("--seed", type=int, default=1, help="Seed of the reference trained again.")
     parser.add_argument("--block", type=int, default=10, help="Frames per scene of a split without runs.")
+    parser.add_argument("--supernet", type=Path, default=None,
+                        help="Another supernet run from the fold's reference: its uniform subnets on both splits.")
     args = parser.parse_args()
     fold = args.fold
-    for part in ("reference", "supernet", "search", "baselines", "evaluate"):
+    parts = ("reference", "supernet") if args.supernet else ("reference", "supernet", "search", "baselines", "evaluate")
+    for part in parts:
         if not (fold / part).is_dir():
             sys.exit(f"{fold} is not a finished fold of benchmarks/real_data.py: it has no {part}/ folder")
     start = time.perf_counter()
@@ -111,15 +117,19 @@ def main() -> None:
     report_split, search_split = fold_splits(fold.name)
     reference, reference_subnet = float_model(fold / "reference")
     again, again_subnet = float_model(second)
-    supernet, _, spec = load_supernet(fold / "supernet")
+    run = args.supernet or fold / "supernet"
+    if args.supernet and run_config(run) is None:
+        sys.exit(f"{run} is not a supernet run (it has no readable config.json)")
+    supernet, _, spec = load_supernet(run)
     largest = spec.space.max_subnet()
-    searched = {f"qsamc search <= {p.stem[5:]} BitOPs": load_subnet(p) for p in sorted((fold / "search").glob("best-*.json"))}
-    result = {"fold": fold.name, "seed": args.seed, "splits": {}}
+    searched = {} if args.supernet else {f"qsamc search <= {p.stem[5:]} BitOPs": load_subnet(p)
+                                         for p in sorted((fold / "search").glob("best-*.json"))}
+    result = {"fold": fold.name, "seed": args.seed, "supernet": str(run), "splits": {}}
     for split in (report_split, search_split):
         data, scenes, how = split_scenes(fold / "supernet", split, args.block)
         base = evaluate_subnet(reference, reference_subnet, data, per_image=True).image_confusions
         rows = {f"FP32 reference, seed {args.seed}": evaluate_subnet(again, again_subnet, data, per_image=True).image_confusions}
-        if split == report_split:  # every row real_data.py reported, from its per-image confusions
+        if split == report_split and not args.supernet:  # every row real_data.py reported, from its confusions
             for part in ("baselines", "evaluate"):
                 rows.update(torch.load(fold / part / "confusions.pt", weights_only=True))
             rows.pop("FP32 reference", None)
@@ -143,9 +153,10 @@ def main() -> None:
         for label, row in table.items():
             print(f"| {label} | {row['all']:+.2f} | {' '.join(f'{d:+.1f}' for d in row['scenes'])} | {row['spread']:.2f} |")
     result["seconds"] = time.perf_counter() - start
-    atomic_write_json(fold / "scene_noise.json", result)
-    plot(result, fold / "scene_noise.png")
-    print(f"\n{result['seconds'] / 60:.1f} min; wrote {fold / 'scene_noise.json'} and {fold / 'scene_noise.png'}")
+    name = f"scene_noise_{run.name}" if args.supernet else "scene_noise"
+    atomic_write_json(fold / f"{name}.json", result)
+    plot(result, fold / f"{name}.png")
+    print(f"\n{result['seconds'] / 60:.1f} min; wrote {fold / name}.json and .png")
 
 
 def plot(result: dict, path: Path) -> None:
