@@ -23,9 +23,9 @@ recipe) instead: its uniform subnets on both splits, beside the second reference
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,6 @@ from qsamc.supernet.space import load_subnet
 from qsamc.task.evaluate import ValidationSet, evaluate_subnet
 from qsamc.task.holdout import name_order
 from qsamc.task.intervals import miou_of
-from qsamc.training.config import load_train_config
 from qsamc.training.runs import load_supernet
 from qsamc.training.splits import run_config, search_images
 from qsamc.training.train import train
@@ -71,10 +70,8 @@ def retrained_reference(fold: Path, seed: int) -> Path:
     """The fold's reference trained again with `seed` (every other setting, and the held-out images, as it)."""
     out = fold / f"reference_seed{seed}"
     if not (out / "supernet.pt").exists():
-        settings = json.loads((fold / "reference" / "config.json").read_text())
-        settings = {k: v for k, v in settings.items() if k not in ("format", "version")}
         print(f"training the reference again with seed {seed} -> {out}", flush=True)
-        train(load_train_config(None, {**settings, "seed": seed, "out": str(out)}), overwrite=True)
+        train(replace(run_config(fold / "reference"), seed=seed, out=str(out)), overwrite=True)
     return out
 
 
@@ -173,7 +170,7 @@ def plot(result: dict, path: Path) -> None:
             row = data["rows"][label]
             ax.scatter(row["scenes"], [y] * len(row["scenes"]), s=12, alpha=0.6, color="C0")
             ax.scatter([row["all"]], [y], marker="|", s=200, color="C3")
-        floor = data["rows"][labels[0]]["spread"]
+        floor = data["rows"][f"FP32 reference, seed {result['seed']}"]["spread"]
         ax.axvspan(-floor, floor, color="grey", alpha=0.15, label="second reference's mean abs per scene")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
