@@ -17,13 +17,14 @@ held-out drive. Each fold, each stage written under --out/<fold> and reused when
               W4A4: PTQ, then as many steps on the same images as the supernet, distilled from the reference;
               --no-qat leaves it out).
 3. supernet   `qsamc train` (progressive, multiplex LoRA) from the reference's encoder and head with the default
-              recipe (distillation from the reference alone, logits and features; L2-SP toward its weights,
-              reaching the LoRA adapters),
+              recipe (distillation from the reference alone, logits and features; L2-SP toward its weights at
+              10,000, reaching the LoRA adapters: the weights stay the reference's and the quantizers train),
               holding out what the reference held out.
 4. search     `qsamc search --target cpu --bitops` at each peer's BitOPs and at 1% / 2% of FP32 (attention
               matmuls excluded), scored on images neither trained on nor reported: the held-out 10% in fold
               val, val in the drive folds (for fold 0016E5, val is other frames of the reported drive).
-5. evaluate   the supernet's FP32 grid, uniform W8A8 / W4A8 / W4A4 and searched subnets on the fold's
+5. evaluate   the supernet's FP32 grid, uniform W8A8 / W4A8 / W4A4, W4A4 with the image input (the patch
+              embedding's activations) at 8 bits, and searched subnets on the fold's
               images in PyTorch, each image's confusion matrix kept; in fold val also `qsamc export --target
               cpu` of each (Q/DQ ONNX, every check: mIoU through ONNX Runtime, CPU latency).
 
@@ -56,7 +57,7 @@ from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.ir.frontend import count_bitops
 from qsamc.pipeline import export_subnet, run_search
 from qsamc.search.evolution import EvolutionConfig
-from qsamc.supernet.space import Subnet, load_subnet
+from qsamc.supernet.space import LayerBits, Subnet, load_subnet
 from qsamc.task.evaluate import ValidationSet, evaluate_subnet
 from qsamc.task.intervals import mean_interval, paired_bootstrap
 from qsamc.training.config import load_train_config
@@ -70,7 +71,7 @@ FOLDS = ("val", *DRIVES)
 REFERENCE = {"schedule": "fp32", "iterations": 1500, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 250,
              "val_limit": 101}
 # The default recipe does the rest: from a reference run, distillation from it alone (logits and features) and
-# L2-SP toward its weights, in the LoRA phase through the adapters (benchmarks/recipe_study.py).
+# L2-SP toward its weights at 10,000, in the LoRA phase through the adapters (qsamc.training.config).
 SUPERNET = {"schedule": "progressive", "lora_variant": "multiplex", "iterations": 1200, "phase1_iterations": 600,
             "batch_size": 4, "lr": 2e-4, "lora_lr": 1e-3, "per_channel": True, "weight_init": "mse",
             "calibration_batches": 8, "checkpoint_every": 200, "val_limit": 101}
@@ -79,6 +80,7 @@ SUPERNET = {"schedule": "progressive", "lora_variant": "multiplex", "iterations"
 SEARCH = EvolutionConfig(population=12, top_k=4, mutations=6, crossovers=6, generations=3, objective="auto")
 SMOKE_SEARCH = EvolutionConfig(population=4, top_k=2, mutations=2, crossovers=2, generations=1)  # --smoke
 UNIFORM = ((8, 8), (4, 8), (4, 4))
+IMAGE_INPUT = "qsamc W4A4, image input A8"  # W4A4 with the patch embedding's input (the image) at 8 bits
 LADDER = (0.01, 0.02)  # extra BitOPs budgets, fractions of FP32
 SEARCH_IMAGES = 64  # --search-images: qsamc search's default
 SMOKE_IMAGES = 8
@@ -177,7 +179,8 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
         space = spec.space
         largest = space.max_subnet()
         subnets = {"qsamc FP32 grid": space.uniform_bits(largest, 32, 32),
-                   **{f"qsamc W{w}A{a}": space.uniform_bits(largest, w, a) for w, a in UNIFORM}}
+                   **{f"qsamc W{w}A{a}": space.uniform_bits(largest, w, a) for w, a in UNIFORM},
+                   IMAGE_INPUT: image_input_a8(space.uniform_bits(largest, 4, 4))}
         best = json.loads((search_out / "pareto.json").read_text())["best"]
         assert len(best) == len(bitops_budgets), "one best subnet per budget, in the budgets' order"
         budget_of = {}
@@ -227,21 +230,34 @@ def exported(run: Path, subnets: dict[str, Subnet], rows: list[dict], data: dict
               f"{report.latency.best_ms:.2f} ms, {time.perf_counter() - started:.0f} s", flush=True)
 
 
+def image_input_a8(subnet: Subnet) -> Subnet:
+    """`subnet` with the patch embedding's activations (the normalised image) at 8 bits: the one input of a
+    uniform 4-bit subnet that is not a learned feature (on the dusk drive, W4A4's loss is there)."""
+    return replace(subnet, bits=tuple(LayerBits(b.layer, b.w, 8) if b.layer == "patch_embed.proj" else b
+                                      for b in subnet.bits))
+
+
+def uniform_label(row: dict) -> str | None:
+    """`W8A8` for the uniform qsamc row `qsamc W8A8` (the bits its peers share), else None."""
+    uniform = row["method"] == "qsamc" and row.get("budget") is None
+    bits = row["label"].removeprefix("qsamc ")
+    return bits if uniform and bits[:1] == "W" and bits[1:].replace("A", "", 1).isdigit() else None
+
+
 def peer_of(row: dict, rows: list[dict]) -> dict | None:
     """The post-training peer a qsamc row is judged against at equal BitOPs: ModelOpt PTQ at the same uniform
     bits, or the peer whose BitOPs the search budget was."""
-    if row["method"] != "qsamc" or row["label"] == "qsamc FP32 grid":
+    if row["method"] != "qsamc" or (row.get("budget") is None and uniform_label(row) is None):
         return None
     if row.get("budget") is None:
-        bits = row["label"].split()[-1]
-        return next((r for r in rows if r["label"] == f"ModelOpt PTQ {bits}"), None)
+        return next((r for r in rows if r["label"] == f"ModelOpt PTQ {uniform_label(row)}"), None)
     return next((r for r in rows if r["method"] not in ("qsamc", "fp32") and r["bitops"] == row["budget"]), None)
 
 
 def qat_of(row: dict) -> str | None:
     """The ModelOpt QAT row a uniform qsamc subnet is also judged against (same bits, trained as long)."""
-    uniform = row["method"] == "qsamc" and row.get("budget") is None and row["label"] != "qsamc FP32 grid"
-    return f"ModelOpt QAT {row['label'].split()[-1]}" if uniform else None
+    bits = uniform_label(row)
+    return f"ModelOpt QAT {bits}" if bits else None
 
 
 def comparisons(fold: dict) -> list[dict]:

@@ -23,8 +23,9 @@ smallest and one sampled subnet per step, a third of the iterations); `lora zero
 `kl+feat+l2sp` supernet with its LoRA adapters zeroed) and `full 600` (no LoRA: all weights for the default's
 phase-1 iterations); `lora l2sp` (L2-SP's pull reaches the adapters: each B toward 0) and `lora rank 0` (no
 adapters: phase 2 trains the quantizers and the head on phase 1's frozen weights); `lora rest 2e-4` (the default,
-with the LoRA phase's step sizes, offsets and head at phase 1's learning rate); `l2sp 10000` (the default with a
-100x stronger pull). A recipe folder that holds a
+with the LoRA phase's step sizes, offsets and head at phase 1's learning rate); `l2sp 10000` (`lora l2sp` with a
+100x stronger pull: the default since 2026-12-07, where learning rate x 10,000 >= 1 holds the weights at the
+reference's and the quantizers train). A recipe folder that holds a
 trained supernet is scored without training it again.
 Each difference to the reference and to ModelOpt PTQ has a paired bootstrap 95% interval over images; the mean over folds a stratified one.
 Writes results.json and recipe_study.png under --out.
@@ -91,11 +92,11 @@ RECIPES = {
     # No adapters at all: phase 2 trains the quantizers and the head on phase 1's frozen weights (what `lora
     # zeroed` measures, as a recipe).
     "lora rank 0": {**DISTILLED, "l2sp": 100.0, "lora_rank": 0},
-    # The default (`lora l2sp`) with what trains beside the adapters in the LoRA phase (quantizer step sizes and
+    # `lora l2sp` (the default before `l2sp 10000`) with what trains beside the adapters in the LoRA phase (quantizer step sizes and
     # offsets, the head) at phase 1's learning rate instead of the adapters' 5x higher one.
     "lora rest 2e-4": {**DISTILLED, "l2sp": 100.0, "l2sp_lora": True, "lora_rest_lr": 2e-4},
-    # The default (`lora l2sp`) with a 100x stronger pull: the one that kept fold val's reference inside a second
-    # reference's seed noise on its held-out runs (benchmarks/scene_noise.py --supernet).
+    # `lora l2sp` with a 100x stronger pull: the one that kept fold val's reference inside a second reference's
+    # seed noise on its held-out runs (benchmarks/scene_noise.py --supernet); the default since 2026-12-07.
     "l2sp 10000": {**DISTILLED, "l2sp": 10000.0, "l2sp_lora": True},
 }
 # Scored, not trained: another recipe's supernet with every LoRA adapter zeroed (its phase-1 weights and its

@@ -176,12 +176,14 @@ def test_l2sp_moves_each_anchored_weight_by_lr_times_strength_toward_the_checkpo
 def test_the_default_recipe_distils_from_a_reference_run_only_and_anchors_any_checkpoint(reference_run, tmp_path):
     sam = tmp_path / "sam_vit_t.pth"
     sam.write_bytes(b"")  # only its kind matters to the recipe: a file, not a reference run folder
-    cases = [({"checkpoint": str(reference_run)}, ("reference", 100.0)),
+    cases = [({"checkpoint": str(reference_run)}, ("reference", 10000.0)),
              ({"checkpoint": str(sam)}, ("none", 100.0)),
              ({}, ("none", 0.0)),
              ({"checkpoint": str(reference_run), "schedule": "fp32"}, ("none", 0.0)),
              ({"checkpoint": str(reference_run), "head": "mask2former"}, ("none", 100.0)),
              ({"checkpoint": str(reference_run), "distill": "none", "l2sp": 0.0}, ("none", 0.0)),
+             ({"checkpoint": str(reference_run), "distill": "none"}, ("none", 100.0)),
+             ({"checkpoint": str(reference_run), "l2sp": 100.0}, ("reference", 100.0)),
              ({"checkpoint": str(tiny_run_like(tmp_path))}, ("none", 100.0))]
     for changes, expected in cases:
         resolved = load_train_config(None, changes).resolved()
@@ -252,7 +254,8 @@ def test_rank_0_trains_the_quantizers_and_head_alone_on_the_frozen_weights_in_th
 
     monkeypatch.setattr(T, "_start_phase", snapshot)
     run = tmp_path / "rank0"
-    train(config(run, checkpoint=str(reference_run), lora_rank=0), show_progress=False)
+    # Without L2-SP: the default's pull would put the head back at the reference's every step.
+    train(config(run, checkpoint=str(reference_run), lora_rank=0, l2sp=0.0), show_progress=False)
     model, _, spec = load_supernet(run)
     assert spec.lora is None and not any(isinstance(m, LowRank) for m in model.modules())
     final = dict(model.named_parameters())

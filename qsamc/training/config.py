@@ -51,7 +51,12 @@ _BEFORE_RECIPE = {"label_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0, "l2sp
 READABLE_VERSIONS = {1: {"holdout": 0.0, **_BEFORE_RECIPE}, 2: {"holdout_match": "", **_BEFORE_RECIPE},
                      3: _BEFORE_RECIPE, 4: {"l2sp_lora": False, "holdout_block": 1}, 5: {"holdout_block": 1},
                      6: {}}
-L2SP_DEFAULT = 100.0
+# L2-SP's default strength: for a supernet distilled from a qsamc FP32 reference run, a pull so strong that
+# learning rate x strength is 1 for most of each phase (the weights and the LoRA adapters' B go back to the
+# reference's each step, and what trains is the quantizers; benchmarks/real_data.py); for any other supernet from a
+# checkpoint (a SAM encoder meeting a new task under a random head) the gentler pull runs had before.
+L2SP_REFERENCE = 10000.0
+L2SP_CHECKPOINT = 100.0
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,10 @@ class TrainConfig:
     (without distillation the loss is the head's own). `l2sp` pulls the weights the checkpoint gave toward
     their values there (L2-SP, decoupled). The defaults are the recipe that kept the reference's accuracy
     on held-out drives (benchmarks/recipe_study.py): `distill="auto"` distils where `checkpoint` is an FP32
-    reference run, from the reference only (no labels), logits and features; `l2sp=None` is 100 for a
-    supernet trained from a checkpoint and 0 otherwise (`resolved`); with `l2sp_lora` the pull reaches the LoRA
+    reference run, from the reference only (no labels), logits and features; `l2sp=None` is 10,000 for a
+    supernet distilled from its reference (learning rate x 10,000 >= 1 for most of each phase: the weights stay
+    the reference's and the quantizers train), 100 for any other supernet trained from a checkpoint and 0
+    otherwise (`resolved`); with `l2sp_lora` the pull reaches the LoRA
     phase too, where the checkpoint's weights are frozen and only the adapters move the layer's weight W0 + BA:
     each adapter's B is pulled toward 0. `lora_detach` trains multiplex LoRA's
     base adapter only where a layer's bits select it, not beside a low bit-width's (the paper's Alg. 2).
@@ -202,14 +209,17 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """`distill="auto"` and `l2sp=None` made concrete (what a run records): distillation where the checkpoint
         is a qsamc FP32 reference run (encoder and light head) and this run trains a light-head supernet from
-        it; L2-SP at `L2SP_DEFAULT` for a supernet trained from any checkpoint."""
+        it; L2-SP at `L2SP_REFERENCE` for a supernet that distils from its reference, `L2SP_CHECKPOINT` for any other
+        supernet trained from a checkpoint."""
         supernet_from_checkpoint = self.checkpoint is not None and self.schedule != "fp32"
         distill = self.distill
         if distill == "auto":
             saved = Path(self.checkpoint) / "config.json" if self.checkpoint else None
             reference = saved is not None and saved.is_file() and _reads_as_reference(saved)
             distill = "reference" if supernet_from_checkpoint and reference and self.head == "light" else "none"
-        l2sp = self.l2sp if self.l2sp is not None else (L2SP_DEFAULT if supernet_from_checkpoint else 0.0)
+        l2sp = self.l2sp
+        if l2sp is None:
+            l2sp = (L2SP_REFERENCE if distill == "reference" else L2SP_CHECKPOINT) if supernet_from_checkpoint else 0.0
         return dataclasses.replace(self, distill=distill, l2sp=l2sp)
 
     @property
@@ -288,8 +298,9 @@ HELP: dict[str, str] = {
     "label_weight": "Distillation: weight of the cross-entropy on the labels (default 0: learn from the reference "
                     "only; without distillation the labels are the loss).",
     "l2sp": "L2-SP: each step pulls every weight the checkpoint gave toward its value there by learning rate x l2sp of "
-            "the difference (decoupled, as AdamW's decay). Default: 100 for a supernet trained from a checkpoint, 0 "
-            "otherwise.",
+            "the difference (decoupled, as AdamW's decay). Default: 10000 for a supernet distilled from its reference "
+            "(the weights stay the reference's and the quantizers train), 100 for any other supernet trained from a "
+            "checkpoint, 0 otherwise.",
     "l2sp_lora": "L2-SP reaches the LoRA adapters: each step pulls every adapter's B toward 0 (the layer's weight W0 + BA "
                  "toward the checkpoint's) by the LoRA learning rate x l2sp.",
     "weight_init": "Weight step sizes start at LSQ+'s 3-sigma rule or at the MSE-optimal clipping.",
