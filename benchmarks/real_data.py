@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -56,8 +57,9 @@ from qsamc.baselines import METHODS, QatSettings, run_baselines
 from qsamc.fileio import atomic_torch_save, atomic_write_json
 from qsamc.ir.frontend import count_bitops
 from qsamc.pipeline import export_subnet, run_search
+from qsamc.search.cost import set_group_bits
 from qsamc.search.evolution import EvolutionConfig
-from qsamc.supernet.space import LayerBits, Subnet, load_subnet
+from qsamc.supernet.space import Subnet, load_subnet
 from qsamc.task.evaluate import ValidationSet, evaluate_subnet
 from qsamc.task.intervals import mean_interval, paired_bootstrap
 from qsamc.training.config import load_train_config
@@ -180,7 +182,7 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
         largest = space.max_subnet()
         subnets = {"qsamc FP32 grid": space.uniform_bits(largest, 32, 32),
                    **{f"qsamc W{w}A{a}": space.uniform_bits(largest, w, a) for w, a in UNIFORM},
-                   IMAGE_INPUT: image_input_a8(space.uniform_bits(largest, 4, 4))}
+                   IMAGE_INPUT: set_group_bits(space.uniform_bits(largest, 4, 4), {"patch_embed.proj"}, (4, 8))}
         best = json.loads((search_out / "pareto.json").read_text())["best"]
         assert len(best) == len(bitops_budgets), "one best subnet per budget, in the budgets' order"
         budget_of = {}
@@ -230,27 +232,20 @@ def exported(run: Path, subnets: dict[str, Subnet], rows: list[dict], data: dict
               f"{report.latency.best_ms:.2f} ms, {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def image_input_a8(subnet: Subnet) -> Subnet:
-    """`subnet` with the patch embedding's activations (the normalised image) at 8 bits: the one input of a
-    uniform 4-bit subnet that is not a learned feature (on the dusk drive, W4A4's loss is there)."""
-    return replace(subnet, bits=tuple(LayerBits(b.layer, b.w, 8) if b.layer == "patch_embed.proj" else b
-                                      for b in subnet.bits))
-
-
 def uniform_label(row: dict) -> str | None:
     """`W8A8` for the uniform qsamc row `qsamc W8A8` (the bits its peers share), else None."""
-    uniform = row["method"] == "qsamc" and row.get("budget") is None
-    bits = row["label"].removeprefix("qsamc ")
-    return bits if uniform and bits[:1] == "W" and bits[1:].replace("A", "", 1).isdigit() else None
+    match = re.fullmatch(r"qsamc (W\d+A\d+)", row["label"])
+    return match[1] if match and row["method"] == "qsamc" and row.get("budget") is None else None
 
 
 def peer_of(row: dict, rows: list[dict]) -> dict | None:
     """The post-training peer a qsamc row is judged against at equal BitOPs: ModelOpt PTQ at the same uniform
     bits, or the peer whose BitOPs the search budget was."""
-    if row["method"] != "qsamc" or (row.get("budget") is None and uniform_label(row) is None):
+    if row["method"] != "qsamc":
         return None
     if row.get("budget") is None:
-        return next((r for r in rows if r["label"] == f"ModelOpt PTQ {uniform_label(row)}"), None)
+        bits = uniform_label(row)
+        return next((r for r in rows if r["label"] == f"ModelOpt PTQ {bits}"), None) if bits else None
     return next((r for r in rows if r["method"] not in ("qsamc", "fp32") and r["bitops"] == row["budget"]), None)
 
 
