@@ -18,8 +18,9 @@ held-out drive. Each fold, each stage written under --out/<fold> and reused when
               --no-qat leaves it out).
 3. supernet   `qsamc train` (progressive, multiplex LoRA) from the reference's encoder and head with the default
               recipe (distillation from the reference alone, logits and features; L2-SP toward its weights at
-              10,000, reaching the LoRA adapters: the weights stay the reference's and the quantizers train),
-              holding out what the reference held out.
+              10,000, reaching the LoRA adapters: the weights stay the reference's and the quantizers train;
+              integer activation zero points, so SAM's zero padding stays 0), holding out what the reference held
+              out. `--zero-point continuous` trains it with LSQ+'s continuous offsets, as before 2026-12-07.
 4. search     `qsamc search --target cpu --bitops` at each peer's BitOPs and at 1% / 2% of FP32 (attention
               matmuls excluded), scored on images neither trained on nor reported: the held-out 10% in fold
               val, val in the drive folds (for fold 0016E5, val is other frames of the reported drive).
@@ -59,6 +60,7 @@ from qsamc.ir.frontend import count_bitops
 from qsamc.pipeline import export_subnet, run_search
 from qsamc.search.cost import set_group_bits
 from qsamc.search.evolution import EvolutionConfig
+from qsamc.supernet.quant import ZERO_POINTS
 from qsamc.supernet.space import Subnet, load_subnet
 from qsamc.task.evaluate import ValidationSet, evaluate_subnet
 from qsamc.task.intervals import mean_interval, paired_bootstrap
@@ -132,7 +134,8 @@ def train_reference(fold: str, reference: Path, data: dict, scale: float, fresh:
 
 
 def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke: bool = False,
-             search_count: int = SEARCH_IMAGES, uniform_guard: bool = False, with_qat: bool = True) -> dict:
+             search_count: int = SEARCH_IMAGES, uniform_guard: bool = False, with_qat: bool = True,
+             zero_point: str = "integer") -> dict:
     """Every stage of one fold; returns its rows (label, method, BitOPs, mIoU, ...) and stage times, and
     saves the rows' per-image confusion matrices to <fold>/confusions.pt."""
     reference, supernet, baselines = root / "reference", root / "supernet", root / "baselines"
@@ -160,7 +163,7 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
     started = time.perf_counter()
     if stage(fold, "supernet", supernet / "supernet.pt", fresh):
         train(load_train_config(None, {"model": MODEL, "out": str(supernet), "checkpoint": str(reference), **data,
-                                       **holdout, **scaled(SUPERNET, scale)}), overwrite=True)
+                                       **holdout, **scaled(SUPERNET, scale), "zero_point": zero_point}), overwrite=True)
     times["supernet"] = time.perf_counter() - started
 
     peers = json.loads((baselines / "baselines.json").read_text())["results"]
@@ -362,6 +365,8 @@ def main() -> None:
                         "there is reused whatever it was searched with).")
     parser.add_argument("--no-qat", action="store_true", help="Leave ModelOpt QAT out of the baselines stage (its "
                         "3 x 1,200 steps are most of that stage's time; a stage already there is reused as it is).")
+    parser.add_argument("--zero-point", choices=ZERO_POINTS, default="integer", help="The supernet's activation zero "
+                        "points (qsamc train --zero-point; a stage already there is reused as it was trained).")
     parser.add_argument("--fresh", action="store_true", help="Redo every stage.")
     parser.add_argument("--smoke", action="store_true", help="A one-generation search on 8 images: checks the "
                         "pipeline, measures nothing (with --scale 0.01, minutes per fold).")
@@ -378,7 +383,7 @@ def main() -> None:
     data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
     started = time.perf_counter()
     results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh, args.smoke, args.search_images,
-                        args.uniform_guard, not args.no_qat)
+                        args.uniform_guard, not args.no_qat, args.zero_point)
                for fold in folds]
     report(results, args.out)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)

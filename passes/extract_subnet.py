@@ -40,7 +40,7 @@ def _single_bits_bank(bank: QuantizerBank | None, bits: int, device: torch.devic
     if bank is None:
         return None
     channels = bank[bits].channels if bits in bank and bank.kind == "weight" else None
-    single = QuantizerBank(bank.kind, (bits,), channels).to(device)
+    single = QuantizerBank(bank.kind, (bits,), channels, bank.zero_point).to(device)
     if bits in bank:
         single[bits].load_state_dict(bank[bits].state_dict())
     return single

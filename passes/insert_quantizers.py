@@ -6,7 +6,8 @@ Rules:
 2. Weight scales are initialised at once from the full pre-trained weight, layer-wise by default (the
    paper) or per output channel with `per_channel=True`: LSQ+ mean/std init (`weight_init="lsq+"`, the
    paper) or the MSE-optimal clipping of each bit-width's grid (`"mse"`, as post-training quantizers do).
-3. Activation quantizers are initialised later from data (`CalibrateActivationsPass`).
+3. Activation quantizers are initialised later from data (`CalibrateActivationsPass`); their zero point is
+   `zero_point` (`qsamc.supernet.quant`: integer, 0 exactly on the grid, or LSQ+'s continuous offset).
 4. Where the space quantizes attention (`attention_bits`, beyond the paper), every `attention` node's
    module gets `AttentionQuantizers`: zero-point-0 LSQ quantizers on scale * q, k, v and the softmax
    output per attention bit-width below 32, initialised from data too.
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 from qsamc.ir.graph import IR
 from qsamc.ir.pass_manager import Pass, PassResult
-from qsamc.supernet.quant import AttentionQuantizers, QuantizerBank, WeightInit
+from qsamc.supernet.quant import AttentionQuantizers, QuantizerBank, WeightInit, ZeroPoint
 from qsamc.supernet.space import SearchSpace
 
 
 class InsertQuantizersPass(Pass):
-    def __init__(self, space: SearchSpace, per_channel: bool = False, weight_init: WeightInit = "lsq+") -> None:
-        self.space, self.per_channel, self.weight_init = space, per_channel, weight_init
+    def __init__(self, space: SearchSpace, per_channel: bool = False, weight_init: WeightInit = "lsq+",
+                 zero_point: ZeroPoint = "integer") -> None:
+        self.space, self.per_channel, self.weight_init, self.zero_point = space, per_channel, weight_init, zero_point
 
     def call(self, ir: IR) -> PassResult:
         modified = False
@@ -37,7 +39,7 @@ class InsertQuantizersPass(Pass):
                 if bits in weights:
                     weights[bits].initialize(layer.weight, self.weight_init)
             layer.weight_quantizer = weights
-            layer.act_quantizer = QuantizerBank("act", self.space.act_bits).to(layer.weight.device)
+            layer.act_quantizer = QuantizerBank("act", self.space.act_bits, zero_point=self.zero_point).to(layer.weight.device)
             modified = True
         if self.space.quantized_attention:
             for _name, _a, attention in ir.modules("attention"):

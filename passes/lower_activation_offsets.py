@@ -39,7 +39,7 @@ def lower_activation_offset(layer: IntLinear | IntConv2d, input_hw: tuple[int, i
     if not isinstance(act, LsqActQuantizer):
         return False
     scale = float(act.scale.clamp_min(_MIN_SCALE))
-    shift = float(act.offset) + 2 ** (act.bits - 1) * scale
+    shift = float(act.grid_offset()) + 2 ** (act.bits - 1) * scale
     weight = layer.dequantized_weight().double()
     if isinstance(layer, IntLinear):
         correction = shift * weight.sum(0)

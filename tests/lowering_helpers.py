@@ -34,16 +34,18 @@ def calibrated_vit_t(per_channel: bool = True):
     return model.eval(), ir, spec
 
 
-def dyadic_layer(w_bits: int, a_bits: int, conv: bool = False, offset_steps: int = -5) -> QuantLinear | QuantConv2d:
-    """A layer whose scales are powers of two and whose LSQ+ offset is a whole number of steps, so the
-    fake-quantized and the lowered forward are computed without any float rounding."""
+def dyadic_layer(w_bits: int, a_bits: int, conv: bool = False, offset_steps: float = -5,
+                 zero_point: str = "continuous") -> QuantLinear | QuantConv2d:
+    """A layer whose scales are powers of two and whose LSQ+ offset is a whole number of steps (or, with an
+    integer zero point, rounds to one), so the fake-quantized and the lowered forward are computed without
+    any float rounding."""
     torch.manual_seed(w_bits * 10 + a_bits)
     layer = QuantConv2d(16, 8, 3, padding=1) if conv else QuantLinear(64, 48)
     with torch.no_grad():
         layer.weight.copy_(torch.round(layer.weight / WEIGHT_SCALE) * WEIGHT_SCALE)
         layer.bias.copy_(torch.round(layer.bias * 64) / 64)
     layer.weight_quantizer = QuantizerBank("weight", (w_bits,))
-    layer.act_quantizer = QuantizerBank("act", (a_bits,))
+    layer.act_quantizer = QuantizerBank("act", (a_bits,), zero_point=zero_point)
     with torch.no_grad():
         if w_bits <= 8:
             layer.weight_quantizer[w_bits].scale.fill_(WEIGHT_SCALE * 2 ** (8 - w_bits))

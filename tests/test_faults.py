@@ -196,6 +196,7 @@ def test_a_config_that_is_not_utf8_or_is_a_folder(run_cli, tmp_path):
     ("edit", ": 'resolutions' must be a non-empty list of integers, got \"big\""),
     ("nospace", " lacks the field 'space'"),
     ("version", " was written by a newer qsamc (version 99); this one reads version 1: upgrade qsamc"),
+    ("zero_point", " is malformed: 'zero_point' must be one of integer, continuous, got 'half'"),
 ])
 def test_a_malformed_supernet_json_names_its_field(run_cli, tiny_run, subnet_file, tmp_path, content, message):
     run = copy_run(tiny_run, tmp_path / "run")
@@ -206,6 +207,8 @@ def test_a_malformed_supernet_json_names_its_field(run_cli, tiny_run, subnet_fil
         del data["space"]
     elif content == "version":
         data["version"] = 99
+    elif content == "zero_point":
+        data["zero_point"] = "half"
     else:
         data = content
     (run / "supernet.json").write_text(json.dumps(data))

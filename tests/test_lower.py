@@ -122,6 +122,20 @@ def test_lower_activation_offset_is_exact(bits):
     assert not lower_activation_offset(lowered)  # rule 4: already symmetric
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_lower_activation_offset_takes_the_integer_zero_point(conv):
+    """The learned offset is 5.25 steps below zero; the grid, and so the lowered bias, use 5."""
+    layer = dyadic_layer(4, 4, conv=conv, offset_steps=-5.25, zero_point="integer")
+    act = layer.act_quantizer[4]
+    assert float(act.grid_offset().detach()) == -5 * float(act.scale.detach()) != float(act.offset.detach())
+    x = dyadic_input((1, 16, 6, 6) if conv else (3, 5, 64))
+    lowered = fold_weight_quantizer(layer, TENSORRT)
+    assert lower_activation_offset(lowered, (6, 6) if conv else None)
+    with torch.no_grad():
+        assert torch.equal(lowered(x), layer(x))
+        assert torch.equal(act(torch.zeros(3)), torch.zeros(3))  # 0 on the grid
+
+
 def test_lower_activation_offset_corrects_the_zero_padded_border_exactly():
     layer = dyadic_layer(8, 4, conv=True)
     x = dyadic_input((1, 16, 6, 6))
@@ -175,15 +189,20 @@ def test_fold_offset_into_norm(vit_t, resolution):
     static = ExtractSubnetPass(subnet)(ir).ir
     PassManager([FoldWeightQuantizersPass(TENSORRT), LowerActivationOffsetsPass()], verify=True)(static)
     x = _image(subnet)
+    shifts = {name: static.module_of(name).act.shift for name in static.quantizable()}
     with torch.no_grad():
         before = static.root(x)
         FoldOffsetIntoNormPass()(static)
         torch.testing.assert_close(static.root(x), before, rtol=0, atol=1e-4)
+    moved = 0
     for name in static.quantizable():
         layer, a = static.graph.nodes[name]["module"], static.graph.nodes[name]
         padded = a.get("token_layout") == "windows" and resolution == 176
         folded = (layer.endswith(("attn.qkv", "mlp.lin1")) or layer == "neck.2") and not padded
-        assert (static.module_of(name).act.shift == 0) == folded, layer
+        # a folded shift is 0; any other keeps its own (an integer zero point at mid-grid is a shift of 0)
+        assert static.module_of(name).act.shift == (0 if folded else shifts[name]), layer
+        moved += folded and shifts[name] != 0
+    assert moved >= 4
 
 
 def test_quantize_bias_rounds_to_the_accumulator_grid_at_8x8_only():

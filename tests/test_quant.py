@@ -216,6 +216,29 @@ def test_act_init_from_observed_min_max():
     assert constant.scale.item() == pytest.approx(1 / 15) and constant.offset.item() == 2.0
 
 
+def test_integer_zero_point_keeps_zero_on_the_grid():
+    """SAM's normalised image spans -2.1179..2.64 and is zero-padded: LSQ+'s continuous offset moves the padding
+    to the nearest grid value, an integer zero point keeps it 0; the gradients are LSQ+'s."""
+    x = torch.tensor([[-2.1179, 0.0, 2.64]])
+    continuous, integer = LsqActQuantizer(4), LsqActQuantizer(4, "integer")
+    for q in (continuous, integer):
+        q.observe(x)
+        q.initialize()
+    s = (2.64 + 2.1179) / 15
+    assert continuous.scale.item() == pytest.approx(s) and integer.offset.item() == pytest.approx(-2.1179)
+    assert continuous(x)[0, 1].item() == pytest.approx(7 * s - 2.1179, abs=1e-6)  # round(6.68) = 7 steps above beta
+    assert integer.grid_offset().item() == pytest.approx(-7 * s, abs=1e-6)  # round(-6.68) = -7: z = 7
+    assert integer(x)[0, 1].item() == 0.0
+    assert torch.equal(integer.integer(x), torch.tensor([[0.0, 7.0, 15.0]]))  # the top now clips: 15.32 steps up
+    clipped = torch.tensor([[-5.0, 10.0]])  # below and above the grid: LSQ+'s dbeta = 1, ds = n = 0 and p = 15
+    for q in (continuous, integer):
+        q(clipped).sum().backward()
+    assert torch.equal(integer.offset.grad, continuous.offset.grad) and integer.offset.grad.item() > 0
+    assert torch.equal(integer.scale.grad, continuous.scale.grad)
+    with pytest.raises(ValueError, match="zero_point must be one of integer, continuous, got 'half'"):
+        LsqActQuantizer(4, "half")
+
+
 def test_act_lazy_init_from_batch():
     q = LsqActQuantizer(2)
     x = torch.tensor([[-3.0, -1.0, 3.0]])

@@ -16,7 +16,7 @@ from qsamc.training.runs import SupernetSpec, build_model, load_supernet
 from qsamc.errors import CheckpointError, ConfigError
 from qsamc.sam import is_quantizer_state
 from qsamc.supernet.lora import LoraConfig, LowRank
-from qsamc.supernet.quant import MSE_CANDIDATES, LsqWeightQuantizer, _grid
+from qsamc.supernet.quant import MSE_CANDIDATES, LsqActQuantizer, LsqWeightQuantizer, _grid
 from qsamc.supernet.space import default_space
 from qsamc.task.losses import distillation_loss, feature_distillation_loss, segmentation_loss
 from qsamc.training.train import fp32_subnet, train
@@ -275,6 +275,27 @@ def test_a_run_written_before_l2sp_reached_the_adapters_resumes_without_it(tmp_p
     assert load_train_config(saved).l2sp_lora is False
 
 
+def test_runs_before_integer_zero_points_keep_lsq_plus_offsets(tmp_path):
+    """A version-6 config resumes, and a supernet.json without the field rebuilds, with continuous offsets."""
+    saved = tmp_path / "config.json"
+    written = load_train_config(None, {}).to_json()
+    assert written["zero_point"] == "integer" and written["version"] == 7
+    del written["zero_point"]
+    saved.write_text(json.dumps({**written, "version": 6}))
+    assert load_train_config(saved).zero_point == "continuous"
+    spec = SupernetSpec(default_space("vit_t"), 4, None)
+    data = spec.to_json()
+    assert data["zero_point"] == "integer" and SupernetSpec.from_json(data) == spec
+    del data["zero_point"]
+    old = SupernetSpec.from_json(data)
+    assert old.zero_point == "continuous"
+    model, _ = build_model(old)
+    acts = [m for m in model.supernet.modules() if isinstance(m, LsqActQuantizer)]
+    assert acts and {m.zero_point for m in acts} == {"continuous"}
+    model, _ = build_model(spec)
+    assert {m.zero_point for m in model.supernet.modules() if isinstance(m, LsqActQuantizer)} == {"integer"}
+
+
 def test_l2sp_leaves_a_sam_checkpoints_random_head_free(reference_run):
     model, _ = build_model(SupernetSpec(default_space("vit_t"), classes(reference_run), None, True), reference_run,
                            weight_init="mse")
@@ -293,6 +314,7 @@ def test_l2sp_leaves_a_sam_checkpoints_random_head_free(reference_run):
     ({"distill": "teacher"}, "distill must be one of auto, none, reference"),
     ({"distill_weight": float("nan")}, "distill_weight must be a finite number"),
     ({"weight_init": "max"}, "weight_init must be one of lsq\\+, mse"),
+    ({"zero_point": "half"}, "zero_point must be one of integer, continuous, got 'half'"),
     ({"schedule": "fp32", "distill": "reference", "checkpoint": "x"}, "the fp32 schedule trains the reference"),
 ])
 def test_bad_reference_options_are_one_sentence(changes, match):

@@ -490,7 +490,7 @@ def test_bad_configs_are_one_sentence(tmp_path, text, match):
 
 def test_missing_files_and_foreign_configs_are_one_sentence(tmp_path):
     (tmp_path / "other.json").write_text('{"format": "qsamc.train_config", "version": 9, "iterations": 3}')
-    with pytest.raises(ConfigError, match=r"^config file .*other.json is not a qsamc training config of version 1, 2, 3, 4, 5 or 6$"):
+    with pytest.raises(ConfigError, match=r"^config file .*other.json is not a qsamc training config of version 1, 2, 3, 4, 5, 6 or 7$"):
         load_train_config(tmp_path / "other.json")
     saved = tmp_path / "config.json"  # what a run writes is read back whole
     saved.write_text(json.dumps(TrainConfig(iterations=7, phase1_iterations=3, lora_modules=("attn.qkv",)).to_json()))

@@ -177,7 +177,7 @@ class QuantLinear(QuantMixin, nn.Linear):
             if not quantizer.ready:  # first use: calibrate on this batch, as the quantizer's own forward would
                 with torch.no_grad():
                     quantizer._ensure_initialized(F.gelu(x) if gelu else x)
-            a_scale, a_offset = quantizer.scale, quantizer.offset
+            a_scale, a_offset = quantizer.scale, quantizer.grid_offset()
             aq = (quantizer.n, quantizer.p, quantizer.gradient_scale(x.shape))
         terms = [] if self.lora is None else self.lora.terms(self.w_bits, self.a_bits)
         spec = _LinearSpec(tuple(adapter.scaling for adapter, _ in terms), tuple(trains for _, trains in terms),

@@ -22,6 +22,13 @@ Gradients (straight-through estimator for round):
     sample's activation (x.numel() / x.shape[0]).
 
 `round` is torch.round (half to even), the same rounding integer kernels use when they requantize.
+
+Integer zero point (`zero_point="integer"`, what `qsamc train` builds since 2026-12-07): the grid uses
+beta = s * round(beta / s), the nearest offset that puts 0 exactly on the grid (beta = -z s, z an integer
+zero point, as integer inference requires; Jacob et al. 2018, Sec. 2.1), with a straight-through gradient to
+beta. Zero padding then quantizes to exactly 0: SAM pads every image with zeros to a square (a quarter of a
+256 x 192 frame), and a continuous LSQ+ offset moved all of it to the nearest grid value. "continuous" is
+LSQ+'s own beta (the paper, and runs before it).
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ _MAX_BITS = 8
 
 FULL_PRECISION = 32
 
+ZeroPoint = Literal["integer", "continuous"]
+ZERO_POINTS = ("integer", "continuous")
 WeightInit = Literal["lsq+", "mse"]
 WEIGHT_INITS = ("lsq+", "mse")
 # Clipping fractions of max|w| that the MSE weight initialisation tries (1.0 = no clipping).
@@ -230,13 +239,16 @@ class LsqActQuantizer(_InitFlag):
     """Asymmetric unsigned LSQ+ activation quantizer for ONE bit-width; learnable s and beta.
 
     x_hat = round(clamp((x - beta)/s, 0, 2**b - 1)) * s + beta. beta plays the role of the paper's
-    zero-point (beta = -z s) but stays continuous, as in LSQ+, so it can be learned.
+    zero-point (beta = -z s) and is learned as in LSQ+; the grid uses it as it is (`zero_point="continuous"`)
+    or at the nearest integer zero point (`"integer"`: 0 exactly on the grid; see the module docstring).
     """
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, zero_point: ZeroPoint = "continuous"):
         super().__init__()
         _check_bits(bits)
-        self.bits = bits
+        if zero_point not in ZERO_POINTS:
+            raise ValueError(f"zero_point must be one of {', '.join(ZERO_POINTS)}, got {zero_point!r}")
+        self.bits, self.zero_point = bits, zero_point
         self.n, self.p = act_range(bits)
         self.scale = nn.Parameter(torch.ones(()))
         self.offset = nn.Parameter(torch.zeros(()))
@@ -246,7 +258,15 @@ class LsqActQuantizer(_InitFlag):
         self.register_buffer("observed_max", torch.tensor(-math.inf))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}, zero_point={self.zero_point}"
+
+    def grid_offset(self) -> Tensor | None:
+        """beta as the grid uses it: the learned offset, or with an integer zero point s * round(beta / s)
+        (0 exactly on the grid) with a straight-through gradient to beta."""
+        if self.offset is None or self.zero_point == "continuous":
+            return self.offset
+        scale = self.scale.detach().clamp_min(_MIN_SCALE)
+        return self.offset + (scale * torch.round(self.offset.detach() / scale) - self.offset.detach())
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -283,13 +303,13 @@ class LsqActQuantizer(_InitFlag):
 
     def forward(self, x: Tensor) -> Tensor:
         self._ensure_initialized(x)
-        return _LsqFunction.apply(x, self.scale, self.offset, self.n, self.p, self.gradient_scale(x.shape))
+        return _LsqFunction.apply(x, self.scale, self.grid_offset(), self.n, self.p, self.gradient_scale(x.shape))
 
     @torch.no_grad()
     def integer(self, x: Tensor) -> Tensor:
         """The uint grid values round(clamp((x - beta)/s, 0, p)) as a float tensor."""
         self._ensure_initialized(x)
-        return _grid(x, self.scale, self.offset, self.n, self.p)
+        return _grid(x, self.scale, self.grid_offset(), self.n, self.p)
 
 
 class QuantizerBank(nn.Module):
@@ -300,17 +320,19 @@ class QuantizerBank(nn.Module):
     `bank.bit_choices` still lists 32 when it is a choice.
     """
 
-    def __init__(self, kind: Literal["weight", "act"], bit_choices: Sequence[int], channels: int | None = None):
+    def __init__(self, kind: Literal["weight", "act"], bit_choices: Sequence[int], channels: int | None = None,
+                 zero_point: ZeroPoint = "continuous"):
         super().__init__()
         if kind not in ("weight", "act"):
             raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
         if kind == "act" and channels is not None:
             raise ValueError("activation quantizers are per-tensor; channels applies to weights only")
-        self.kind = kind
+        self.kind, self.zero_point = kind, zero_point
         self._bit_choices = tuple(dict.fromkeys(int(b) for b in bit_choices))
         if not self._bit_choices:
             raise ValueError("a QuantizerBank needs at least one bit-width")
-        make = (lambda b: LsqWeightQuantizer(b, channels)) if kind == "weight" else LsqActQuantizer
+        make = ((lambda b: LsqWeightQuantizer(b, channels)) if kind == "weight"
+                else (lambda b: LsqActQuantizer(b, zero_point)))
         self.quantizers = nn.ModuleDict(
             {str(b): make(b) for b in self._bit_choices if b != FULL_PRECISION}
         )

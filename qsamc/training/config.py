@@ -22,7 +22,7 @@ import yaml
 from qsamc.distributed import DEVICES
 from qsamc.errors import ConfigError
 from qsamc.supernet.lora import LORA_VARIANTS, LoraConfig
-from qsamc.supernet.quant import WEIGHT_INITS
+from qsamc.supernet.quant import WEIGHT_INITS, ZERO_POINTS
 from qsamc.sam import get_config
 from qsamc.supernet.space import GRANULARITIES
 from qsamc.task.data import TASKS
@@ -41,16 +41,18 @@ LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")
 LORA_SWITCHES = ("weight", "act")
 CONFIG_FORMAT = "qsamc.train_config"
-CONFIG_VERSION = 6
+CONFIG_VERSION = 7
 # Earlier versions are still read, with the settings their runs had: version 1 (before held-out splits)
 # trained on every training image, version 2 held out a seeded fraction only, versions 1-3 trained with
 # cross-entropy and logits KL only when distilling and without L2-SP (version 3 runs of one development
-# commit wrote these fields themselves), versions 1-4 left the LoRA adapters free of L2-SP's pull, and
-# versions 1-5 drew held-out images one by one.
-_BEFORE_RECIPE = {"label_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0, "l2sp_lora": False, "holdout_block": 1}
+# commit wrote these fields themselves), versions 1-4 left the LoRA adapters free of L2-SP's pull,
+# versions 1-5 drew held-out images one by one, and versions 1-6 used LSQ+'s continuous activation offsets.
+_CONTINUOUS = {"zero_point": "continuous"}
+_BEFORE_RECIPE = {"label_weight": 1.0, "feature_weight": 0.0, "l2sp": 0.0, "l2sp_lora": False, "holdout_block": 1,
+                  **_CONTINUOUS}
 READABLE_VERSIONS = {1: {"holdout": 0.0, **_BEFORE_RECIPE}, 2: {"holdout_match": "", **_BEFORE_RECIPE},
-                     3: _BEFORE_RECIPE, 4: {"l2sp_lora": False, "holdout_block": 1}, 5: {"holdout_block": 1},
-                     6: {}}
+                     3: _BEFORE_RECIPE, 4: {"l2sp_lora": False, "holdout_block": 1, **_CONTINUOUS},
+                     5: {"holdout_block": 1, **_CONTINUOUS}, 6: _CONTINUOUS, 7: {}}
 # L2-SP's default strength: for a supernet distilled from a qsamc FP32 reference run, a pull so strong that
 # learning rate x strength is 1 for most of each phase (the weights and the LoRA adapters' B go back to the
 # reference's each step, and what trains is the quantizers; benchmarks/real_data.py); for any other supernet from a
@@ -129,6 +131,7 @@ class TrainConfig:
     l2sp: float | None = None
     l2sp_lora: bool = True
     weight_init: str = "lsq+"
+    zero_point: str = "integer"
     device: str = "auto"
     precision: str = "auto"
     head: str = "light"
@@ -194,6 +197,7 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got '{self.device}'"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
             (self.weight_init in WEIGHT_INITS, f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'"),
+            (self.zero_point in ZERO_POINTS, f"zero_point must be one of {', '.join(ZERO_POINTS)}, got '{self.zero_point}'"),
             (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'"),
             (self.distill != "reference" or self.head == "light",
              "distill=reference distils the light head's per-pixel logits; the mask2former head trains without it"),
@@ -253,8 +257,8 @@ class TrainConfig:
 # The allowed values of the fields that take one of a few, for validation and `qsamc train --help`.
 CHOICES: dict[str, tuple[str, ...]] = {
     "granularity": GRANULARITIES, "schedule": SCHEDULES, "lora_variant": LORA_VARIANTS, "lora_switch": LORA_SWITCHES,
-    "sampling": SAMPLINGS, "distill": DISTILLATIONS, "weight_init": WEIGHT_INITS, "device": DEVICES,
-    "precision": PRECISIONS, "head": HEADS, "task": TASKS, "attention": tuple(ATTENTION_MODES),
+    "sampling": SAMPLINGS, "distill": DISTILLATIONS, "weight_init": WEIGHT_INITS, "zero_point": ZERO_POINTS,
+    "device": DEVICES, "precision": PRECISIONS, "head": HEADS, "task": TASKS, "attention": tuple(ATTENTION_MODES),
 }
 HELP: dict[str, str] = {
     "model": "Encoder config (vit_t, vit_b, vit_l, vit_h).",
@@ -304,6 +308,8 @@ HELP: dict[str, str] = {
     "l2sp_lora": "L2-SP reaches the LoRA adapters: each step pulls every adapter's B toward 0 (the layer's weight W0 + BA "
                  "toward the checkpoint's) by the LoRA learning rate x l2sp.",
     "weight_init": "Weight step sizes start at LSQ+'s 3-sigma rule or at the MSE-optimal clipping.",
+    "zero_point": "Activation quantizers' zero point: integer (the default: 0 exactly on the grid, so SAM's zero "
+                  "padding stays 0) or continuous (LSQ+'s learned offset, the paper).",
     "device": "auto (a GPU where torch sees one), cpu or cuda.",
     "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16 autocast.",
     "head": "The task head: light (a W8A8 conv head) or mask2former (the paper's setup; qsamc[mask2former]).",

@@ -31,7 +31,7 @@ from qsamc.task.head import SegmentationModel
 from qsamc.task.mask2former import Mask2FormerSpec
 from qsamc.supernet.encoder import Supernet
 from qsamc.supernet.lora import LoraConfig
-from qsamc.supernet.quant import WeightInit
+from qsamc.supernet.quant import ZERO_POINTS, WeightInit
 from qsamc.sam import check_state_dict, is_quantizer_state, read_tensors
 from qsamc.supernet.space import SearchSpace
 
@@ -47,7 +47,8 @@ _STR = (lambda v: isinstance(v, str), "a string")
 _MAPPING = (lambda v: isinstance(v, dict), "a JSON object")
 _OPTIONAL_MAPPING = (lambda v: v is None or isinstance(v, dict), "a JSON object or null")
 SPEC_FIELDS = {"space": _MAPPING, "num_classes": _INT, "lora": _OPTIONAL_MAPPING, "per_channel": (
-    lambda v: isinstance(v, bool), "true or false"), "head": _STR, "mask2former": _OPTIONAL_MAPPING, "task": _STR}
+    lambda v: isinstance(v, bool), "true or false"), "head": _STR, "mask2former": _OPTIONAL_MAPPING, "task": _STR,
+    "zero_point": _STR}
 SPACE_FIELDS = {"model": _STR, "resolutions": _INTS, "depth_choices": (
     lambda v: isinstance(v, list) and bool(v) and all(_INTS[0](c) for c in v), "a non-empty list of lists of integers"),
     "mlp_ratios": _NUMBERS, "weight_bits": _INTS, "act_bits": _INTS, "granularity": _STR, "attention_bits": _INTS}
@@ -98,6 +99,7 @@ class SupernetSpec:
     head: str = "light"  # `qsamc.task.head.HEADS`
     mask2former: Mask2FormerSpec | None = None  # the mask2former head's size
     task: str = "semantic"  # `qsamc.task.data.TASKS`
+    zero_point: str = "integer"  # the activation quantizers' (`qsamc.supernet.quant.ZERO_POINTS`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,12 +108,15 @@ class SupernetSpec:
             "lora": None if self.lora is None else {**dataclasses.asdict(self.lora), "modules": list(self.lora.modules)},
             "per_channel": self.per_channel, "head": self.head,
             "mask2former": None if self.mask2former is None else dataclasses.asdict(self.mask2former),
-            "task": self.task,
+            "task": self.task, "zero_point": self.zero_point,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupernetSpec:
         lora, mask2former = data.get("lora"), data.get("mask2former")
+        zero_point = data.get("zero_point", "continuous")  # runs written before integer zero points: LSQ+'s offset
+        if zero_point not in ZERO_POINTS:
+            raise ValueError(f"'zero_point' must be one of {', '.join(ZERO_POINTS)}, got '{zero_point}'")
         return cls(
             space=SearchSpace.from_json(data["space"]),
             num_classes=int(data["num_classes"]),
@@ -120,6 +125,7 @@ class SupernetSpec:
             head=data.get("head", "light"),  # runs written before heads were a choice have the light head
             mask2former=None if mask2former is None else Mask2FormerSpec(**mask2former),
             task=data.get("task", "semantic"),  # runs written before the instance task are semantic
+            zero_point=zero_point,
         )
 
 
@@ -148,7 +154,7 @@ def build_model(spec: SupernetSpec, checkpoint: str | Path | None = None, lora_s
     weights = reference_weights(checkpoint) if checkpoint is not None else None
     supernet = Supernet.build(spec.space.model, weights, spec.space)
     ir = build_ir(supernet)
-    passes = [InsertQuantizersPass(spec.space, spec.per_channel, weight_init)]
+    passes = [InsertQuantizersPass(spec.space, spec.per_channel, weight_init, spec.zero_point)]
     if spec.lora is not None:
         passes.append(AttachLoraPass(spec.lora, seed=lora_seed))
     PassManager(passes)(ir)

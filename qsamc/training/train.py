@@ -376,7 +376,7 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
     train_set, _ = holdout_split(config, train_set)  # the held-out images are never trained on: search's
     space = default_space(config.model, config.granularity, config.attention_bits)  # type: ignore[arg-type]
     spec = SupernetSpec(space, train_set.num_classes, config.lora, config.per_channel, config.head, config.mask2former,
-                        config.task)
+                        config.task, config.zero_point)
     model, ir = build_model(replace(spec, lora=None), config.checkpoint,
                             weight_init=config.weight_init)  # type: ignore[arg-type]
     model.supernet.activation_checkpointing = config.activation_checkpointing
