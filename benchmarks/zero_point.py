@@ -73,8 +73,8 @@ def main() -> None:
             rows.setdefault(label, {})[split] = {"miou": evaluation.miou, **interval.to_json()}
             print(f"  {label:45s} mIoU {100 * evaluation.miou:6.2f}  vs as trained {interval.describe()}", flush=True)
     quantizer = image[[m.bits for m in image].index(4)]
-    offset = {"scale": float(quantizer.scale), "offset": float(quantizer.offset),
-              "zero_at_grid_coordinate": float(-quantizer.offset / quantizer.scale)}
+    scale, beta = float(quantizer.scale.detach()), float(quantizer.offset.detach())
+    offset = {"scale": scale, "offset": beta, "zero_at_grid_coordinate": -beta / scale}
     print(f"image input, 4 bits: s {offset['scale']:.4f}, beta {offset['offset']:.4f}: 0 sits "
           f"{offset['zero_at_grid_coordinate']:.3f} steps above beta; {time.perf_counter() - started:.0f} s")
     atomic_write_json(args.fold / "zero_point.json", {"fold": args.fold.name, "image_input_quantizer": offset,
