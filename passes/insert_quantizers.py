@@ -39,7 +39,8 @@ class InsertQuantizersPass(Pass):
                 if bits in weights:
                     weights[bits].initialize(layer.weight, self.weight_init)
             layer.weight_quantizer = weights
-            layer.act_quantizer = QuantizerBank("act", self.space.act_bits, zero_point=self.zero_point).to(layer.weight.device)
+            acts = QuantizerBank("act", self.space.act_bits, zero_point=self.zero_point)
+            layer.act_quantizer = acts.to(layer.weight.device)
             modified = True
         if self.space.quantized_attention:
             for _name, _a, attention in ir.modules("attention"):
