@@ -46,8 +46,8 @@ def main() -> None:
     acts = [m for m in model.supernet.modules() if isinstance(m, LsqActQuantizer) and m.offset is not None]
     if {m.zero_point for m in acts} != {"continuous"}:
         sys.exit(f"error: {run} trained with integer zero points; this compares continuous ones read as integer")
-    image = [m for name, m in model.supernet.named_modules() if name.startswith(f"{IMAGE_INPUT}.")
-             and isinstance(m, LsqActQuantizer)]
+    image_bank = model.supernet.get_submodule(IMAGE_INPUT).act_quantizer
+    image = list(image_bank.quantizers.values())
     largest = spec.space.max_subnet()
     w4a4 = spec.space.uniform_bits(largest, 4, 4)
     config = run_config(run)
@@ -72,11 +72,10 @@ def main() -> None:
             interval = paired_bootstrap(evaluation.image_confusions, base)
             rows.setdefault(label, {})[split] = {"miou": evaluation.miou, **interval.to_json()}
             print(f"  {label:45s} mIoU {100 * evaluation.miou:6.2f}  vs as trained {interval.describe()}", flush=True)
-    quantizer = image[[m.bits for m in image].index(4)]
-    scale, beta = float(quantizer.scale.detach()), float(quantizer.offset.detach())
+    scale, beta = float(image_bank[4].scale.detach()), float(image_bank[4].offset.detach())
     offset = {"scale": scale, "offset": beta, "zero_at_grid_coordinate": -beta / scale}
-    print(f"image input, 4 bits: s {offset['scale']:.4f}, beta {offset['offset']:.4f}: 0 sits "
-          f"{offset['zero_at_grid_coordinate']:.3f} steps above beta; {time.perf_counter() - started:.0f} s")
+    print(f"image input, 4 bits: s {scale:.4f}, beta {beta:.4f}: 0 sits {-beta / scale:.3f} steps above beta; "
+          f"{time.perf_counter() - started:.0f} s")
     atomic_write_json(args.fold / "zero_point.json", {"fold": args.fold.name, "image_input_quantizer": offset,
                                                       "rows": rows})
 
