@@ -229,9 +229,11 @@ def exported(run: Path, subnets: dict[str, Subnet], rows: list[dict], data: dict
         subnet.save(path)
         report = export_subnet(run, path, "cpu", "onnx", out / f"export-{index}", dataset=data["dataset"],
                                data_root=Path(data["data_root"]), val_limit=None, overwrite=True)
-        row.update(latency_ms=report.latency.best_ms, onnx_miou=report.task.onnx_miou,
+        task = report.task
+        row.update(latency_ms=report.latency.best_ms, onnx_miou=task.onnx_miou, task=task.to_json(),
                    fidelity=report.fidelity.to_json(), worst_part=report.worst_part().to_json())
-        print(f"  [{index + 1}/{len(subnets)}] {label}: ONNX mIoU {report.task.onnx_miou:.4f}, "
+        fused = "" if task.kernels == "fused" else f" (this CPU's fused INT8 kernels: {task.fused_onnx_miou:.4f})"
+        print(f"  [{index + 1}/{len(subnets)}] {label}: ONNX mIoU {task.onnx_miou:.4f}{fused}, "
               f"{report.latency.best_ms:.2f} ms, {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -21,8 +21,8 @@ from qsamc.export import report as export_report
 from qsamc.export.emit import export_static
 from qsamc.export.ort import ort_latency, ort_session
 from qsamc.export.promptable import DecoderReport, DecoderSpec, build_promptable, export_decoder
-from qsamc.export.verify import (Fidelity, PartCheck, TaskCheck, check_export, check_parts, measure_fidelity,
-                                 onnx_encoder_forward)
+from qsamc.export.verify import (Fidelity, PartCheck, TaskCheck, check_export, check_parts, check_task,
+                                 onnx_encoder_forward, verify_fidelity)
 from qsamc.fileio import (atomic_write_bytes, atomic_write_json, check_output_file, check_output_folder,
                           check_results_folder, replace_folder)
 from qsamc.ir.frontend import analysis_ir, count_bitops
@@ -391,18 +391,20 @@ def _verify(job: _ExportJob, emitted: _Emitted, device: str) -> _Verified:
     target, subnet, images = job.target, job.subnet, emitted.images
     lint = target.lint(emitted.model_proto)
     session = ort_session(emitted.model_proto, spinning=True)  # it also times the model
-    fidelity = measure_fidelity(session, emitted.reference, [*images, emitted.batched], min(b.a for b in subnet.bits),
-                                target.deployment.float_type)
+    fidelity = verify_fidelity(emitted.model_proto, session, emitted.reference, [*images, emitted.batched],
+                               min(b.a for b in subnet.bits), target.deployment.float_type)
     parts = check_parts(emitted.reference, emitted.static.root, subnet, images[0], target)
     task = None
     if job.validation is not None:
         model, validation = job.model, job.validation
         scoring = resolve_device(device)
         model.to(scoring)
-        task = TaskCheck(evaluate_subnet(model, subnet, validation).miou,
-                         evaluate(onnx_encoder_forward(session, model.head), validation, subnet.resolution,
-                                  scoring).miou,
-                         len(validation.samples))
+
+        def onnx_miou(exact: bool) -> float:
+            scored = ort_session(emitted.model_proto, exact=True) if exact else session
+            return evaluate(onnx_encoder_forward(scored, model.head), validation, subnet.resolution, scoring).miou
+
+        task = check_task(evaluate_subnet(model, subnet, validation).miou, onnx_miou, len(validation.samples))
         model.to("cpu")
     check_export(lint, fidelity, target.lint_required, parts=parts, task=task)
     return _Verified(lint, session, fidelity, parts, task)

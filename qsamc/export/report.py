@@ -116,6 +116,22 @@ class ExportReport:
         """The part closest to its mean tolerance."""
         return max(self.parts, key=lambda p: p.mean_rel / p.mean_rel_tolerance)
 
+    def fused_deviations(self) -> list[str]:
+        """What the checks that passed only with ONNX Runtime's kernels unfused (`kernels: exact`) measured
+        with them fused, one phrase each; empty where the fused kernels passed every check."""
+        phrases = []
+        parts = [p for p in self.parts if p.kernels == "exact"]
+        if parts:
+            worst = max(parts, key=lambda p: p.fused_mean_rel)
+            phrases.append(f"{len(parts)} parts (worst {worst.part}: max {worst.fused_max_rel:.2e}, mean "
+                           f"{worst.fused_mean_rel:.2e})")
+        if self.fidelity.kernels == "exact":
+            phrases.append(f"the whole model max {self.fidelity.fused_max_rel:.2e}, mean "
+                           f"{self.fidelity.fused_mean_rel:.2e}")
+        if self.task is not None and self.task.kernels == "exact":
+            phrases.append(f"validation mIoU {self.task.fused_onnx_miou:.4f}")
+        return phrases
+
     def layer_rows(self) -> list[tuple[str, ...]]:
         """What `qsamc export` prints per quantized layer, one cell per `LAYER_COLUMNS`: the searched bits
         (F for float) and the containers the target runs it in."""
@@ -137,17 +153,16 @@ class ExportReport:
             ("layer by layer", f"{len(self.parts)} parts verified alone; worst {worst.part}: max {worst.max_rel:.2e}, "
              f"mean {worst.mean_rel:.2e} (tolerance {worst.max_rel_tolerance:.1e} / {worst.mean_rel_tolerance:.1e})"),
         ]
-        deviating = [p for p in self.parts if p.kernels == "exact"]  # passed only with the kernels unfused
-        if deviating:
-            worst_fused = max(deviating, key=lambda p: p.fused_mean_rel)
-            rows.append(("this CPU's INT8 kernels", f"{len(deviating)} parts deviate only in ONNX Runtime's fused INT8 "
-                         f"kernels on this CPU (worst {worst_fused.part}: max {worst_fused.fused_max_rel:.2e}, mean "
-                         f"{worst_fused.fused_mean_rel:.2e}); they are exact with those kernels unfused"))
         if task is None:
             rows.append(("validation mIoU", "not checked: the run's validation data is not at hand (pass --dataset)"))
         else:
             rows.append(("validation mIoU", f"PyTorch {task.pytorch_miou:.4f}, ONNX Runtime {task.onnx_miou:.4f} "
                          f"({task.val_images} images)"))
+        deviating = self.fused_deviations()
+        if deviating:
+            rows.append(("this CPU's INT8 kernels", f"these checks passed only with ONNX Runtime's INT8 kernels "
+                         f"unfused (the model as written; the figures above); fused, on this CPU: "
+                         f"{'; '.join(deviating)}"))
         rows.append(("opset / IR version", f"{self.opset} / {self.ir_version}"))
         rows.append(("TensorRT lint", "clean" if not self.lint else f"{len(self.lint)} problems, e.g. {self.lint[0]}"))
         if self.decoder is not None:

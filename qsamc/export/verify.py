@@ -8,12 +8,16 @@
   strongly typed engine runs an FP32 node in FP32); attention quantized only as fused INT8 MHA admits.
 - `measure_fidelity(session, reference, inputs)`: runs the model in a real ONNX Runtime session and
   compares it with the PyTorch fake-quantized subnet.
+- Every check runs ONNX Runtime's fused integer kernels first (as deployed) and, only where they miss,
+  the graph as written (optimisations off): `kernels: exact` then says the lowering is right and this
+  CPU's fused kernels are not (x86 without VNNI), with their figures beside it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
@@ -214,6 +218,9 @@ class Fidelity:
     max_rel_tolerance: float
     mean_rel_tolerance: float
     samples: int
+    kernels: str = "fused"  # as in `PartCheck`: `exact` where the fused kernels missed and `fused_*` say by how much
+    fused_max_rel: float | None = None
+    fused_mean_rel: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -269,6 +276,17 @@ def measure_fidelity(session: ort.InferenceSession, reference: torch.nn.Module, 
     max_tol, mean_tol = fidelity_tolerance(min_act_bits, noise_max, noise_mean, float_type)
     return Fidelity(max_abs, mean_abs, peak, max_abs / scale, mean_abs / scale, noise_max, noise_mean,
                     max_tol, mean_tol, len(inputs))
+
+
+def verify_fidelity(model: onnx.ModelProto, session: ort.InferenceSession, reference: torch.nn.Module,
+                    inputs: list[torch.Tensor], min_act_bits: int, float_type: str = "fp32") -> Fidelity:
+    """`measure_fidelity` with `session` (ONNX Runtime's fused kernels, as deployed) and, only where that
+    misses the tolerance, again with graph optimisations off, as `check_parts` does for each part."""
+    fidelity = measure_fidelity(session, reference, inputs, min_act_bits, float_type)
+    if fidelity.ok:
+        return fidelity
+    exact = measure_fidelity(ort_session(model, exact=True), reference, inputs, min_act_bits, float_type)
+    return replace(exact, kernels="exact", fused_max_rel=fidelity.max_rel, fused_mean_rel=fidelity.mean_rel)
 
 
 # --- layer by layer (as Polygraphy compares engines) ------------------------------------------------
@@ -378,11 +396,18 @@ TASK_TOLERANCE = 0.002  # mIoU, 0.2 points
 
 @dataclass(frozen=True)
 class TaskCheck:
-    """Validation mIoU through the head, with the encoder in PyTorch and in ONNX Runtime."""
+    """Validation mIoU through the head, with the encoder in PyTorch and in ONNX Runtime.
+
+    `kernels` says which session `onnx_miou` comes from, as in `PartCheck`: `fused` (ONNX Runtime's
+    integer kernels, as deployed) or, where those miss the tolerance, `exact` (graph optimisations off),
+    with the fused session's mIoU in `fused_onnx_miou`: the lowering is right and this CPU's INT8
+    kernels move the task metric (x86 without VNNI: VPMADDUBSW's saturating pair sums)."""
 
     pytorch_miou: float
     onnx_miou: float
     val_images: int
+    kernels: str = "fused"
+    fused_onnx_miou: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -390,6 +415,15 @@ class TaskCheck:
 
     def to_json(self) -> dict:
         return {**asdict(self), "ok": self.ok}
+
+
+def check_task(pytorch_miou: float, onnx_miou: Callable[[bool], float], val_images: int) -> TaskCheck:
+    """The task-level check: `onnx_miou(exact)` scores the ONNX model with ONNX Runtime's fused kernels
+    (`exact=False`, as deployed) and, only where those miss the tolerance, with graph optimisations off."""
+    check = TaskCheck(pytorch_miou, onnx_miou(False), val_images)
+    if not check.ok:  # the lowering, or this CPU's fused kernels? The exact session tells.
+        check = TaskCheck(pytorch_miou, onnx_miou(True), val_images, "exact", check.onnx_miou)
+    return check
 
 
 def check_export(lint: list[str], fidelity: Fidelity, lint_required: bool, parts: list[PartCheck] = (),
