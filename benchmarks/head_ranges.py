@@ -39,16 +39,10 @@ CALIBRATION_IMAGES = 32  # qsamc baseline's default: what the peers calibrate on
 
 @torch.no_grad()
 def calibrated_head(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.nn.Module:
-    """A copy of `model` whose head's activation quantizers are min-max over the features of `batches`
-    through the encoder at the subnet it is set to."""
+    """A copy of `model` whose head's activation ranges are min-max over the features of `batches` through
+    the encoder at the subnet it is set to."""
     model = copy.deepcopy(model)
-    head, features = model.head, torch.cat([model.supernet(images) for images in batches])
-    for layer, inputs in ((head.conv, features), (head.classifier, head.act(head.conv(features)))):
-        quantizer = layer.act_quantizer[HEAD_BITS]
-        quantizer.observed_min.fill_(float("inf"))
-        quantizer.observed_max.fill_(float("-inf"))
-        quantizer.observe(inputs)
-        quantizer.initialize()
+    model.head.calibrate_activations(torch.cat([model.supernet(images) for images in batches]))
     return model
 
 

@@ -354,10 +354,7 @@ def deployed_head(reference: Reference, calibration: list[torch.Tensor]) -> Segm
     head = SegmentationHead(reference.model.encoder.neck[0].out_channels, reference.spec.num_classes)
     head.load_float_state(reference.model.head.state_dict(), str(reference.run))
     with torch.no_grad():
-        features = torch.cat([reference.model.encoder(images) for images in calibration])
-        for layer, inputs in ((head.conv, features), (head.classifier, head.act(head.conv(features)))):
-            layer.act_quantizer[HEAD_BITS].observe(inputs)
-            layer.act_quantizer[HEAD_BITS].initialize()
+        head.calibrate_activations(torch.cat([reference.model.encoder(images) for images in calibration]))
     return head.eval()
 
 

@@ -7,6 +7,7 @@ search (`qsamc search`) and latency tables (`qsamc profile`): at the end of this
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from qsamc.export.emit import export_static
 from qsamc.export.ort import ort_latency, ort_session
 from qsamc.export.promptable import DecoderReport, DecoderSpec, build_promptable, export_decoder
 from qsamc.export.verify import (Fidelity, PartCheck, TaskCheck, check_export, check_parts, check_task,
-                                 onnx_encoder_forward, verify_fidelity)
+                                 measure_fidelity, onnx_encoder_forward, verify_fidelity)
 from qsamc.fileio import (atomic_write_bytes, atomic_write_json, check_output_file, check_output_folder,
                           check_results_folder, replace_folder)
 from qsamc.ir.frontend import analysis_ir, count_bitops
@@ -391,8 +392,15 @@ def _verify(job: _ExportJob, emitted: _Emitted, device: str) -> _Verified:
     target, subnet, images = job.target, job.subnet, emitted.images
     lint = target.lint(emitted.model_proto)
     session = ort_session(emitted.model_proto, spinning=True)  # it also times the model
-    fidelity = verify_fidelity(emitted.model_proto, session, emitted.reference, [*images, emitted.batched],
-                               min(b.a for b in subnet.bits), target.deployment.float_type)
+
+    @functools.cache
+    def scoring_session(exact: bool) -> ort.InferenceSession:
+        """`session`, or (made once, where a check needs it) the graph as written, optimisations off."""
+        return ort_session(emitted.model_proto, exact=True) if exact else session
+
+    fidelity = verify_fidelity(lambda exact: measure_fidelity(
+        scoring_session(exact), emitted.reference, [*images, emitted.batched], min(b.a for b in subnet.bits),
+        target.deployment.float_type))
     parts = check_parts(emitted.reference, emitted.static.root, subnet, images[0], target)
     task = None
     if job.validation is not None:
@@ -401,8 +409,8 @@ def _verify(job: _ExportJob, emitted: _Emitted, device: str) -> _Verified:
         model.to(scoring)
 
         def onnx_miou(exact: bool) -> float:
-            scored = ort_session(emitted.model_proto, exact=True) if exact else session
-            return evaluate(onnx_encoder_forward(scored, model.head), validation, subnet.resolution, scoring).miou
+            return evaluate(onnx_encoder_forward(scoring_session(exact), model.head), validation, subnet.resolution,
+                            scoring).miou
 
         task = check_task(evaluate_subnet(model, subnet, validation).miou, onnx_miou, len(validation.samples))
         model.to("cpu")

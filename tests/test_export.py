@@ -362,21 +362,29 @@ def test_the_whole_model_check_runs_unfused_kernels_only_where_the_fused_session
     """`verify_fidelity` takes the deployed session's figures where they pass; where they miss (here a session
     of the same layer with a weight one step off stands in for kernels that deviate), the model as written
     decides and the fused figures are kept beside it."""
-    from qsamc.export.verify import verify_fidelity
+    from qsamc.export.verify import measure_fidelity, verify_fidelity
 
     layer, x = dyadic_layer(8, 8), dyadic_input((1, 4, 4, 64))
     model = emitted(layer, x, A100_FP32)
     deviating = copy.deepcopy(layer)
     with torch.no_grad():
         deviating.weight[0] += 8 * deviating.weight.abs().max() / 127
-    off = ort_session(emitted(deviating, x, A100_FP32))
-    passed = verify_fidelity(model, ort_session(model), layer, [x], 8)
+    off = emitted(deviating, x, A100_FP32)
+
+    def verified(fused: onnx.ModelProto, exact: onnx.ModelProto):
+        asked = []
+        fidelity = verify_fidelity(lambda unfused: asked.append(unfused) or measure_fidelity(
+            ort_session(exact, exact=True) if unfused else ort_session(fused), layer, [x], 8))
+        return fidelity, asked
+
+    passed, asked = verified(model, off)
+    assert asked == [False]
     assert passed.ok and passed.kernels == "fused" and passed.fused_max_rel is None and passed.max_rel < 1e-6
-    fallback = verify_fidelity(model, off, layer, [x], 8)
-    assert fallback.ok and fallback.kernels == "exact" and fallback.max_rel < 1e-6
+    fallback, asked = verified(off, model)
+    assert asked == [False, True] and fallback.ok and fallback.kernels == "exact" and fallback.max_rel < 1e-6
     assert fallback.fused_max_rel > fallback.max_rel_tolerance
     assert fallback.to_json()["fused_max_rel"] == fallback.fused_max_rel
-    wrong = verify_fidelity(emitted(deviating, x, A100_FP32), off, layer, [x], 8)
+    wrong, _ = verified(off, off)
     assert not wrong.ok and wrong.kernels == "exact" and wrong.max_rel == wrong.fused_max_rel
 
 

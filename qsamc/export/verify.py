@@ -278,15 +278,14 @@ def measure_fidelity(session: ort.InferenceSession, reference: torch.nn.Module, 
                     max_tol, mean_tol, len(inputs))
 
 
-def verify_fidelity(model: onnx.ModelProto, session: ort.InferenceSession, reference: torch.nn.Module,
-                    inputs: list[torch.Tensor], min_act_bits: int, float_type: str = "fp32") -> Fidelity:
-    """`measure_fidelity` with `session` (ONNX Runtime's fused kernels, as deployed) and, only where that
-    misses the tolerance, again with graph optimisations off, as `check_parts` does for each part."""
-    fidelity = measure_fidelity(session, reference, inputs, min_act_bits, float_type)
+def verify_fidelity(measure: Callable[[bool], Fidelity]) -> Fidelity:
+    """The whole-model check: `measure(exact)` is `measure_fidelity` with ONNX Runtime's fused kernels
+    (`exact=False`, as deployed) and, only where that misses the tolerance, with graph optimisations off,
+    as `check_parts` does for each part."""
+    fidelity = measure(False)
     if fidelity.ok:
         return fidelity
-    exact = measure_fidelity(ort_session(model, exact=True), reference, inputs, min_act_bits, float_type)
-    return replace(exact, kernels="exact", fused_max_rel=fidelity.max_rel, fused_mean_rel=fidelity.mean_rel)
+    return replace(measure(True), kernels="exact", fused_max_rel=fidelity.max_rel, fused_mean_rel=fidelity.mean_rel)
 
 
 # --- layer by layer (as Polygraphy compares engines) ------------------------------------------------

@@ -8,6 +8,8 @@ Heads are a choice (`--head`); neither is searched (paper Sec. 4.1: only the bac
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +51,17 @@ class SegmentationHead(nn.Module):
         quantizer = layer.weight_quantizer[HEAD_BITS]
         quantizer.scale.copy_(layer.weight.abs().max().clamp_min(1e-8) / weight_range(HEAD_BITS)[1])
         quantizer.mark_initialized()
+
+    @torch.no_grad()
+    def calibrate_activations(self, features: torch.Tensor) -> None:
+        """Min-max activation ranges at HEAD_BITS over the head's inputs for encoder `features`, replacing any
+        range observed or learned before (how a post-training quantizer calibrates the head)."""
+        for layer, inputs in ((self.conv, features), (self.classifier, self.act(self.conv(features)))):
+            quantizer = layer.act_quantizer[HEAD_BITS]
+            quantizer.observed_min.fill_(math.inf)
+            quantizer.observed_max.fill_(-math.inf)
+            quantizer.observe(inputs)
+            quantizer.initialize()
 
     def set_bits(self, bits: int) -> None:
         """HEAD_BITS (the deployed head, W8A8) or 32 (the FP32 reference's head)."""
