@@ -24,7 +24,6 @@ import collections
 import json
 import logging
 import os
-import platform
 import re
 import tempfile
 import time
@@ -38,6 +37,7 @@ import torch
 from qsamc.export.emit import emit_onnx
 from qsamc.export.ort import ort_session
 from qsamc.ir.pass_manager import PassManager
+from qsamc.machine import cpu_name, int8_isa
 from qsamc.passes import CalibrateActivationsPass, ExtractSubnetPass
 from qsamc.supernet.space import default_space
 from qsamc.targets import get_target
@@ -139,10 +139,7 @@ def main() -> None:
 
     reference = outputs["FP32"]
     span = float(reference.max() - reference.min())
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    isa = "AVX512-VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags else "AVX2, no VNNI"
+    cpu, isa = cpu_name(), int8_isa()
     print(f"## {args.model} encoder at {args.resolution}px, ONNX Runtime CPU ({cpu}, {isa}), {args.threads} threads, "
           f"best / median of {args.runs} interleaved runs\n")
     print("| model | ONNX size | best ms | median ms | speed-up (best) | max abs error / output range |")

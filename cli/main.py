@@ -204,7 +204,7 @@ app.command("train")(_train_command())
 
 @app.command()
 def search(supernet: Path = typer.Option(..., help="A training run folder (supernet.json + supernet.pt)."),
-           target: str = typer.Option(..., help="Hardware target: a100, h100, orin, cpu."),
+           target: str = typer.Option(..., help="Hardware target: a100, h100, orin, cpu (x86 with VNNI), cpu-avx2 (x86 without VNNI)."),
            bitops: bool = typer.Option(False, "--bitops", help="Constrain BitOPs."),
            latency: bool = typer.Option(False, "--latency", help="Constrain latency on the target (measured table)."),
            budget: Optional[list[str]] = typer.Option(None, help="A budget, e.g. 150T or 40ms; repeat for a Pareto front. "

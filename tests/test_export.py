@@ -20,7 +20,9 @@ from qsamc.formats import ONNXRUNTIME_CPU, TENSORRT
 from qsamc.targets import get_target
 from qsamc.supernet.space import load_subnet
 from qsamc.export.ort import ort_session
+from qsamc.export.float16 import constant_values
 from qsamc.export.verify import lint_tensorrt
+from qsamc.machine import int8_isa
 
 A100, CPU = get_target("a100"), get_target("cpu")
 # A TensorRT target with FP32 float parts: the lowering alone, exact to the last bit.
@@ -193,6 +195,76 @@ def test_cpu_target_puts_8x8_biases_into_the_integer_gemm():
     assert float((_run(model, x) - expected).abs().max()) <= step / 2 + 1e-6
 
 
+CPU_AVX2 = get_target("cpu-avx2")
+
+
+def _constant_types(model: onnx.ModelProto) -> dict[str, int]:
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    types.update({n.output[0]: n.attribute[0].t.data_type for n in model.graph.node if n.op_type == "Constant"})
+    return types
+
+
+def _runs(model: onnx.ModelProto, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The model's output with ONNX Runtime's integer kernels fused, and as written (float Q/DQ)."""
+    feed = {model.graph.input[0].name: x.numpy()}
+    return tuple(ort_session(model, exact=exact).run(None, feed)[0] for exact in (False, True))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv3x3"])
+def test_cpu_avx2_writes_the_cpu_model_in_u8u8(bits, conv):
+    """cpu-avx2 is cpu's model with every INT8 Q/DQ as UINT8, integers and zero-points + 128: no INT8
+    tensor left, bit for bit the same output as written, and its fused kernels as close to it as cpu's
+    INT8 GEMM is to the subnet (half an accumulator step: the INT32 bias)."""
+    layer = dyadic_layer(bits, bits, conv=conv)
+    x = dyadic_input((1, 16, 6, 6) if conv else (1, 4, 4, 64))
+    signed, unsigned = emitted(layer, x, CPU), emitted(layer, x, CPU_AVX2)
+    assert [n.op_type for n in signed.graph.node] == [n.op_type for n in unsigned.graph.node]
+    before, after = _constant_types(signed), _constant_types(unsigned)
+    shifted = {name for name, t in before.items() if t == TensorProto.INT8}
+    assert shifted and {after[name] for name in shifted} == {TensorProto.UINT8}
+    assert TensorProto.INT8 not in after.values()
+    assert (TensorProto.INT32 in after.values()) == (bits == 8 and not conv)  # cpu's INT32 bias (8x8 Gemm) stays
+    zero_points = [n.input[2] for n in unsigned.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   and after[n.input[2]] == TensorProto.UINT8]
+    values = constant_values(unsigned)
+    assert zero_points and all(np.all(values[z] == 128) for z in zero_points)  # every INT8 zero-point was 0
+    fused, written = _runs(unsigned, x)
+    np.testing.assert_array_equal(written, _runs(signed, x)[1])
+    step = layer.act_quantizer[bits].scale.item() * layer.weight_quantizer[bits].scale.item()
+    assert float(np.abs(fused - written).max()) <= step / 2 + 1e-6
+
+
+def test_cpu_avx2_kernels_do_not_saturate_where_s8s8_may():
+    """A layer whose products reach VPMADDUBSW's limit: activations at the top of the INT8 grid against
+    weights at +-127 steps (a pair sums to 2 x 255 x 127 > 32767 once ONNX Runtime shifts S8 activations
+    to U8). Fused, the U8U8 model computes what it says on every x86 CPU; the S8S8 one on this CPU only if
+    it has VNNI."""
+    layer = dyadic_layer(8, 8)
+    with torch.no_grad():
+        signs = torch.where(torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(2)) < 0.5, -1.0, 1.0)
+        layer.weight.copy_(signs * 127 * layer.weight_quantizer[8].scale)
+    x = torch.full((1, 4, 4, 64), 1000.0)
+    unsigned_fused, written = _runs(emitted(layer, x, CPU_AVX2), x)
+    peak = float(np.abs(written).max())
+    assert float(np.abs(unsigned_fused - written).max()) <= 1e-5 * peak
+    signed_fused, _ = _runs(emitted(layer, x, CPU), x)
+    if int8_isa() == "no VNNI":
+        assert float(np.abs(signed_fused - written).max()) > 0.1 * peak  # what cpu-avx2 exists for
+
+
+def test_cpu_avx2_exports_verify_with_the_kernels_fused(run_folder, tmp_path):
+    """The whole command on cpu-avx2: the same checks as cpu, every one passed by the fused kernels."""
+    from qsamc.pipeline import export_subnet
+
+    run = run_folder[0]
+    report = export_subnet(run, run / "w8a8.json", "cpu-avx2", "onnx", tmp_path / "out", dataset="synthetic", val_limit=4)
+    assert report.target == "cpu-avx2" and report.fused_deviations() == []
+    assert report.fidelity.kernels == "fused" and all(p.kernels == "fused" for p in report.parts)
+    model = onnx.load(tmp_path / "out" / "encoder.onnx")
+    assert TensorProto.INT8 not in _constant_types(model).values()
+
+
 def test_int4_weights_use_opset_21_block_quantization():
     layer = dyadic_layer(4, 32)
     x = dyadic_input((1, 5, 64))
@@ -330,6 +402,9 @@ def test_export_checks_every_part_alone_and_the_task_metric(run_folder, tmp_path
         task=dataclasses.replace(report.task, kernels="exact", fused_onnx_miou=0.125))
     assert dict(unfused.summary_rows())["this CPU's INT8 kernels"].endswith(
         "fused, on this CPU: the whole model max 5.00e-01, mean 2.50e-01; validation mIoU 0.1250")
+    assert dict(unfused.summary_rows())["on a CPU without VNNI"].startswith("export with --target cpu-avx2")
+    avx2 = dataclasses.replace(unfused, target="cpu-avx2")
+    assert "this CPU's INT8 kernels" in dict(avx2.summary_rows()) and "on a CPU without VNNI" not in dict(avx2.summary_rows())
 
 
 @pytest.mark.parametrize("defect", ["offset folded with the wrong sign", "activation scale one step off"])

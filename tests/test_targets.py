@@ -11,7 +11,7 @@ from qsamc.targets import get_target, known_targets
 
 
 def test_known_targets():
-    assert set(known_targets()) >= {"a100", "h100", "orin", "cpu"}
+    assert set(known_targets()) >= {"a100", "h100", "orin", "cpu", "cpu-avx2"}
 
 
 def test_unknown_target_lists_the_known_ones():
@@ -20,7 +20,7 @@ def test_unknown_target_lists_the_known_ones():
     assert str(info.value) == f"unknown target 'tpu'; known targets are {', '.join(known_targets())}"
 
 
-@pytest.mark.parametrize("name", ["a100", "h100", "orin", "cpu"])
+@pytest.mark.parametrize("name", ["a100", "h100", "orin", "cpu", "cpu-avx2"])
 def test_every_searched_pair_deploys_in_a_real_container(name):
     target = get_target(name)
     fmt = target.deployment
@@ -41,7 +41,7 @@ def test_gpu_targets_restrict_activations_to_8_bits_or_float(name):
 
 def test_cpu_keeps_the_whole_space():
     space = default_space("vit_t")
-    assert get_target("cpu").restrict_space(space) == space
+    assert get_target("cpu").restrict_space(space) == space == get_target("cpu-avx2").restrict_space(space)
 
 
 def test_gpu_peaks_come_from_the_datasheets():
@@ -71,6 +71,11 @@ def test_each_target_owns_its_lowering_emission_and_latency_backend():
         assert fp32.deployment.float_type == "fp32" and fp32.onnx_opset(int4=False) == 17
         assert fp32.name == gpu.name and gpu.deployment.float_type == "fp16"
     assert type(cpu.timer(ProfileSettings())).__name__ == "OnnxRuntimeTimer"
+    # cpu-avx2: cpu's lowering and runtime; only its emitted INT8 is written as UINT8 (tests/test_export.py)
+    avx2 = get_target("cpu-avx2")
+    assert [type(p) for p in avx2.lowering_passes()] == [type(p) for p in cpu.lowering_passes()]
+    assert avx2.deployment == cpu.deployment
+    assert (avx2.unsigned_int8, cpu.unsigned_int8, avx2.latency_backend) == (True, False, "onnxruntime")
     with pytest.raises(TargetError, match=r"^target cpu builds no engine; it exports onnx$"):
         cpu.build_engine(None, None, None, 256)
 

@@ -163,6 +163,9 @@ class ExportReport:
             rows.append(("this CPU's INT8 kernels", f"these checks passed only with ONNX Runtime's INT8 kernels "
                          f"unfused (the model as written; the figures above); fused, on this CPU: "
                          f"{'; '.join(deviating)}"))
+            if self.target == "cpu":
+                rows.append(("on a CPU without VNNI", "export with --target cpu-avx2: the same model in U8U8 Q/DQ, "
+                             "whose INT8 kernels do not saturate there"))
         rows.append(("opset / IR version", f"{self.opset} / {self.ir_version}"))
         rows.append(("TensorRT lint", "clean" if not self.lint else f"{len(self.lint)} problems, e.g. {self.lint[0]}"))
         if self.decoder is not None:

@@ -27,7 +27,6 @@ import platform
 import random
 import statistics
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -36,6 +35,7 @@ from qsamc.export.emit import emit_onnx
 from qsamc.export.parts import lowered_subnet, one_torch_thread, part_onnx
 from qsamc.ir.graph import IR
 from qsamc.ir.pass_manager import PassManager
+from qsamc.machine import cpu_name
 from qsamc.passes import CalibrateActivationsPass
 from qsamc.profiling.timers import ProfileSettings, Timer
 from qsamc.search.latency_table import LatencyTable, PartKeys, TableLatency, part_key
@@ -49,14 +49,8 @@ CALIBRATION_SEED = "qsamc-latency-calibration"  # a stream of its own: validatio
 
 
 def _machine(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "platform": platform.platform()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "platform": platform.platform()}
 
 
 @dataclass(frozen=True)
