@@ -179,7 +179,7 @@ def test_a_run_holding_out_by_name_is_searched_on_those_images_and_its_supernet_
     images, scored_on = search_images(run, "synthetic", None, "auto", "semantic")
     names = {images.image_name(i) for i in range(len(images))}
     assert names == {"synthetic-train-1", *(f"synthetic-train-1{i}" for i in range(10))}
-    assert scored_on == "holdout (11 training images the supernet never trained on)"
+    assert scored_on == "holdout (11 training images matching 'synthetic-train-1*' the supernet never trained on)"
 
     check_reference_holdout(TrainConfig(checkpoint=str(run), holdout_match="synthetic-train-1*"))
     with pytest.raises(ConfigError, match=r"^the reference .* held out the training images matching 'synthetic-train-1\*' "

@@ -66,6 +66,26 @@ def test_a_supernet_starts_from_the_reference_encoder_and_head(reference_run):
     assert torch.equal(conv.weight_quantizer[8].scale, conv.weight.abs().max() / 127)
 
 
+def test_a_reference_run_loads_with_the_head_it_trained(reference_run, tiny_run):
+    """A reference run's head trained at 32 bits and its activation quantizers never saw data: loaded, it
+    computes in float as it trained (not W8A8 with ranges taken from the first batch it meets). A supernet
+    run's head keeps W8A8 with the ranges it trained."""
+    from qsamc.task.head import HEAD_BITS, SegmentationHead
+
+    reference, _, _ = load_supernet(reference_run)
+    head = reference.head
+    assert not head.has_activation_ranges()
+    assert (head.conv.w_bits, head.conv.a_bits, head.classifier.w_bits, head.classifier.a_bits) == (32,) * 4
+    float_head = SegmentationHead(head.conv.in_channels, head.classifier.out_channels, quantized=False)
+    float_head.load_state_dict({k: v for k, v in head.state_dict().items() if not is_quantizer_state(k)})
+    features = torch.randn(2, head.conv.in_channels, 8, 8, generator=torch.Generator().manual_seed(0)) * 4
+    with torch.no_grad():
+        torch.testing.assert_close(head(features, None), float_head(features, None), rtol=0, atol=0)
+    assert not head.has_activation_ranges()  # scoring it initialised nothing
+    supernet, _, _ = load_supernet(tiny_run)
+    assert supernet.head.has_activation_ranges() and supernet.head.conv.a_bits == HEAD_BITS
+
+
 def test_a_bare_sam_checkpoint_still_gives_a_random_head(tmp_path):
     encoder_only = tmp_path / "encoder.pt"
     model, _ = build_model(SupernetSpec(default_space("vit_t"), 4, None))

@@ -68,6 +68,11 @@ class SegmentationHead(nn.Module):
         for layer in (self.conv, self.classifier):
             layer.set_bits(bits, bits)
 
+    def has_activation_ranges(self) -> bool:
+        """Whether both activation quantizers hold a range (calibrated, or initialised and trained at
+        HEAD_BITS). A head trained at 32 bits (an FP32 reference run's) has none."""
+        return all(bool(layer.act_quantizer[HEAD_BITS].initialized) for layer in (self.conv, self.classifier))
+
     def load_float_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Load a trained head's float weights (a reference run's) and re-calibrate the weight scales;
         the activation quantizers re-initialise from the first batch they see."""

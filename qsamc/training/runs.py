@@ -27,7 +27,7 @@ from qsamc.fileio import (atomic_torch_save, atomic_write_json, check_output_fol
 from qsamc.ir.frontend import build_ir
 from qsamc.ir.pass_manager import PassManager
 from qsamc.passes import AttachLoraPass, InsertQuantizersPass
-from qsamc.task.head import SegmentationModel
+from qsamc.task.head import SegmentationHead, SegmentationModel
 from qsamc.task.mask2former import Mask2FormerSpec
 from qsamc.supernet.encoder import Supernet
 from qsamc.supernet.lora import LoraConfig
@@ -181,6 +181,8 @@ def load_supernet(run: str | Path):
     state = read_tensors(run / "supernet.pt")
     check_state_dict(model, state, str(run / "supernet.pt"), f"the supernet described by {meta.name}")
     model.load_state_dict(state)
+    if isinstance(model.head, SegmentationHead) and not model.head.has_activation_ranges():
+        model.head.set_bits(32)  # an FP32 reference run's head, trained at 32 bits: it computes as it trained
     return model.eval(), ir, spec
 
 

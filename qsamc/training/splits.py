@@ -37,7 +37,8 @@ def search_images(run: Path, dataset: str, data_root: Path | None, split: str, t
         if not holds_out:
             raise ConfigError(f"{run} holds out no training images of {dataset}; search it with --split val or train")
         _, held = holdout_split(config, build_dataset(dataset, data_root, "train", task=task))
-        return held, f"holdout ({len(held)} training images the supernet never trained on)"
+        which = f" matching '{config.holdout_match}'" if config.holdout_match else ""
+        return held, f"holdout ({len(held)} training images{which} the supernet never trained on)"
     return build_dataset(dataset, data_root, split, task=task), split
 
 
