@@ -88,7 +88,7 @@ def test_qsamc_search_under_bitops_and_estimated_latency_together(run_folder, tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target", "tpu", "--bitops"], "error: unknown target 'tpu'; known targets are a100, cpu, h100, orin\n"),
+    (["--target", "tpu", "--bitops"], "error: unknown target 'tpu'; known targets are a100, cpu, cpu-avx2, h100, orin\n"),
     (["--target", "a100", "--bitops", "--budget", "lots"], "error: cannot read the budget 'lots'"),
     (["--target", "a100", "--bitops", "--budget", "1G"],
      "error: no vit_t subnet meets the bitops budget 1G: the cheapest achievable is "),
