@@ -2,7 +2,9 @@
 
 Heads are a choice (`--head`); neither is searched (paper Sec. 4.1: only the backbone is):
 - `light` (the default): a 3x3 conv, a GELU, a 1x1 classifier, then bilinear upsampling to the input
-  size. Its convs are quantized to W8A8 with min-max calibration, as in the paper.
+  size. Its convs are quantized to W8A8: weights min-max, as in the paper; activation ranges initialised
+  like the encoder's and then trained with LSQ+ beside them, where the paper keeps min-max ranges
+  (`calibrate_activations` gives those; `benchmarks/head_ranges.py` measures the difference on CamVid).
 - `mask2former`: the paper's task setup (`qsamc.task.mask2former`), float.
 """
 
