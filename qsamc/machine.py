@@ -21,6 +21,12 @@ def cpu_name() -> str:
 
 def int8_isa() -> str:
     """Which INT8 dot product ONNX Runtime's x86 kernels get here: "AVX512-VNNI", "AVX-VNNI", or "no VNNI"
-    (VPMADDUBSW, whose S8S8 / U8S8 pair sums saturate: the `cpu-avx2` target's case)."""
-    flags = set((_cpuinfo_line("flags") or "").split())
+    (VPMADDUBSW, whose S8S8 / U8S8 pair sums saturate: the `cpu-avx2` target's case); "not x86" elsewhere,
+    "unknown" where the flags cannot be read."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "not x86"
+    line = _cpuinfo_line("flags")
+    if line is None:
+        return "unknown"  # no /proc/cpuinfo to read
+    flags = set(line.split())
     return "AVX512-VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags else "no VNNI"
