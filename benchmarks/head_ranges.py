@@ -5,11 +5,13 @@ space. qsamc trains its two activation quantizers with LSQ+ beside the encoder's
 head's on the training images (max calibration). For each fold given, this scores the trained supernet at
 its FP32 grid and uniform W8A8 / W4A8 / W4A4 twice, on the fold's reported split: with the head's learned
 ranges, and with them calibrated min-max on the same training images the peers calibrate on (the 32 of
-`qsamc baseline`, through the subnet's own encoder), nothing else changed and nothing retrained. Each
-difference in mIoU points with its paired bootstrap 95% interval, and the mean over the drive folds given
-(stratified, as real_data.py's). Writes head_ranges.json under --root.
+`qsamc baseline`, through the subnet's own encoder), nothing else changed and nothing retrained; and with
+one calibration for every subnet (`once`: min-max over the FP32 grid's features, as a supernet's one head
+would be calibrated after training, `--once`). Each difference in mIoU points with its paired bootstrap 95%
+interval, and the mean over the drive folds given (stratified, as real_data.py's). Writes head_ranges.json
+under --root.
 
-    python benchmarks/head_ranges.py --root runs/real_data --folds val,0001TP,0006R0,0016E5
+    python benchmarks/head_ranges.py --root runs/real_data --folds val,0001TP,0006R0,0016E5 [--once]
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="The --out folder of benchmarks/real_data.py.")
     parser.add_argument("--folds", default="val,0001TP,0006R0,0016E5")
+    parser.add_argument("--once", action="store_true", help="Calibrate once on the FP32 grid's features and use "
+                        "that head for every subnet (default: each subnet's own features).")
     args = parser.parse_args()
     started, results, drive_pairs = time.perf_counter(), {}, {}
     for fold in args.folds.split(","):
@@ -73,6 +77,8 @@ def main() -> None:
         calibration = calibration_batches(config.dataset, Path(config.data_root), CALIBRATION_IMAGES,
                                           largest.resolution, Path(config.checkpoint))
         batches = [batch for batch, _ in calibration]
+        model.supernet.set_subnet(spec.space.uniform_bits(largest, 32, 32))
+        once = calibrated_head(model, batches) if args.once else None  # one head for every subnet
         ranges = learned_ranges(model)
         print(f"{fold}: {line}; learned head input ranges: "
               + ", ".join(f"{k} [{lo:.2f}, {hi:.2f}]" for k, (lo, hi) in ranges.items()), flush=True)
@@ -81,7 +87,8 @@ def main() -> None:
             subnet = spec.space.uniform_bits(largest, w, a)
             model.supernet.set_subnet(subnet)
             learned = evaluate_subnet(model, subnet, data, per_image=True)
-            calibrated = evaluate_subnet(calibrated_head(model, batches), subnet, data, per_image=True)
+            calibrated = evaluate_subnet(once if args.once else calibrated_head(model, batches), subnet, data,
+                                         per_image=True)
             interval = paired_bootstrap(calibrated.image_confusions, learned.image_confusions)
             label = "FP32 grid" if w == 32 else f"W{w}A{a}"
             results[fold]["rows"][label] = {"learned": learned.miou, "calibrated": calibrated.miou,
@@ -98,7 +105,7 @@ def main() -> None:
             results["mean_over_drives"][label] = interval.to_json()
             print(f"  {label:9s} {interval.describe()}")
     print(f"{time.perf_counter() - started:.0f} s")
-    atomic_write_json(args.root / "head_ranges.json", results)
+    atomic_write_json(args.root / ("head_ranges_once.json" if args.once else "head_ranges.json"), results)
 
 
 if __name__ == "__main__":
