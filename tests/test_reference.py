@@ -86,6 +86,32 @@ def test_a_reference_run_loads_with_the_head_it_trained(reference_run, tiny_run)
     assert supernet.head.has_activation_ranges() and supernet.head.conv.a_bits == HEAD_BITS
 
 
+def test_minmax_head_ranges_are_calibrated_once_after_training_on_the_fp32_grid(reference_run, tmp_path):
+    """`--head-ranges minmax`: after training, the light head's activation ranges are min-max over the FP32
+    grid's features of the run's first 32 training images (here all of them, not augmented), the classifier's
+    through the conv as calibrated; the run records the choice."""
+    from qsamc.task.head import HEAD_BITS
+    from qsamc.training.splits import run_config, trained_images
+    from qsamc.task.data import make_batch
+
+    run = tmp_path / "minmax"
+    train(config(run, checkpoint=str(reference_run), head_ranges="minmax"), show_progress=False)
+    assert run_config(run).head_ranges == "minmax" and run_config(reference_run).head_ranges == "learned"
+    model, _, spec = load_supernet(run)
+    images = trained_images(run, "synthetic", None)
+    subnet = fp32_subnet(spec.space)
+    model.supernet.set_subnet(subnet)
+    samples = [images.sample(i, 0) for i in range(min(32, len(images)))]
+    with torch.no_grad():
+        features = torch.cat([model.supernet(make_batch([s], subnet.resolution)[0]) for s in samples])
+        hidden = model.head.act(model.head.conv(features))
+    for layer, inputs in ((model.head.conv, features), (model.head.classifier, hidden)):
+        quantizer = layer.act_quantizer[HEAD_BITS]
+        lo, hi = float(inputs.min()), float(inputs.max())
+        assert float(quantizer.offset.detach()) == pytest.approx(lo, rel=1e-5, abs=1e-6)
+        assert float(quantizer.scale.detach()) == pytest.approx((hi - lo) / 255, rel=1e-5)
+
+
 def test_a_bare_sam_checkpoint_still_gives_a_random_head(tmp_path):
     encoder_only = tmp_path / "encoder.pt"
     model, _ = build_model(SupernetSpec(default_space("vit_t"), 4, None))
@@ -335,6 +361,8 @@ def test_l2sp_leaves_a_sam_checkpoints_random_head_free(reference_run):
     ({"distill_weight": float("nan")}, "distill_weight must be a finite number"),
     ({"weight_init": "max"}, "weight_init must be one of lsq\\+, mse"),
     ({"zero_point": "half"}, "zero_point must be one of integer, continuous, got 'half'"),
+    ({"head_ranges": "both"}, "head_ranges must be one of learned, minmax, got 'both'"),
+    ({"head_ranges": "minmax", "head": "mask2former"}, "head_ranges=minmax calibrates the light head's"),
     ({"schedule": "fp32", "distill": "reference", "checkpoint": "x"}, "the fp32 schedule trains the reference"),
 ])
 def test_bad_reference_options_are_one_sentence(changes, match):

@@ -57,8 +57,10 @@ class SegmentationHead(nn.Module):
     @torch.no_grad()
     def calibrate_activations(self, features: torch.Tensor) -> None:
         """Min-max activation ranges at HEAD_BITS over the head's inputs for encoder `features`, replacing any
-        range observed or learned before (how a post-training quantizer calibrates the head)."""
-        for layer, inputs in ((self.conv, features), (self.classifier, self.act(self.conv(features)))):
+        range observed or learned before (how a post-training quantizer calibrates the head). The classifier's
+        input is computed through the conv as calibrated, as it will be deployed."""
+        for layer in (self.conv, self.classifier):
+            inputs = features if layer is self.conv else self.act(self.conv(features))
             quantizer = layer.act_quantizer[HEAD_BITS]
             quantizer.observed_min.fill_(math.inf)
             quantizer.observed_max.fill_(-math.inf)

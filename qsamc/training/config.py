@@ -40,6 +40,9 @@ DISTILLATIONS = ("auto", "none", "reference")
 LORA_MODULES = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")
 PRECISIONS = ("auto", "fp32", "bf16")
 LORA_SWITCHES = ("weight", "act")
+# The light head's activation ranges: trained with LSQ+ beside the encoder's, or min-max calibrated once after
+# training (the paper's head; `qsamc.training.train.calibrate_head`).
+HEAD_RANGES = ("learned", "minmax")
 CONFIG_FORMAT = "qsamc.train_config"
 CONFIG_VERSION = 7
 # Earlier versions are still read, with the settings their runs had: version 1 (before held-out splits)
@@ -135,6 +138,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     head: str = "light"
+    head_ranges: str = "learned"
     head_dim: int = 256
     head_queries: int = 100
     head_layers: int = 9
@@ -199,6 +203,9 @@ class TrainConfig:
             (self.weight_init in WEIGHT_INITS, f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'"),
             (self.zero_point in ZERO_POINTS, f"zero_point must be one of {', '.join(ZERO_POINTS)}, got '{self.zero_point}'"),
             (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'"),
+            (self.head_ranges in HEAD_RANGES, f"head_ranges must be one of {', '.join(HEAD_RANGES)}, got '{self.head_ranges}'"),
+            (self.head_ranges == "learned" or self.head == "light",
+             "head_ranges=minmax calibrates the light head's 8-bit activation ranges; the mask2former head is float"),
             (self.distill != "reference" or self.head == "light",
              "distill=reference distils the light head's per-pixel logits; the mask2former head trains without it"),
             (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got '{self.task}'"),
@@ -258,7 +265,7 @@ class TrainConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "granularity": GRANULARITIES, "schedule": SCHEDULES, "lora_variant": LORA_VARIANTS, "lora_switch": LORA_SWITCHES,
     "sampling": SAMPLINGS, "distill": DISTILLATIONS, "weight_init": WEIGHT_INITS, "zero_point": ZERO_POINTS,
-    "device": DEVICES, "precision": PRECISIONS, "head": HEADS, "task": TASKS, "attention": tuple(ATTENTION_MODES),
+    "head_ranges": HEAD_RANGES, "device": DEVICES, "precision": PRECISIONS, "head": HEADS, "task": TASKS, "attention": tuple(ATTENTION_MODES),
 }
 HELP: dict[str, str] = {
     "model": "Encoder config (vit_t, vit_b, vit_l, vit_h).",
@@ -313,6 +320,9 @@ HELP: dict[str, str] = {
     "device": "auto (a GPU where torch sees one), cpu or cuda.",
     "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16 autocast.",
     "head": "The task head: light (a W8A8 conv head) or mask2former (the paper's setup; qsamc[mask2former]).",
+    "head_ranges": "The light head's 8-bit activation ranges: learned (trained with LSQ+, the default) or minmax "
+                   "(calibrated min-max once after training on the FP32 grid's features of 32 training images, as "
+                   "the paper's head; one head for every subnet).",
     "head_dim": "Mask2Former head: width of its pixel and transformer decoders.",
     "head_queries": "Mask2Former head: object queries.",
     "head_layers": "Mask2Former head: masked-attention decoder layers.",

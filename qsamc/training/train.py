@@ -115,6 +115,23 @@ class Teacher:
         return self.model(images, upsample=False, with_features=True)
 
 
+HEAD_CALIBRATION_IMAGES = 32  # as many as `qsamc baseline` calibrates its peers (and their heads) on
+
+
+@torch.no_grad()
+def calibrate_head(model: SegmentationModel, space: SearchSpace, train_set, device: torch.device) -> None:
+    """`--head-ranges minmax`: the light head's activation ranges min-max over the FP32 grid's features of the
+    first HEAD_CALIBRATION_IMAGES images of `train_set` (the run's training images, not augmented), replacing
+    the ranges training learned. One calibration serves every subnet (the head is shared; benchmarks/head_ranges.py --once)."""
+    subnet = fp32_subnet(space)
+    model.eval()
+    model.supernet.set_subnet(subnet)
+    samples = [train_set.sample(i, 0) for i in range(min(HEAD_CALIBRATION_IMAGES, len(train_set)))]
+    features = [model.supernet(make_batch(samples[i : i + 8], subnet.resolution)[0].to(device))
+                for i in range(0, len(samples), 8)]
+    model.head.calibrate_activations(torch.cat(features))
+
+
 def distilled_loss(config: TrainConfig, wrapped: nn.Module, teacher: Teacher, images: torch.Tensor,
                    masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """`label_weight` x cross-entropy + `distill_weight` x per-pixel KL to the reference + `feature_weight` x
@@ -466,7 +483,11 @@ def _train(config: TrainConfig, resume: bool, show_progress: bool, rank: int, wo
         if logger is not None:
             logger.close()
 
-    # 6. Validate the extremes of the space and write the supernet that search and export load.
+    # 6. The head's min-max ranges where asked for; validate the extremes of the space and write the supernet
+    # that search and export load.
+    if config.head_ranges == "minmax" and config.schedule != "fp32":
+        plain = build_dataset(config.dataset, config.data_root, "train", task=config.task)  # no augmentation
+        calibrate_head(model, space, holdout_split(config, plain)[0], device)
     validation = ValidationSet(val_set, limit=config.val_limit)
     if config.schedule == "fp32":
         max_eval, min_eval = evaluate_subnet(model, fp32_subnet(space), validation), None
