@@ -61,6 +61,7 @@ from qsamc.pipeline import export_subnet, run_search
 from qsamc.search.cost import set_group_bits
 from qsamc.search.evolution import EvolutionConfig
 from qsamc.supernet.quant import ZERO_POINTS
+from qsamc.training.config import HEAD_RANGES
 from qsamc.supernet.space import Subnet, load_subnet
 from qsamc.task.evaluate import ValidationSet, evaluate_subnet
 from qsamc.task.intervals import mean_interval, paired_bootstrap
@@ -135,7 +136,7 @@ def train_reference(fold: str, reference: Path, data: dict, scale: float, fresh:
 
 def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke: bool = False,
              search_count: int = SEARCH_IMAGES, uniform_guard: bool = False, with_qat: bool = True,
-             zero_point: str = "integer") -> dict:
+             zero_point: str = "integer", head_ranges: str = "learned") -> dict:
     """Every stage of one fold; returns its rows (label, method, BitOPs, mIoU, ...) and stage times, and
     saves the rows' per-image confusion matrices to <fold>/confusions.pt."""
     reference, supernet, baselines = root / "reference", root / "supernet", root / "baselines"
@@ -163,7 +164,8 @@ def run_fold(fold: str, root: Path, data: dict, scale: float, fresh: bool, smoke
     started = time.perf_counter()
     if stage(fold, "supernet", supernet / "supernet.pt", fresh):
         train(load_train_config(None, {"model": MODEL, "out": str(supernet), "checkpoint": str(reference), **data,
-                                       **holdout, **scaled(SUPERNET, scale), "zero_point": zero_point}), overwrite=True)
+                                       **holdout, **scaled(SUPERNET, scale), "zero_point": zero_point,
+                                       "head_ranges": head_ranges}), overwrite=True)
     times["supernet"] = time.perf_counter() - started
 
     peers = json.loads((baselines / "baselines.json").read_text())["results"]
@@ -369,6 +371,8 @@ def main() -> None:
                         "3 x 1,200 steps are most of that stage's time; a stage already there is reused as it is).")
     parser.add_argument("--zero-point", choices=ZERO_POINTS, default="integer", help="The supernet's activation zero "
                         "points (qsamc train --zero-point; a stage already there is reused as it was trained).")
+    parser.add_argument("--head-ranges", choices=HEAD_RANGES, default="learned", help="The supernet's head activation "
+                        "ranges (qsamc train --head-ranges; a stage already there is reused as it was trained).")
     parser.add_argument("--fresh", action="store_true", help="Redo every stage.")
     parser.add_argument("--smoke", action="store_true", help="A one-generation search on 8 images: checks the "
                         "pipeline, measures nothing (with --scale 0.01, minutes per fold).")
@@ -385,7 +389,7 @@ def main() -> None:
     data = {"dataset": "camvid", "data_root": str(args.data.resolve())}
     started = time.perf_counter()
     results = [run_fold(fold, args.out / fold, data, args.scale, args.fresh, args.smoke, args.search_images,
-                        args.uniform_guard, not args.no_qat, args.zero_point)
+                        args.uniform_guard, not args.no_qat, args.zero_point, args.head_ranges)
                for fold in folds]
     report(results, args.out)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
